@@ -1,0 +1,197 @@
+//! [`Catalog`]: every object's definition, dependencies and persistence.
+//!
+//! Objects are persisted as the SQL that created them (`catalog.json` in the data directory,
+//! replaced atomically on every change). A restart replays that SQL in creation order through
+//! the same path as a client's statement, so a restored object is validated and planned exactly
+//! like a new one.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use serde::{Deserialize, Serialize};
+use weir_runtime::connector::{SinkFactory, SourceFactory};
+use weir_runtime::mv_store::MvStore;
+use weir_sql::ObjectKind;
+
+use crate::continuous::ContinuousPlan;
+use crate::error::{PlanError, Result};
+
+/// The file, under the data directory, holding the catalog.
+pub const CATALOG_FILE: &str = "catalog.json";
+
+/// One catalog object.
+#[derive(Debug, Clone)]
+pub struct CatalogEntry {
+    pub name: String,
+    pub kind: ObjectKind,
+    /// The CREATE statement as the user wrote it.
+    pub sql: String,
+    /// Streams and tables: the declared columns. Views: the query's output. Sinks: the rows
+    /// they receive.
+    pub schema: SchemaRef,
+    /// The connector name, for streams, tables and sinks.
+    pub connector: Option<String>,
+    /// Objects this one reads from (a DROP of those needs CASCADE).
+    pub depends_on: Vec<String>,
+    /// Streams and tables: builds one source per pipeline.
+    pub source: Option<Arc<dyn SourceFactory>>,
+    /// Sinks: builds the sink.
+    pub sink: Option<Arc<dyn SinkFactory>>,
+    /// Views, and sinks defined `AS SELECT`: the continuous query.
+    pub plan: Option<Arc<ContinuousPlan>>,
+    /// The event-time column, when the stream declares a WATERMARK.
+    pub watermark_column: Option<String>,
+    /// Views: their rows.
+    pub store: Option<Arc<MvStore>>,
+}
+
+/// What is written to `catalog.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PersistedObject {
+    pub kind: String,
+    pub name: String,
+    pub sql: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PersistedCatalog {
+    version: u32,
+    objects: Vec<PersistedObject>,
+}
+
+/// All objects, by name (one namespace for every kind, as in Postgres' pg_class).
+#[derive(Debug, Default)]
+pub struct Catalog {
+    entries: BTreeMap<String, CatalogEntry>,
+    /// Names in creation order: the replay order on restart.
+    order: Vec<String>,
+    /// Where to persist; `None` for an in-memory catalog (tests, `weir check`).
+    file: Option<PathBuf>,
+}
+
+impl Catalog {
+    /// An in-memory catalog that persists nothing.
+    pub fn in_memory() -> Self {
+        Self::default()
+    }
+
+    /// A catalog persisted under `data_dir`; returns the objects saved there, to replay.
+    pub fn open(data_dir: &Path) -> Result<(Self, Vec<PersistedObject>)> {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            PlanError::Execution(format!(
+                "cannot create data directory '{}': {e}",
+                data_dir.display()
+            ))
+        })?;
+        let file = data_dir.join(CATALOG_FILE);
+        let saved = match std::fs::read(&file) {
+            Ok(bytes) => {
+                let catalog: PersistedCatalog = serde_json::from_slice(&bytes).map_err(|e| {
+                    PlanError::Execution(format!(
+                        "catalog file '{}' is damaged: {e}",
+                        file.display()
+                    ))
+                })?;
+                catalog.objects
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                return Err(PlanError::Execution(format!(
+                    "cannot read '{}': {e}",
+                    file.display()
+                )));
+            }
+        };
+        Ok((
+            Self {
+                file: Some(file),
+                ..Self::default()
+            },
+            saved,
+        ))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&CatalogEntry> {
+        self.entries.get(name)
+    }
+
+    /// The entry `name`, which must be of `kind`.
+    pub fn get_kind(&self, name: &str, kind: ObjectKind) -> Result<&CatalogEntry> {
+        match self.entries.get(name) {
+            Some(e) if e.kind == kind => Ok(e),
+            Some(e) => Err(PlanError::Undefined(format!(
+                "\"{name}\" is a {}, not a {kind}",
+                e.kind
+            ))),
+            None => Err(PlanError::undefined(&kind.to_string(), name)),
+        }
+    }
+
+    /// Checks that `name` is free.
+    pub fn check_free(&self, name: &str) -> Result<()> {
+        match self.entries.get(name) {
+            Some(existing) => Err(PlanError::Duplicate {
+                kind: existing.kind.to_string(),
+                name: name.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    pub fn insert(&mut self, entry: CatalogEntry) -> Result<()> {
+        self.check_free(&entry.name)?;
+        self.order.push(entry.name.clone());
+        self.entries.insert(entry.name.clone(), entry);
+        self.persist()
+    }
+
+    pub fn remove(&mut self, name: &str) -> Result<Option<CatalogEntry>> {
+        let removed = self.entries.remove(name);
+        self.order.retain(|n| n != name);
+        self.persist()?;
+        Ok(removed)
+    }
+
+    /// Objects that read from `name`, directly.
+    pub fn dependents(&self, name: &str) -> Vec<&CatalogEntry> {
+        self.in_order()
+            .filter(|e| e.depends_on.iter().any(|d| d == name))
+            .collect()
+    }
+
+    /// Every object in creation order.
+    pub fn in_order(&self) -> impl Iterator<Item = &CatalogEntry> {
+        self.order.iter().filter_map(|n| self.entries.get(n))
+    }
+
+    pub fn of_kind(&self, kind: ObjectKind) -> impl Iterator<Item = &CatalogEntry> {
+        self.in_order().filter(move |e| e.kind == kind)
+    }
+
+    fn persist(&self) -> Result<()> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        let catalog = PersistedCatalog {
+            version: 1,
+            objects: self
+                .in_order()
+                .map(|e| PersistedObject {
+                    kind: e.kind.to_string(),
+                    name: e.name.clone(),
+                    sql: e.sql.clone(),
+                })
+                .collect(),
+        };
+        let bytes = serde_json::to_vec_pretty(&catalog)
+            .map_err(|e| PlanError::Internal(format!("cannot serialize catalog: {e}")))?;
+        let tmp = file.with_extension("json.tmp");
+        std::fs::write(&tmp, bytes)
+            .and_then(|()| std::fs::rename(&tmp, file))
+            .map_err(|e| {
+                PlanError::Execution(format!("cannot write catalog '{}': {e}", file.display()))
+            })
+    }
+}

@@ -1,0 +1,181 @@
+//! [`PlanError`]: what a client sees when a statement is refused.
+
+use datafusion::error::DataFusionError;
+use weir_runtime::connector::ConnectorError;
+use weir_sql::{Position, SqlError};
+
+/// A statement that cannot be planned or executed, with the SQLSTATE the client receives.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// 42601.
+    #[error("{message}")]
+    Syntax {
+        message: String,
+        position: Option<Position>,
+    },
+    /// 42P07.
+    #[error("{kind} \"{name}\" already exists")]
+    Duplicate { kind: String, name: String },
+    /// 42P01.
+    #[error("{0}")]
+    Undefined(String),
+    /// 22023: an unknown, missing or invalid `WITH` option, named.
+    #[error("{message}")]
+    InvalidOption { key: String, message: String },
+    /// 0A000.
+    #[error("feature not supported yet: {0}")]
+    NotSupported(String),
+    /// 58P01.
+    #[error("{0}")]
+    MissingFile(String),
+    /// 2BP01.
+    #[error("{0}")]
+    Dependent(String),
+    /// 42xxx from DataFusion's planner (unknown column, type mismatch, ...).
+    #[error("{message}")]
+    Plan {
+        sqlstate: &'static str,
+        message: String,
+    },
+    /// 22000-class errors while executing.
+    #[error("{0}")]
+    Execution(String),
+    /// XX000: a bug.
+    #[error("internal error (this is a bug in Weir): {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = PlanError> = std::result::Result<T, E>;
+
+impl PlanError {
+    /// The SQLSTATE code for this error.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            PlanError::Syntax { .. } => "42601",
+            PlanError::Duplicate { .. } => "42P07",
+            PlanError::Undefined(_) => "42P01",
+            PlanError::InvalidOption { .. } => "22023",
+            PlanError::NotSupported(_) => "0A000",
+            PlanError::MissingFile(_) => "58P01",
+            PlanError::Dependent(_) => "2BP01",
+            PlanError::Plan { sqlstate, .. } => sqlstate,
+            PlanError::Execution(_) => "22000",
+            PlanError::Internal(_) => "XX000",
+        }
+    }
+
+    /// The position in the statement the error refers to, when known.
+    pub fn position(&self) -> Option<Position> {
+        match self {
+            PlanError::Syntax { position, .. } => *position,
+            _ => None,
+        }
+    }
+
+    pub fn undefined(kind: &str, name: &str) -> Self {
+        PlanError::Undefined(format!("{kind} \"{name}\" does not exist"))
+    }
+}
+
+impl From<SqlError> for PlanError {
+    fn from(e: SqlError) -> Self {
+        PlanError::Syntax {
+            message: e.message,
+            position: e.position,
+        }
+    }
+}
+
+impl From<ConnectorError> for PlanError {
+    fn from(e: ConnectorError) -> Self {
+        match e {
+            ConnectorError::Option(o) => PlanError::InvalidOption {
+                key: o.key,
+                message: o.message,
+            },
+            ConnectorError::NotSupported(what) => PlanError::NotSupported(what),
+            ConnectorError::MissingFile(m) => PlanError::MissingFile(m),
+            ConnectorError::Invalid(m) => PlanError::InvalidOption {
+                key: String::new(),
+                message: m,
+            },
+        }
+    }
+}
+
+impl From<weir_sql::options::OptionError> for PlanError {
+    fn from(o: weir_sql::options::OptionError) -> Self {
+        PlanError::InvalidOption {
+            key: o.key,
+            message: o.message,
+        }
+    }
+}
+
+impl From<weir_runtime::Error> for PlanError {
+    fn from(e: weir_runtime::Error) -> Self {
+        match e {
+            weir_runtime::Error::DataFusion(e) => e.into(),
+            weir_runtime::Error::Internal(m) => PlanError::Internal(m),
+            other => PlanError::Execution(other.to_string()),
+        }
+    }
+}
+
+impl From<arrow::error::ArrowError> for PlanError {
+    fn from(e: arrow::error::ArrowError) -> Self {
+        PlanError::Execution(e.to_string())
+    }
+}
+
+impl From<DataFusionError> for PlanError {
+    fn from(e: DataFusionError) -> Self {
+        match e.find_root() {
+            DataFusionError::SQL(parse, _) => SqlError::from_parser(parse.as_ref().clone()).into(),
+            DataFusionError::NotImplemented(m) => PlanError::NotSupported(m.clone()),
+            DataFusionError::Plan(m) => PlanError::Plan {
+                sqlstate: plan_sqlstate(m),
+                message: m.clone(),
+            },
+            DataFusionError::SchemaError(err, _) => {
+                let message = err.to_string();
+                PlanError::Plan {
+                    sqlstate: plan_sqlstate(&message),
+                    message,
+                }
+            }
+            DataFusionError::Internal(m) => PlanError::Internal(m.clone()),
+            other => PlanError::Execution(strip_prefixes(&other.to_string())),
+        }
+    }
+}
+
+/// Postgres' codes for the planning errors users hit most.
+fn plan_sqlstate(message: &str) -> &'static str {
+    if message.contains("No field named")
+        || message.contains("not found") && message.contains("column")
+    {
+        "42703"
+    } else if message.contains("table") && message.contains("not found") {
+        "42P01"
+    } else if message.contains("Invalid function")
+        || message.contains("function") && message.contains("not found")
+    {
+        "42883"
+    } else {
+        "42000"
+    }
+}
+
+fn strip_prefixes(message: &str) -> String {
+    let mut m = message;
+    for prefix in [
+        "Execution error: ",
+        "Arrow error: ",
+        "External error: ",
+        "Error during planning: ",
+    ] {
+        m = m.strip_prefix(prefix).unwrap_or(m);
+    }
+    m.to_string()
+}

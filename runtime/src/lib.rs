@@ -1,0 +1,35 @@
+//! Weir's runtime: what runs once a statement has been planned.
+//!
+//! # Layout
+//!
+//! - [`message`]: [`Message`], the one type on every channel (data, watermarks, barriers, end).
+//! - [`operator`]: the [`Operator`] trait (only `process_batch` is required) and the
+//!   [`Source`] / [`Sink`] traits connectors implement.
+//! - [`operators`]: stateless operators evaluated with DataFusion physical expressions
+//!   ([`operators::FilterOperator`], [`operators::ProjectOperator`]).
+//! - [`pipeline`]: a source, a chain of operators and a [`pipeline::Fanout`] to any number of
+//!   consumers, connected by bounded channels; [`pipeline::Pipeline::spawn`] runs them on tokio.
+//! - [`connector`]: [`connector::ConnectorRegistry`], the seam to the connectors crate.
+//! - [`mv_store`]: [`mv_store::MvStore`], the bounded in-memory rows of a materialized view.
+//! - [`metrics`]: counters for `/metrics` (records in/out per operator, decode errors, rows
+//!   written per sink).
+//! - [`error`]: [`Error`], split by cause.
+
+pub mod connector;
+pub mod error;
+pub mod message;
+pub mod metrics;
+pub mod mv_store;
+pub mod operator;
+pub mod operators;
+pub mod pipeline;
+
+pub use error::{Error, Result};
+pub use message::{CheckpointBarrier, Message, Watermark};
+pub use metrics::Metrics;
+pub use operator::{Operator, Sink, Source, SourceContext, SourceExit};
+pub use tokio_util::sync::CancellationToken;
+
+/// Capacity, in messages, of every channel between two tasks. Small on purpose: a slow
+/// consumer stops its producer after a few batches instead of buffering without limit.
+pub const CHANNEL_CAPACITY: usize = 4;

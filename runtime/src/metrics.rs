@@ -1,0 +1,224 @@
+//! [`Metrics`]: Weir's own counters, served at `GET /metrics` in Prometheus text format.
+//!
+//! Handles ([`OperatorMetrics`], [`SourceMetrics`], [`SinkMetrics`]) are resolved once when a
+//! pipeline is built, so the per-batch cost is an atomic add.
+
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+/// The registry and every metric family Weir reports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Mutex<Registry>>,
+    records_in: Family<Labels, Counter>,
+    records_out: Family<Labels, Counter>,
+    operator_errors: Family<Labels, Counter>,
+    decode_errors: Family<Labels, Counter>,
+    sink_rows: Family<Labels, Counter>,
+    sink_errors: Family<Labels, Counter>,
+    pipelines: Family<Labels, Gauge>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("weir");
+        let metrics = Self {
+            registry: Arc::new(Mutex::new(Registry::default())),
+            records_in: Family::default(),
+            records_out: Family::default(),
+            operator_errors: Family::default(),
+            decode_errors: Family::default(),
+            sink_rows: Family::default(),
+            sink_errors: Family::default(),
+            pipelines: Family::default(),
+        };
+        registry.register(
+            "records_in",
+            "Records received, per pipeline and operator",
+            metrics.records_in.clone(),
+        );
+        registry.register(
+            "records_out",
+            "Records emitted, per pipeline and operator (sources included)",
+            metrics.records_out.clone(),
+        );
+        registry.register(
+            "operator_errors",
+            "Batches an operator failed on and dropped, per pipeline and operator",
+            metrics.operator_errors.clone(),
+        );
+        registry.register(
+            "decode_errors",
+            "Source records that did not decode and were skipped, per pipeline and reason",
+            metrics.decode_errors.clone(),
+        );
+        registry.register(
+            "sink_rows_written",
+            "Rows written by a sink, per pipeline and sink",
+            metrics.sink_rows.clone(),
+        );
+        registry.register(
+            "sink_errors",
+            "Sink write failures, per pipeline and sink",
+            metrics.sink_errors.clone(),
+        );
+        registry.register(
+            "pipelines_running",
+            "Pipelines currently running, per kind",
+            metrics.pipelines.clone(),
+        );
+        *metrics.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
+        metrics
+    }
+
+    pub fn operator(&self, pipeline: &str, operator: &str, index: usize) -> OperatorMetrics {
+        let labels = vec![
+            ("pipeline".to_string(), pipeline.to_string()),
+            ("operator".to_string(), format!("{index}_{operator}")),
+        ];
+        OperatorMetrics {
+            records_in: self.records_in.get_or_create(&labels).clone(),
+            records_out: self.records_out.get_or_create(&labels).clone(),
+            errors: self.operator_errors.get_or_create(&labels).clone(),
+        }
+    }
+
+    pub fn source(&self, pipeline: &str, connector: &str) -> SourceMetrics {
+        let labels = vec![
+            ("pipeline".to_string(), pipeline.to_string()),
+            ("operator".to_string(), format!("source_{connector}")),
+        ];
+        SourceMetrics {
+            records_out: self.records_out.get_or_create(&labels).clone(),
+            decode_errors: self.decode_errors.clone(),
+            pipeline: pipeline.to_string(),
+        }
+    }
+
+    pub fn sink(&self, pipeline: &str, sink: &str) -> SinkMetrics {
+        let labels = vec![
+            ("pipeline".to_string(), pipeline.to_string()),
+            ("sink".to_string(), sink.to_string()),
+        ];
+        SinkMetrics {
+            rows_written: self.sink_rows.get_or_create(&labels).clone(),
+            errors: self.sink_errors.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// A gauge counting running pipelines of `kind`.
+    pub fn pipelines_running(&self, kind: &str) -> Gauge {
+        self.pipelines
+            .get_or_create(&vec![("kind".to_string(), kind.to_string())])
+            .clone()
+    }
+
+    /// Everything, in the Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &registry);
+        out
+    }
+}
+
+/// Counters of one operator in one pipeline.
+#[derive(Clone, Debug, Default)]
+pub struct OperatorMetrics {
+    pub records_in: Counter,
+    pub records_out: Counter,
+    pub errors: Counter,
+}
+
+/// Counters of one source.
+#[derive(Clone, Debug)]
+pub struct SourceMetrics {
+    pub records_out: Counter,
+    decode_errors: Family<Labels, Counter>,
+    pipeline: String,
+}
+
+impl SourceMetrics {
+    /// Detached counters, for tests and tools that do not serve `/metrics`.
+    pub fn detached() -> Self {
+        Self {
+            records_out: Counter::default(),
+            decode_errors: Family::default(),
+            pipeline: String::new(),
+        }
+    }
+
+    /// Counts `n` records that did not decode, by reason (e.g. `json`, `csv`, `schema`).
+    pub fn decode_errors(&self, reason: &str, n: u64) {
+        let labels = vec![
+            ("pipeline".to_string(), self.pipeline.clone()),
+            ("reason".to_string(), reason.to_string()),
+        ];
+        self.decode_errors.get_or_create(&labels).inc_by(n);
+    }
+
+    /// Total decode errors counted so far, over every reason.
+    pub fn decode_error_total(&self) -> u64 {
+        ["json", "csv", "schema", "utf8"]
+            .iter()
+            .map(|reason| {
+                let labels = vec![
+                    ("pipeline".to_string(), self.pipeline.clone()),
+                    ("reason".to_string(), reason.to_string()),
+                ];
+                self.decode_errors
+                    .get(&labels)
+                    .map(|c| c.get())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+}
+
+/// Counters of one sink.
+#[derive(Clone, Debug, Default)]
+pub struct SinkMetrics {
+    pub rows_written: Counter,
+    pub errors: Counter,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_appear_in_the_text_format() {
+        let metrics = Metrics::new();
+        metrics.operator("p1", "filter", 0).records_in.inc_by(3);
+        metrics.source("p1", "file").decode_errors("json", 2);
+        let text = metrics.encode();
+        assert!(
+            text.contains("weir_records_in_total{pipeline=\"p1\",operator=\"0_filter\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("weir_decode_errors_total{pipeline=\"p1\",reason=\"json\"} 2"),
+            "{text}"
+        );
+    }
+}

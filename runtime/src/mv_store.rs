@@ -1,0 +1,152 @@
+//! [`MvStore`]: the rows of a materialized view, in memory, bounded by age and count.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+
+use crate::Result;
+use crate::operator::Sink;
+
+/// Default `retention` of a materialized view.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(3600);
+/// Default `max_rows` of a materialized view.
+pub const DEFAULT_MAX_ROWS: usize = 1_000_000;
+
+/// Batches in arrival order; the oldest are dropped once older than `retention` or once the
+/// view holds more than `max_rows`, so memory never grows without limit.
+#[derive(Debug)]
+pub struct MvStore {
+    schema: SchemaRef,
+    retention: Duration,
+    max_rows: usize,
+    batches: RwLock<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    batches: VecDeque<(Instant, RecordBatch)>,
+    rows: usize,
+}
+
+impl MvStore {
+    pub fn new(schema: SchemaRef, retention: Duration, max_rows: usize) -> Arc<Self> {
+        Arc::new(Self {
+            schema,
+            retention,
+            max_rows,
+            batches: RwLock::default(),
+        })
+    }
+
+    pub fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    /// Appends a batch, evicting what falls out of retention or over `max_rows`.
+    pub fn append(&self, batch: RecordBatch) {
+        if batch.num_rows() == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut inner = self.batches.write().unwrap_or_else(|e| e.into_inner());
+        inner.rows += batch.num_rows();
+        inner.batches.push_back((now, batch));
+        Self::evict(&mut inner, now, self.retention, self.max_rows);
+    }
+
+    fn evict(inner: &mut Inner, now: Instant, retention: Duration, max_rows: usize) {
+        while let Some((at, front)) = inner.batches.front() {
+            let expired = now.duration_since(*at) > retention;
+            let over = inner.rows > max_rows;
+            if !expired && !over {
+                break;
+            }
+            if !expired && inner.rows - front.num_rows() < max_rows {
+                // Trim the oldest batch instead of dropping it whole.
+                let excess = inner.rows - max_rows;
+                let kept = front.slice(excess, front.num_rows() - excess);
+                inner.rows -= excess;
+                inner.batches[0].1 = kept;
+                break;
+            }
+            inner.rows -= front.num_rows();
+            inner.batches.pop_front();
+        }
+    }
+
+    /// A consistent copy (cheap: batches are reference-counted) of the current rows.
+    pub fn snapshot(&self) -> Vec<RecordBatch> {
+        let now = Instant::now();
+        let mut inner = self.batches.write().unwrap_or_else(|e| e.into_inner());
+        Self::evict(&mut inner, now, self.retention, self.max_rows);
+        inner.batches.iter().map(|(_, b)| b.clone()).collect()
+    }
+
+    pub fn row_count(&self) -> usize {
+        self.batches.read().unwrap_or_else(|e| e.into_inner()).rows
+    }
+}
+
+/// Feeds a pipeline's output into an [`MvStore`].
+#[derive(Debug)]
+pub struct MvSink(pub Arc<MvStore>);
+
+#[async_trait]
+impl Sink for MvSink {
+    async fn write(&mut self, batch: RecordBatch) -> Result<()> {
+        self.0.append(batch);
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    fn batch(schema: &SchemaRef, values: Vec<i64>) -> RecordBatch {
+        RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(values))])
+            .expect("batch")
+    }
+
+    #[test]
+    fn keeps_the_newest_max_rows() {
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let store = MvStore::new(schema.clone(), DEFAULT_RETENTION, 5);
+        store.append(batch(&schema, vec![1, 2, 3]));
+        store.append(batch(&schema, vec![4, 5, 6]));
+        store.append(batch(&schema, vec![7]));
+        let rows: Vec<i64> = store
+            .snapshot()
+            .iter()
+            .flat_map(|b| {
+                b.column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .expect("i64")
+                    .values()
+                    .to_vec()
+            })
+            .collect();
+        assert_eq!(rows, vec![3, 4, 5, 6, 7]);
+        assert_eq!(store.row_count(), 5);
+    }
+
+    #[test]
+    fn drops_rows_older_than_retention() {
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let store = MvStore::new(schema.clone(), Duration::ZERO, 100);
+        store.append(batch(&schema, vec![1]));
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(store.snapshot().is_empty());
+    }
+}

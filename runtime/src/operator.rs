@@ -1,0 +1,140 @@
+//! The traits every operator, source and sink implements.
+
+use std::time::Duration;
+
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Result;
+use crate::message::{CheckpointBarrier, Message, Watermark};
+use crate::metrics::SourceMetrics;
+
+/// A step of a pipeline. Only [`Operator::process_batch`] is required: watermarks, barriers
+/// and end-of-input are forwarded unchanged by default, so a stateless operator is a page.
+pub trait Operator: Send {
+    /// A short name for metrics and EXPLAIN, e.g. `filter`.
+    fn name(&self) -> &'static str;
+
+    /// Processes one batch, pushing any output onto `out`.
+    fn process_batch(&mut self, batch: RecordBatch, out: &mut Vec<Message>) -> Result<()>;
+
+    fn on_watermark(&mut self, watermark: Watermark, out: &mut Vec<Message>) -> Result<()> {
+        out.push(Message::Watermark(watermark));
+        Ok(())
+    }
+
+    /// Snapshots state for the checkpoint (stateless operators have none) and forwards.
+    fn on_barrier(&mut self, barrier: CheckpointBarrier, out: &mut Vec<Message>) -> Result<()> {
+        out.push(Message::Barrier(barrier));
+        Ok(())
+    }
+
+    /// The checkpoint `epoch` is complete.
+    fn on_commit(&mut self, _epoch: u64) -> Result<()> {
+        Ok(())
+    }
+
+    /// The input has ended: emit what is left. `End` itself is forwarded by the runner.
+    fn on_end(&mut self, _out: &mut Vec<Message>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// How a source's `run` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceExit {
+    /// A bounded input was read to its end.
+    Finished,
+    /// The pipeline was asked to stop (or nothing consumes the output any more).
+    Stopped,
+}
+
+/// What a source writes to, and how it learns to stop.
+pub struct SourceContext {
+    out: mpsc::Sender<Message>,
+    shutdown: CancellationToken,
+    /// Counters for this source, labelled with its pipeline.
+    pub metrics: SourceMetrics,
+}
+
+impl SourceContext {
+    pub fn new(
+        out: mpsc::Sender<Message>,
+        shutdown: CancellationToken,
+        metrics: SourceMetrics,
+    ) -> Self {
+        Self {
+            out,
+            shutdown,
+            metrics,
+        }
+    }
+
+    /// Sends a message downstream, waiting while the channel is full (back-pressure).
+    /// Returns `false` once the pipeline is stopping: the source should return.
+    pub async fn emit(&mut self, message: Message) -> bool {
+        if let Message::Data(batch) = &message {
+            self.metrics.records_out.inc_by(batch.num_rows() as u64);
+        }
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => false,
+            sent = self.out.send(message) => sent.is_ok(),
+        }
+    }
+
+    /// Whether the pipeline has been asked to stop.
+    pub fn is_stopping(&self) -> bool {
+        self.shutdown.is_cancelled() || self.out.is_closed()
+    }
+
+    /// Sleeps for `duration` unless the pipeline stops first; returns `false` if it stopped.
+    pub async fn sleep(&self, duration: Duration) -> bool {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => false,
+            _ = self.out.closed() => false,
+            _ = tokio::time::sleep(duration) => true,
+        }
+    }
+}
+
+/// Produces the messages of one stream (per pipeline that reads it).
+#[async_trait]
+pub trait Source: Send {
+    /// Runs until a bounded input is exhausted or the context says stop. The runner sends
+    /// [`Message::End`] afterwards.
+    async fn run(&mut self, ctx: &mut SourceContext) -> Result<SourceExit>;
+}
+
+/// Receives a pipeline's output. Two-phase (`pre_commit`, `commit`) so that later checkpoints
+/// can publish output only for completed epochs.
+#[async_trait]
+pub trait Sink: Send {
+    async fn write(&mut self, batch: RecordBatch) -> Result<()>;
+
+    async fn on_watermark(&mut self, _watermark: Watermark) -> Result<()> {
+        Ok(())
+    }
+
+    async fn pre_commit(&mut self, _barrier: CheckpointBarrier) -> Result<()> {
+        Ok(())
+    }
+
+    async fn commit(&mut self, _epoch: u64) -> Result<()> {
+        Ok(())
+    }
+
+    /// How often [`Sink::on_tick`] should be called, if at all (e.g. file rollover).
+    fn tick_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    async fn on_tick(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// The input has ended or the pipeline is stopping: make everything written durable.
+    async fn finish(&mut self) -> Result<()>;
+}

@@ -1,0 +1,7 @@
+//! Operators. Stateless ones evaluate DataFusion physical expressions on whole batches.
+
+mod filter;
+mod project;
+
+pub use filter::FilterOperator;
+pub use project::ProjectOperator;

@@ -1,0 +1,432 @@
+//! Running a pipeline: source task → operator chain task → [`Fanout`] → consumer tasks.
+//!
+//! Every arrow is a bounded channel of [`CHANNEL_CAPACITY`] messages, so a slow consumer
+//! slows its producer down to the source (back-pressure) instead of buffering without limit.
+//! Stopping is one path for every cause: the source's token is cancelled, the source returns,
+//! [`Message::End`] flows down, operators flush, sinks finish.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::CHANNEL_CAPACITY;
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::metrics::{Metrics, OperatorMetrics, SinkMetrics, SourceMetrics};
+use crate::operator::{Operator, Sink, Source, SourceContext, SourceExit};
+
+/// Where a pipeline is in its life, as `SHOW QUERIES` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PipelineStatus {
+    Running,
+    /// A bounded input was fully processed.
+    Finished,
+    Stopped,
+    Failed(String),
+}
+
+impl std::fmt::Display for PipelineStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PipelineStatus::Running => f.write_str("running"),
+            PipelineStatus::Finished => f.write_str("finished"),
+            PipelineStatus::Stopped => f.write_str("stopped"),
+            PipelineStatus::Failed(e) => write!(f, "failed: {e}"),
+        }
+    }
+}
+
+/// Shared, updatable status of a pipeline.
+#[derive(Debug, Clone)]
+pub struct StatusCell(Arc<Mutex<PipelineStatus>>);
+
+impl Default for StatusCell {
+    fn default() -> Self {
+        Self(Arc::new(Mutex::new(PipelineStatus::Running)))
+    }
+}
+
+impl StatusCell {
+    pub fn get(&self) -> PipelineStatus {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set(&self, status: PipelineStatus) {
+        let mut current = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // A failure is sticky: later "stopped" must not hide it.
+        if !matches!(*current, PipelineStatus::Failed(_)) {
+            *current = status;
+        }
+    }
+}
+
+/// Delivers each message to every subscriber; subscribers can come and go while it runs.
+/// Sending waits for the slowest subscriber, which is what back-pressure means here.
+#[derive(Debug, Default)]
+pub struct Fanout {
+    state: Mutex<FanoutState>,
+}
+
+#[derive(Debug, Default)]
+struct FanoutState {
+    subscribers: Vec<mpsc::Sender<Message>>,
+    ended: bool,
+}
+
+impl Fanout {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// A new consumer of everything sent from now on (just `End` if the output has ended).
+    pub fn subscribe(&self) -> mpsc::Receiver<Message> {
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.ended {
+            let _ = tx.try_send(Message::End);
+        } else {
+            state.subscribers.push(tx);
+        }
+        rx
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .subscribers
+            .len()
+    }
+
+    /// Sends to every live subscriber, dropping those that have gone away.
+    pub async fn send(&self, message: Message) {
+        let subscribers = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.subscribers.retain(|s| !s.is_closed());
+            if matches!(message, Message::End) {
+                state.ended = true;
+                std::mem::take(&mut state.subscribers)
+            } else {
+                state.subscribers.clone()
+            }
+        };
+        if let [only] = subscribers.as_slice() {
+            let _ = only.send(message).await;
+            return;
+        }
+        for subscriber in &subscribers {
+            // A subscriber that hung up is removed on the next send.
+            let _ = subscriber.send(message.clone()).await;
+        }
+    }
+}
+
+/// Runs `source` on its own task; returns the channel it writes to.
+pub fn spawn_source(
+    mut source: Box<dyn Source>,
+    shutdown: CancellationToken,
+    metrics: SourceMetrics,
+    status: StatusCell,
+    name: String,
+) -> (mpsc::Receiver<Message>, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+    let end_tx = tx.clone();
+    let handle = tokio::spawn(async move {
+        let mut ctx = SourceContext::new(tx, shutdown, metrics);
+        match source.run(&mut ctx).await {
+            Ok(SourceExit::Finished) => status.set(PipelineStatus::Finished),
+            Ok(SourceExit::Stopped) => status.set(PipelineStatus::Stopped),
+            Err(e) => {
+                tracing::error!(pipeline = %name, error = %e, "source failed; pipeline stops");
+                status.set(PipelineStatus::Failed(e.to_string()));
+            }
+        }
+        drop(ctx);
+        let _ = end_tx.send(Message::End).await;
+    });
+    (rx, handle)
+}
+
+/// Runs `operators` in order on every message of `input`, sending the result to `output`.
+/// A batch an operator fails on is counted, logged and dropped: one bad batch (say, a cast
+/// that fails on some value) never stops the pipeline.
+pub fn spawn_chain(
+    mut input: mpsc::Receiver<Message>,
+    mut operators: Vec<Box<dyn Operator>>,
+    output: Arc<Fanout>,
+    metrics: &Metrics,
+    pipeline: &str,
+) -> JoinHandle<()> {
+    let op_metrics: Vec<OperatorMetrics> = operators
+        .iter()
+        .enumerate()
+        .map(|(i, op)| metrics.operator(pipeline, op.name(), i))
+        .collect();
+    let pipeline = pipeline.to_string();
+    tokio::spawn(async move {
+        let mut current = Vec::new();
+        let mut next = Vec::new();
+        let mut error_log = RateLimitedLog::new(Duration::from_secs(10));
+        while let Some(message) = input.recv().await {
+            let end = matches!(message, Message::End);
+            current.push(message);
+            for (i, (op, m)) in operators.iter_mut().zip(&op_metrics).enumerate() {
+                for message in current.drain(..) {
+                    let result = match message {
+                        Message::Data(batch) => {
+                            m.records_in.inc_by(batch.num_rows() as u64);
+                            op.process_batch(batch, &mut next)
+                        }
+                        Message::Watermark(w) => op.on_watermark(w, &mut next),
+                        Message::Barrier(b) => op.on_barrier(b, &mut next),
+                        Message::End => {
+                            let r = op.on_end(&mut next);
+                            next.push(Message::End);
+                            r
+                        }
+                    };
+                    if let Err(e) = result {
+                        m.errors.inc();
+                        error_log.log(|suppressed| {
+                            tracing::warn!(pipeline = %pipeline, operator = i, error = %e,
+                                suppressed, "operator failed on a batch; batch dropped");
+                        });
+                    }
+                }
+                for message in &next {
+                    if let Message::Data(b) = message {
+                        m.records_out.inc_by(b.num_rows() as u64);
+                    }
+                }
+                std::mem::swap(&mut current, &mut next);
+            }
+            for message in current.drain(..) {
+                output.send(message).await;
+            }
+            if end {
+                break;
+            }
+        }
+        // The input closed without End (upstream task died): still end the output.
+        output.send(Message::End).await;
+    })
+}
+
+/// Feeds `input` to `sink` until `End`, then finishes it. Failures are logged, counted and
+/// reported in `status`; the task itself never panics.
+pub fn spawn_sink(
+    mut sink: Box<dyn Sink>,
+    mut input: mpsc::Receiver<Message>,
+    metrics: SinkMetrics,
+    status: StatusCell,
+    name: String,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let result = run_sink(sink.as_mut(), &mut input, &metrics).await;
+        let finished = sink.finish().await;
+        if let Err(e) = result.and(finished) {
+            metrics.errors.inc();
+            tracing::error!(sink = %name, error = %e, "sink failed");
+            status.set(PipelineStatus::Failed(e.to_string()));
+        }
+    })
+}
+
+async fn run_sink(
+    sink: &mut dyn Sink,
+    input: &mut mpsc::Receiver<Message>,
+    metrics: &SinkMetrics,
+) -> Result<()> {
+    let mut tick = sink.tick_interval().map(|period| {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval
+    });
+    loop {
+        let message = match tick.as_mut() {
+            Some(interval) => tokio::select! {
+                m = input.recv() => m,
+                _ = interval.tick() => { sink.on_tick().await?; continue; }
+            },
+            None => input.recv().await,
+        };
+        match message {
+            Some(Message::Data(batch)) => {
+                let rows = batch.num_rows() as u64;
+                sink.write(batch).await?;
+                metrics.rows_written.inc_by(rows);
+            }
+            Some(Message::Watermark(w)) => sink.on_watermark(w).await?,
+            Some(Message::Barrier(b)) => {
+                sink.pre_commit(b).await?;
+                sink.commit(b.epoch).await?;
+            }
+            Some(Message::End) | None => return Ok(()),
+        }
+    }
+}
+
+/// Logs at most once per period, reporting how many were suppressed in between.
+pub struct RateLimitedLog {
+    period: Duration,
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    pub fn new(period: Duration) -> Self {
+        Self {
+            period,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    pub fn log(&mut self, emit: impl FnOnce(u64)) {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_none_or(|last| now.duration_since(last) >= self.period)
+        {
+            emit(self.suppressed);
+            self.suppressed = 0;
+            self.last = Some(now);
+        } else {
+            self.suppressed += 1;
+        }
+    }
+}
+
+/// Waits for `handle`, turning a panic in the task into an error.
+pub async fn join(handle: JoinHandle<()>) -> Result<()> {
+    handle
+        .await
+        .map_err(|e| Error::Internal(format!("pipeline task panicked: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::record_batch::RecordBatch;
+    use async_trait::async_trait;
+
+    struct Numbers(Vec<i64>);
+
+    #[async_trait]
+    impl Source for Numbers {
+        async fn run(&mut self, ctx: &mut SourceContext) -> Result<SourceExit> {
+            let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+            for n in self.0.drain(..) {
+                let batch = RecordBatch::try_new(
+                    schema.clone(),
+                    vec![Arc::new(Int64Array::from(vec![n]))],
+                )?;
+                if !ctx.emit(Message::Data(batch)).await {
+                    return Ok(SourceExit::Stopped);
+                }
+            }
+            Ok(SourceExit::Finished)
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Collect(Arc<Mutex<Vec<i64>>>, Arc<Mutex<bool>>);
+
+    #[async_trait]
+    impl Sink for Collect {
+        async fn write(&mut self, batch: RecordBatch) -> Result<()> {
+            let col = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .expect("i64");
+            self.0.lock().expect("lock").extend(col.values().iter());
+            Ok(())
+        }
+        async fn finish(&mut self) -> Result<()> {
+            *self.1.lock().expect("lock") = true;
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn every_subscriber_sees_every_batch_then_the_sinks_finish() {
+        let metrics = Metrics::new();
+        let status = StatusCell::default();
+        let (rx, source_task) = spawn_source(
+            Box::new(Numbers((0..100).collect())),
+            CancellationToken::new(),
+            metrics.source("p", "numbers"),
+            status.clone(),
+            "p".into(),
+        );
+        let fanout = Fanout::new();
+        let (a, b) = (Collect::default(), Collect::default());
+        let sink_a = spawn_sink(
+            Box::new(a.clone()),
+            fanout.subscribe(),
+            metrics.sink("p", "a"),
+            status.clone(),
+            "a".into(),
+        );
+        let sink_b = spawn_sink(
+            Box::new(b.clone()),
+            fanout.subscribe(),
+            metrics.sink("p", "b"),
+            status.clone(),
+            "b".into(),
+        );
+        let chain = spawn_chain(rx, vec![], fanout, &metrics, "p");
+        for task in [source_task, chain, sink_a, sink_b] {
+            join(task).await.expect("no panic");
+        }
+        let expected: Vec<i64> = (0..100).collect();
+        assert_eq!(*a.0.lock().expect("lock"), expected);
+        assert_eq!(*b.0.lock().expect("lock"), expected);
+        assert!(*a.1.lock().expect("lock") && *b.1.lock().expect("lock"));
+        assert_eq!(status.get(), PipelineStatus::Finished);
+    }
+
+    #[tokio::test]
+    async fn cancelling_stops_an_endless_source() {
+        struct Endless;
+        #[async_trait]
+        impl Source for Endless {
+            async fn run(&mut self, ctx: &mut SourceContext) -> Result<SourceExit> {
+                let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+                loop {
+                    let batch = RecordBatch::try_new(
+                        schema.clone(),
+                        vec![Arc::new(Int64Array::from(vec![1]))],
+                    )?;
+                    if !ctx.emit(Message::Data(batch)).await {
+                        return Ok(SourceExit::Stopped);
+                    }
+                }
+            }
+        }
+        let token = CancellationToken::new();
+        let status = StatusCell::default();
+        let (mut rx, task) = spawn_source(
+            Box::new(Endless),
+            token.clone(),
+            SourceMetrics::detached(),
+            status.clone(),
+            "p".into(),
+        );
+        assert!(matches!(rx.recv().await, Some(Message::Data(_))));
+        token.cancel();
+        let mut saw_end = false;
+        while let Some(m) = rx.recv().await {
+            saw_end |= matches!(m, Message::End);
+        }
+        join(task).await.expect("no panic");
+        assert!(saw_end);
+        assert_eq!(status.get(), PipelineStatus::Stopped);
+    }
+}

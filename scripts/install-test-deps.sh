@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what the tests need, idempotently: psql (real client), and DuckDB in a venv
+# (an independent reader of the Parquet lake). Safe to run on a fresh machine or again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_install() {
+    if [ "$(id -u)" -eq 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+    else
+        sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+    fi
+}
+
+missing=()
+command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    apt_install "${missing[@]}"
+fi
+
+if ! .venv/bin/python -c 'import duckdb' >/dev/null 2>&1; then
+    echo "installing DuckDB into .venv"
+    python3 -m venv .venv
+    .venv/bin/pip install --quiet --disable-pip-version-check 'duckdb>=1.1'
+fi
+echo "test dependencies ready: $(psql --version), duckdb $(.venv/bin/python -c 'import duckdb; print(duckdb.__version__)')"

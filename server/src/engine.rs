@@ -1,0 +1,963 @@
+//! [`Engine`]: executes statements against the catalog and runs the pipelines they define.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use datafusion::execution::context::SessionContext;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::SessionConfig;
+use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinHandle;
+use weir_planner::catalog::{Catalog, CatalogEntry};
+use weir_planner::continuous::{self, ContinuousPlan};
+use weir_planner::schema::{is_event_time_type, schema_from_columns};
+use weir_planner::tables::{MvTable, UnboundedTable};
+use weir_planner::{PlanError, Result};
+use weir_runtime::connector::ConnectorRegistry;
+use weir_runtime::message::Message;
+use weir_runtime::mv_store::{DEFAULT_MAX_ROWS, DEFAULT_RETENTION, MvSink, MvStore};
+use weir_runtime::pipeline::{self, Fanout, PipelineStatus, StatusCell};
+use weir_runtime::{CancellationToken, Metrics};
+use weir_sql::parser::ParsedStatement;
+use weir_sql::{
+    CreateMaterializedView, CreateSink, CreateSource, ObjectKind, SinkInput, Statement,
+    parse_sql_with_positions,
+};
+
+use crate::introspection;
+
+/// The catalog name psql sees (`current_database()`).
+pub const DATABASE: &str = "weir";
+
+/// How an engine is set up.
+#[derive(Debug, Clone, Default)]
+pub struct EngineConfig {
+    /// Where the catalog is persisted; `None` keeps everything in memory.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// What one statement returns.
+pub enum Output {
+    /// A finite result.
+    Rows {
+        schema: SchemaRef,
+        batches: Vec<RecordBatch>,
+    },
+    /// A live tail: batches as they arrive, at most `limit` rows in total.
+    Tail(Tail),
+    /// A command with its completion tag, e.g. `CREATE STREAM`.
+    Command(String),
+}
+
+/// The receiving end of a live tail; dropping it stops the tail's pipeline.
+pub struct Tail {
+    pub schema: SchemaRef,
+    pub limit: usize,
+    pub batches: mpsc::Receiver<Message>,
+    stop: CancellationToken,
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Tail {
+    /// The next batch, cut so that no more than `limit` rows are returned in all; `None` when
+    /// the limit is reached or the input ended.
+    pub async fn next_batch(&mut self, returned: &mut usize) -> Option<RecordBatch> {
+        while *returned < self.limit {
+            match self.batches.recv().await? {
+                Message::Data(batch) if batch.num_rows() > 0 => {
+                    let take = batch.num_rows().min(self.limit - *returned);
+                    *returned += take;
+                    return Some(batch.slice(0, take));
+                }
+                Message::End => return None,
+                _ => {}
+            }
+        }
+        self.stop.cancel();
+        None
+    }
+}
+
+/// A running pipeline (a view, a sink, or a live tail).
+struct Running {
+    kind: ObjectKind,
+    input: String,
+    stop: CancellationToken,
+    status: StatusCell,
+    /// Views only: where sinks `FROM` the view subscribe.
+    output: Option<Arc<Fanout>>,
+    tasks: Vec<JoinHandle<()>>,
+    started: Instant,
+}
+
+struct State {
+    catalog: Catalog,
+    running: HashMap<String, Running>,
+    /// False while restoring or loading files: pipelines start together in `start_all`.
+    started: bool,
+}
+
+/// Executes statements. Cheap to share (`Arc`); DDL is serialized, queries run concurrently.
+pub struct Engine {
+    state: Mutex<State>,
+    ctx: SessionContext,
+    connectors: Arc<dyn ConnectorRegistry>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+    pg_parser: PostgresCompatibilityParser,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Engine")
+    }
+}
+
+impl Engine {
+    /// Opens the catalog (replaying what it holds) without starting any pipeline yet.
+    pub async fn open(
+        config: EngineConfig,
+        connectors: Arc<dyn ConnectorRegistry>,
+    ) -> Result<Arc<Self>> {
+        let (catalog, saved) = match &config.data_dir {
+            Some(dir) => Catalog::open(dir)?,
+            None => (Catalog::in_memory(), Vec::new()),
+        };
+        let mut session = SessionConfig::new()
+            .with_default_catalog_and_schema(DATABASE, "public")
+            .with_information_schema(true);
+        session
+            .options_mut()
+            .sql_parser
+            .map_string_types_to_utf8view = false;
+        let ctx = SessionContext::new_with_config(session);
+        datafusion_pg_catalog::setup_pg_catalog(
+            &ctx,
+            DATABASE,
+            datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider,
+        )
+        .map_err(|e| PlanError::Internal(format!("cannot set up pg_catalog: {e}")))?;
+        let engine = Arc::new(Self {
+            state: Mutex::new(State {
+                catalog,
+                running: HashMap::new(),
+                started: false,
+            }),
+            ctx,
+            connectors,
+            metrics: Metrics::new(),
+            shutdown: CancellationToken::new(),
+            pg_parser: PostgresCompatibilityParser::new(),
+        });
+        let (restored, total) = (
+            {
+                let mut ok = 0;
+                for object in &saved {
+                    match engine.execute_one(&object.sql).await {
+                        Ok(_) => ok += 1,
+                        Err(e) => tracing::error!(object = %object.name, error = %e,
+                            "cannot restore catalog object; it is dropped from the catalog"),
+                    }
+                }
+                ok
+            },
+            saved.len(),
+        );
+        if total > 0 {
+            tracing::info!(restored, total, "catalog restored");
+        }
+        Ok(engine)
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Starts every pipeline defined so far; from now on new ones start at CREATE.
+    pub async fn start_all(&self) -> Result<()> {
+        let mut state = self.state.lock().await;
+        state.started = true;
+        let names: Vec<String> = state
+            .catalog
+            .in_order()
+            .filter(|e| matches!(e.kind, ObjectKind::MaterializedView | ObjectKind::Sink))
+            .map(|e| e.name.clone())
+            .collect();
+        for name in names {
+            self.start_pipeline(&mut state, &name)?;
+        }
+        Ok(())
+    }
+
+    /// Parses and executes `sql` (one or more statements); stops at the first error.
+    pub async fn execute(&self, sql: &str) -> Vec<Result<Output>> {
+        let parsed = match self.parse(sql) {
+            Ok(parsed) => parsed,
+            Err(e) => return vec![Err(e)],
+        };
+        let mut results = Vec::with_capacity(parsed.len());
+        for statement in parsed {
+            let result = self.execute_statement(statement).await;
+            let failed = result.is_err();
+            results.push(result);
+            if failed {
+                break;
+            }
+        }
+        results
+    }
+
+    /// Executes exactly one statement.
+    pub async fn execute_one(&self, sql: &str) -> Result<Output> {
+        let mut parsed = self.parse(sql)?;
+        match parsed.len() {
+            1 => self.execute_statement(parsed.remove(0)).await,
+            0 => Ok(Output::Command("EMPTY".into())),
+            _ => Err(PlanError::Syntax {
+                message: "expected one statement".into(),
+                position: None,
+            }),
+        }
+    }
+
+    /// Weir's parser first; a query only Postgres' dialect understands (psql's catalog
+    /// queries) goes through the Postgres-compatibility parser instead.
+    fn parse(&self, sql: &str) -> Result<Vec<ParsedStatement>> {
+        match parse_sql_with_positions(sql) {
+            // Catalog queries (psql's \d and friends) are written for Postgres; its
+            // compatibility parser rewrites them into what DataFusion runs.
+            Ok(parsed) if parsed.iter().any(reads_system_catalog) => {
+                Ok(self.parse_postgres_queries(sql).unwrap_or(parsed))
+            }
+            Ok(parsed) => Ok(parsed),
+            Err(weir_error) => self
+                .parse_postgres_queries(sql)
+                .ok_or_else(|| weir_error.into()),
+        }
+    }
+
+    /// `sql` as Postgres-dialect queries, if it is only queries.
+    fn parse_postgres_queries(&self, sql: &str) -> Option<Vec<ParsedStatement>> {
+        let statements = self.pg_parser.parse(sql).ok()?;
+        statements
+            .into_iter()
+            .map(|s| match s {
+                sqlparser::ast::Statement::Query(q) => Some(ParsedStatement {
+                    statement: Statement::Query(q),
+                    sql: sql.to_string(),
+                    start: Default::default(),
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    async fn execute_statement(&self, parsed: ParsedStatement) -> Result<Output> {
+        let sql = parsed.sql;
+        match parsed.statement {
+            Statement::CreateStream(create) => {
+                self.create_source(create, ObjectKind::Stream, sql).await
+            }
+            Statement::CreateTable(create) => {
+                self.create_source(create, ObjectKind::Table, sql).await
+            }
+            Statement::CreateMaterializedView(create) => self.create_view(create, sql).await,
+            Statement::CreateSink(create) => self.create_sink(create, sql).await,
+            Statement::Drop {
+                kind,
+                names,
+                if_exists,
+                cascade,
+            } => self.drop_objects(kind, &names, if_exists, cascade).await,
+            Statement::Show(kind) => {
+                let state = self.state.lock().await;
+                let statuses = state
+                    .running
+                    .iter()
+                    .map(|(n, r)| {
+                        (
+                            n.clone(),
+                            r.kind,
+                            r.input.clone(),
+                            r.status.get(),
+                            r.started,
+                        )
+                    })
+                    .collect::<Vec<_>>();
+                introspection::show(&state.catalog, kind, &statuses)
+            }
+            Statement::ShowCreate { kind, name } => {
+                let state = self.state.lock().await;
+                introspection::show_create(state.catalog.get_kind(&name, kind)?)
+            }
+            Statement::Describe { name } => {
+                let state = self.state.lock().await;
+                let entry = state
+                    .catalog
+                    .get(&name)
+                    .ok_or_else(|| PlanError::undefined("object", &name))?;
+                introspection::describe(entry)
+            }
+            Statement::Explain { analyze, query } => {
+                if analyze {
+                    return Err(PlanError::NotSupported("EXPLAIN ANALYZE".into()));
+                }
+                self.explain(*query).await
+            }
+            Statement::Query(query) => self.query(*query).await,
+            Statement::Standard(statement) => self.standard(*statement).await,
+        }
+    }
+
+    async fn create_source(
+        &self,
+        create: CreateSource,
+        kind: ObjectKind,
+        sql: String,
+    ) -> Result<Output> {
+        let mut state = self.state.lock().await;
+        if create.if_not_exists && state.catalog.get(&create.name).is_some() {
+            return Ok(Output::Command(format!("CREATE {}", kind.sql_name())));
+        }
+        state.catalog.check_free(&create.name)?;
+        let schema = schema_from_columns(&create.columns, &create.primary_key)?;
+        let watermark_column = match &create.watermark {
+            Some(w) => {
+                let field = schema
+                    .field_with_name(&w.column)
+                    .map_err(|_| PlanError::Plan {
+                        sqlstate: "42703",
+                        message: format!(
+                            "WATERMARK FOR \"{}\": no such column in \"{}\"",
+                            w.column, create.name
+                        ),
+                    })?;
+                if !is_event_time_type(field.data_type()) {
+                    return Err(PlanError::Plan {
+                        sqlstate: "42804",
+                        message: format!(
+                            "WATERMARK FOR \"{}\": the column must be a TIMESTAMP, not {}",
+                            w.column,
+                            field.data_type()
+                        ),
+                    });
+                }
+                Some(w.column.clone())
+            }
+            None => None,
+        };
+        let options = if kind == ObjectKind::Table {
+            // Lookup-table refresh is part of lookup joins; accept and check it here.
+            let reader = create.options.reader();
+            reader.duration("reload.interval")?;
+            create.options.without("reload.interval")
+        } else {
+            create.options.clone()
+        };
+        let factory = self
+            .connectors
+            .source(&create.name, schema.clone(), &options)?;
+        let provider = Arc::new(UnboundedTable {
+            name: create.name.clone(),
+            kind,
+            schema: schema.clone(),
+        });
+        self.ctx.register_table(create.name.as_str(), provider)?;
+        let entry = CatalogEntry {
+            name: create.name.clone(),
+            kind,
+            sql,
+            schema,
+            connector: Some(factory.connector().to_string()),
+            depends_on: Vec::new(),
+            source: Some(factory),
+            sink: None,
+            plan: None,
+            watermark_column,
+            store: None,
+        };
+        if let Err(e) = state.catalog.insert(entry) {
+            let _ = self.ctx.deregister_table(create.name.as_str());
+            return Err(e);
+        }
+        Ok(Output::Command(format!("CREATE {}", kind.sql_name())))
+    }
+
+    /// Plans a continuous query (a view's or a sink's).
+    async fn plan_continuous(
+        &self,
+        catalog: &Catalog,
+        query: sqlparser::ast::Query,
+    ) -> Result<ContinuousPlan> {
+        continuous::check_supported_syntax(&query)?;
+        let plan = self.logical_plan(query).await?;
+        let scanned = continuous::scanned_objects(&plan, catalog);
+        if !scanned
+            .iter()
+            .any(|(_, k)| matches!(k, ObjectKind::Stream | ObjectKind::MaterializedView))
+        {
+            return Err(PlanError::NotSupported(
+                "a continuous query must read a stream or a materialized view".into(),
+            ));
+        }
+        let lowered = continuous::lower(&plan, &self.ctx.state(), catalog)?;
+        if lowered.limit.is_some() {
+            return Err(PlanError::NotSupported(
+                "LIMIT in a materialized view or sink (it runs forever; LIMIT belongs to live tails)".into(),
+            ));
+        }
+        Ok(lowered)
+    }
+
+    async fn logical_plan(&self, query: sqlparser::ast::Query) -> Result<LogicalPlan> {
+        let statement = self
+            .pg_parser
+            .rewrite(sqlparser::ast::Statement::Query(Box::new(query)));
+        let state = self.ctx.state();
+        let plan = state
+            .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(
+                statement,
+            )))
+            .await?;
+        Ok(state.optimize(&plan)?)
+    }
+
+    async fn create_view(&self, create: CreateMaterializedView, sql: String) -> Result<Output> {
+        let mut state = self.state.lock().await;
+        if create.if_not_exists && state.catalog.get(&create.name).is_some() {
+            return Ok(Output::Command("CREATE MATERIALIZED VIEW".into()));
+        }
+        state.catalog.check_free(&create.name)?;
+        let reader = create.options.reader();
+        let retention = reader.duration("retention")?.unwrap_or(DEFAULT_RETENTION);
+        let max_rows = reader
+            .u64("max_rows")?
+            .map(|n| n as usize)
+            .unwrap_or(DEFAULT_MAX_ROWS);
+        reader.finish()?;
+        let plan = self.plan_continuous(&state.catalog, *create.query).await?;
+        let store = MvStore::new(plan.schema.clone(), retention, max_rows);
+        self.ctx.register_table(
+            create.name.as_str(),
+            Arc::new(MvTable {
+                store: store.clone(),
+            }),
+        )?;
+        let entry = CatalogEntry {
+            name: create.name.clone(),
+            kind: ObjectKind::MaterializedView,
+            sql,
+            schema: plan.schema.clone(),
+            connector: None,
+            depends_on: vec![plan.input.clone()],
+            source: None,
+            sink: None,
+            plan: Some(Arc::new(plan)),
+            watermark_column: None,
+            store: Some(store),
+        };
+        state.catalog.insert(entry)?;
+        if state.started
+            && let Err(e) = self.start_pipeline(&mut state, &create.name)
+        {
+            let _ = state.catalog.remove(&create.name);
+            let _ = self.ctx.deregister_table(create.name.as_str());
+            return Err(e);
+        }
+        Ok(Output::Command("CREATE MATERIALIZED VIEW".into()))
+    }
+
+    async fn create_sink(&self, create: CreateSink, sql: String) -> Result<Output> {
+        let mut state = self.state.lock().await;
+        if create.if_not_exists && state.catalog.get(&create.name).is_some() {
+            return Ok(Output::Command("CREATE SINK".into()));
+        }
+        state.catalog.check_free(&create.name)?;
+        let (schema, depends_on, plan) = match create.input {
+            SinkInput::From(from) => {
+                let entry = state
+                    .catalog
+                    .get(&from)
+                    .ok_or_else(|| PlanError::undefined("relation", &from))?;
+                if !matches!(
+                    entry.kind,
+                    ObjectKind::Stream | ObjectKind::MaterializedView
+                ) {
+                    return Err(PlanError::NotSupported(format!(
+                        "a sink FROM {} \"{from}\"",
+                        entry.kind
+                    )));
+                }
+                (entry.schema.clone(), vec![from], None)
+            }
+            SinkInput::Query(query) => {
+                let plan = self.plan_continuous(&state.catalog, *query).await?;
+                (
+                    plan.schema.clone(),
+                    vec![plan.input.clone()],
+                    Some(Arc::new(plan)),
+                )
+            }
+        };
+        let factory = self
+            .connectors
+            .sink(&create.name, schema.clone(), &create.options)?;
+        let entry = CatalogEntry {
+            name: create.name.clone(),
+            kind: ObjectKind::Sink,
+            sql,
+            schema,
+            connector: Some(factory.connector().to_string()),
+            depends_on,
+            source: None,
+            sink: Some(factory),
+            plan,
+            watermark_column: None,
+            store: None,
+        };
+        state.catalog.insert(entry)?;
+        if state.started
+            && let Err(e) = self.start_pipeline(&mut state, &create.name)
+        {
+            let _ = state.catalog.remove(&create.name);
+            return Err(e);
+        }
+        Ok(Output::Command("CREATE SINK".into()))
+    }
+}
+
+impl Engine {
+    /// Starts the pipeline of view or sink `name`.
+    fn start_pipeline(&self, state: &mut State, name: &str) -> Result<()> {
+        let entry = state
+            .catalog
+            .get(name)
+            .ok_or_else(|| PlanError::Internal(format!("starting unknown pipeline {name}")))?
+            .clone();
+        let stop = self.shutdown.child_token();
+        let status = StatusCell::default();
+        let mut tasks = Vec::new();
+        let input_name = entry
+            .depends_on
+            .first()
+            .cloned()
+            .ok_or_else(|| PlanError::Internal(format!("pipeline {name} reads nothing")))?;
+        // The rows entering this pipeline's operators: a fresh source, or a view's output.
+        let input = match state
+            .running
+            .get(&input_name)
+            .and_then(|r| r.output.clone())
+        {
+            Some(view_output) => view_output.subscribe(),
+            None => {
+                let source_entry = state.catalog.get_kind(&input_name, ObjectKind::Stream)?;
+                let factory = source_entry.source.clone().ok_or_else(|| {
+                    PlanError::Internal(format!("stream {input_name} has no source"))
+                })?;
+                let metrics = self.metrics.source(name, factory.connector());
+                let (rx, task) = pipeline::spawn_source(
+                    factory.create()?,
+                    stop.clone(),
+                    metrics,
+                    status.clone(),
+                    name.to_string(),
+                );
+                tasks.push(task);
+                rx
+            }
+        };
+        let fanout = Fanout::new();
+        let operators = match &entry.plan {
+            Some(plan) => plan.operators()?,
+            None => Vec::new(),
+        };
+        let mut output = None;
+        match entry.kind {
+            ObjectKind::MaterializedView => {
+                let store = entry
+                    .store
+                    .clone()
+                    .ok_or_else(|| PlanError::Internal(format!("view {name} has no store")))?;
+                tasks.push(pipeline::spawn_sink(
+                    Box::new(MvSink(store)),
+                    fanout.subscribe(),
+                    self.metrics.sink(name, "view"),
+                    status.clone(),
+                    name.to_string(),
+                ));
+                output = Some(fanout.clone());
+            }
+            ObjectKind::Sink => {
+                let factory = entry
+                    .sink
+                    .clone()
+                    .ok_or_else(|| PlanError::Internal(format!("sink {name} has no factory")))?;
+                tasks.push(pipeline::spawn_sink(
+                    factory.create()?,
+                    fanout.subscribe(),
+                    self.metrics.sink(name, factory.connector()),
+                    status.clone(),
+                    name.to_string(),
+                ));
+            }
+            other => return Err(PlanError::Internal(format!("a {other} has no pipeline"))),
+        }
+        tasks.push(pipeline::spawn_chain(
+            input,
+            operators,
+            fanout,
+            &self.metrics,
+            name,
+        ));
+        self.metrics
+            .pipelines_running(&entry.kind.to_string())
+            .inc();
+        state.running.insert(
+            name.to_string(),
+            Running {
+                kind: entry.kind,
+                input: input_name,
+                stop,
+                status,
+                output,
+                tasks,
+                started: Instant::now(),
+            },
+        );
+        Ok(())
+    }
+
+    async fn drop_objects(
+        &self,
+        kind: ObjectKind,
+        names: &[String],
+        if_exists: bool,
+        cascade: bool,
+    ) -> Result<Output> {
+        let mut state = self.state.lock().await;
+        for name in names {
+            match state.catalog.get(name) {
+                None if if_exists => continue,
+                None => return Err(PlanError::undefined(&kind.to_string(), name)),
+                Some(e) if e.kind != kind => {
+                    return Err(PlanError::Undefined(format!(
+                        "\"{name}\" is a {}, not a {kind}",
+                        e.kind
+                    )));
+                }
+                Some(_) => {}
+            }
+            // Dependents first (deepest first), refused without CASCADE.
+            let mut doomed = Vec::new();
+            collect_dependents(&state.catalog, name, &mut doomed);
+            if !doomed.is_empty() && !cascade {
+                let list: Vec<String> = doomed
+                    .iter()
+                    .map(|d| {
+                        format!(
+                            "{} \"{d}\"",
+                            state
+                                .catalog
+                                .get(d)
+                                .map(|e| e.kind.to_string())
+                                .unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                return Err(PlanError::Dependent(format!(
+                    "cannot drop {kind} \"{name}\" because {} depend(s) on it; use DROP ... CASCADE to drop them too",
+                    list.join(", ")
+                )));
+            }
+            doomed.push(name.clone());
+            for victim in doomed {
+                self.stop_pipeline(&mut state, &victim).await;
+                if let Some(entry) = state.catalog.remove(&victim)?
+                    && entry.kind != ObjectKind::Sink
+                {
+                    let _ = self.ctx.deregister_table(victim.as_str());
+                }
+            }
+        }
+        Ok(Output::Command(format!("DROP {}", kind.sql_name())))
+    }
+
+    async fn stop_pipeline(&self, state: &mut State, name: &str) {
+        let Some(running) = state.running.remove(name) else {
+            return;
+        };
+        running.stop.cancel();
+        self.metrics
+            .pipelines_running(&running.kind.to_string())
+            .dec();
+        for task in running.tasks {
+            if tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .is_err()
+            {
+                tracing::warn!(pipeline = %name, "pipeline did not stop within 10 s");
+            }
+        }
+    }
+
+    async fn explain(&self, query: sqlparser::ast::Query) -> Result<Output> {
+        let state = self.state.lock().await;
+        continuous::check_supported_syntax(&query)?;
+        let plan = self.logical_plan(query).await?;
+        let scanned = continuous::scanned_objects(&plan, &state.catalog);
+        let lines = if scanned.iter().any(|(_, k)| *k == ObjectKind::Stream) {
+            let lowered = continuous::lower(&plan, &self.ctx.state(), &state.catalog)?;
+            let connector = state
+                .catalog
+                .get(&lowered.input)
+                .and_then(|e| e.connector.clone())
+                .unwrap_or_else(|| "view".into());
+            lowered.explain(&connector)
+        } else {
+            plan.display_indent()
+                .to_string()
+                .lines()
+                .map(str::to_string)
+                .collect()
+        };
+        introspection::explain_rows(lines)
+    }
+
+    async fn query(&self, query: sqlparser::ast::Query) -> Result<Output> {
+        continuous::check_supported_syntax(&query)?;
+        let plan = self.logical_plan(query).await?;
+        self.run_plan(plan).await
+    }
+
+    /// Runs a planned query: a live tail when it reads a stream, else a DataFusion batch query.
+    async fn run_plan(&self, plan: LogicalPlan) -> Result<Output> {
+        let state = self.state.lock().await;
+        let scanned = continuous::scanned_objects(&plan, &state.catalog);
+        if let Some((stream, _)) = scanned.iter().find(|(_, k)| *k == ObjectKind::Stream) {
+            let lowered = continuous::lower(&plan, &self.ctx.state(), &state.catalog)?;
+            let Some(limit) = lowered.limit else {
+                return Err(PlanError::NotSupported(format!(
+                    "a SELECT over stream \"{stream}\" without LIMIT: a SELECT over a stream is a live tail, add LIMIT n to receive the next n matching records"
+                )));
+            };
+            return self.start_tail(&state, lowered, limit);
+        }
+        drop(state);
+        let schema = Arc::new(plan.schema().as_arrow().clone());
+        let batches = self.ctx.execute_logical_plan(plan).await?.collect().await?;
+        Ok(Output::Rows { schema, batches })
+    }
+
+    /// A live tail: its own source and operators, feeding the client until `limit` rows.
+    fn start_tail(&self, state: &State, plan: ContinuousPlan, limit: usize) -> Result<Output> {
+        let stop = self.shutdown.child_token();
+        let source = state
+            .catalog
+            .get_kind(&plan.input, ObjectKind::Stream)?
+            .source
+            .clone()
+            .ok_or_else(|| PlanError::Internal("stream without source".into()))?;
+        let name = format!("tail_{}", plan.input);
+        let (rx, _source_task) = pipeline::spawn_source(
+            source.create()?,
+            stop.clone(),
+            self.metrics.source(&name, source.connector()),
+            StatusCell::default(),
+            name.clone(),
+        );
+        let fanout = Fanout::new();
+        let batches = fanout.subscribe();
+        let _chain = pipeline::spawn_chain(rx, plan.operators()?, fanout, &self.metrics, &name);
+        Ok(Output::Tail(Tail {
+            schema: plan.schema.clone(),
+            limit,
+            batches,
+            stop,
+        }))
+    }
+
+    async fn standard(&self, statement: sqlparser::ast::Statement) -> Result<Output> {
+        use sqlparser::ast::Statement as S;
+        match statement {
+            S::Set(_) => Ok(Output::Command("SET".into())),
+            S::StartTransaction { .. } => Ok(Output::Command("BEGIN".into())),
+            S::Commit { .. } => Ok(Output::Command("COMMIT".into())),
+            S::Rollback { .. } => Ok(Output::Command("ROLLBACK".into())),
+            S::Discard { .. } => Ok(Output::Command("DISCARD ALL".into())),
+            S::ShowVariable { variable } => {
+                let name = variable
+                    .iter()
+                    .map(|i| i.value.to_ascii_lowercase())
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                introspection::show_variable(&name)
+            }
+            other => {
+                let what = other.to_string();
+                let what = what
+                    .split_whitespace()
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                Err(PlanError::NotSupported(format!("the statement {what} ...")))
+            }
+        }
+    }
+
+    /// Stops every pipeline: sources stop, what is in flight is written, sinks finish.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shutdown.cancel();
+        let mut state = self.state.lock().await;
+        let tasks: Vec<JoinHandle<()>> = state
+            .running
+            .values_mut()
+            .flat_map(|r| r.tasks.drain(..))
+            .collect();
+        drop(state);
+        let all = futures::future::join_all(tasks);
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!(?grace, "some pipelines did not finish in time");
+        }
+    }
+
+    /// Waits until every pipeline has finished by itself (all sources bounded and done).
+    pub async fn wait_finished(&self) {
+        let tasks: Vec<JoinHandle<()>> = {
+            let mut state = self.state.lock().await;
+            state
+                .running
+                .values_mut()
+                .flat_map(|r| r.tasks.drain(..))
+                .collect()
+        };
+        futures::future::join_all(tasks).await;
+    }
+
+    /// Failures of pipelines, by name.
+    pub async fn failures(&self) -> Vec<(String, String)> {
+        let state = self.state.lock().await;
+        state
+            .running
+            .iter()
+            .filter_map(|(n, r)| match r.status.get() {
+                PipelineStatus::Failed(e) => Some((n.clone(), e)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The result columns and parameter types of `sql`, without running it (extended
+    /// protocol's Describe). `None` when it returns no rows.
+    pub async fn describe(&self, sql: &str) -> Result<Option<SchemaRef>> {
+        let mut parsed = self.parse(sql)?;
+        if parsed.len() != 1 {
+            return Ok(None);
+        }
+        match parsed.remove(0).statement {
+            Statement::Query(query) => {
+                let plan = self.logical_plan(*query).await?;
+                Ok(Some(Arc::new(plan.schema().as_arrow().clone())))
+            }
+            Statement::Show(kind) => Ok(Some(introspection::show_schema(kind))),
+            Statement::ShowCreate { .. } => Ok(Some(introspection::show_create_schema())),
+            Statement::Describe { .. } => Ok(Some(introspection::describe_schema())),
+            Statement::Explain { .. } => Ok(Some(introspection::explain_schema())),
+            Statement::Standard(s)
+                if matches!(*s, sqlparser::ast::Statement::ShowVariable { .. }) =>
+            {
+                Ok(Some(introspection::show_variable_schema()))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Plans a query with `$n` parameters and returns the parameter types DataFusion infers.
+    pub async fn parameter_types(
+        &self,
+        sql: &str,
+    ) -> Result<Vec<Option<arrow::datatypes::DataType>>> {
+        let mut parsed = self.parse(sql)?;
+        if parsed.len() != 1 {
+            return Ok(Vec::new());
+        }
+        match parsed.remove(0).statement {
+            Statement::Query(query) => {
+                let plan = self.logical_plan(*query).await?;
+                let types = plan.get_parameter_types()?;
+                let mut ordered: Vec<(String, Option<arrow::datatypes::DataType>)> =
+                    types.into_iter().collect();
+                ordered.sort_by_key(|(k, _)| {
+                    k.trim_start_matches('$')
+                        .parse::<usize>()
+                        .unwrap_or(usize::MAX)
+                });
+                Ok(ordered.into_iter().map(|(_, t)| t).collect())
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Executes a query with parameter values (extended protocol's Execute).
+    pub async fn execute_with_params(
+        &self,
+        sql: &str,
+        params: datafusion::common::ParamValues,
+    ) -> Result<Output> {
+        let mut parsed = self.parse(sql)?;
+        if parsed.len() != 1 {
+            return Err(PlanError::Syntax {
+                message: "a prepared statement holds exactly one statement".into(),
+                position: None,
+            });
+        }
+        let parsed = parsed.remove(0);
+        let Statement::Query(query) = parsed.statement else {
+            return self.execute_statement(parsed).await;
+        };
+        continuous::check_supported_syntax(&query)?;
+        let plan = self.logical_plan(*query).await?.with_param_values(params)?;
+        let plan = self.ctx.state().optimize(&plan)?;
+        self.run_plan(plan).await
+    }
+}
+
+/// Whether a statement is a query over `pg_catalog` or `information_schema`.
+fn reads_system_catalog(parsed: &ParsedStatement) -> bool {
+    let Statement::Query(query) = &parsed.statement else {
+        return false;
+    };
+    let mut found = false;
+    let _ = sqlparser::ast::visit_relations(query.as_ref(), |name| {
+        let first = name
+            .0
+            .first()
+            .and_then(|p| p.as_ident())
+            .map(|i| i.value.to_ascii_lowercase());
+        if matches!(first.as_deref(), Some("pg_catalog" | "information_schema"))
+            || name.0.len() == 1 && first.as_deref().is_some_and(|n| n.starts_with("pg_"))
+        {
+            found = true;
+        }
+        std::ops::ControlFlow::<()>::Continue(())
+    });
+    found
+}
+
+fn collect_dependents(catalog: &Catalog, name: &str, out: &mut Vec<String>) {
+    for dependent in catalog.dependents(name) {
+        if !out.contains(&dependent.name) {
+            collect_dependents(catalog, &dependent.name, out);
+            out.push(dependent.name.clone());
+        }
+    }
+}

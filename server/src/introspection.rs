@@ -1,0 +1,237 @@
+//! The rows of SHOW, DESCRIBE, SHOW CREATE and EXPLAIN. Each has a fixed schema (also used to
+//! describe the statement to extended-protocol clients before it runs).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{ArrayRef, BooleanArray, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use weir_planner::catalog::{Catalog, CatalogEntry};
+use weir_planner::{PlanError, Result};
+use weir_runtime::pipeline::PipelineStatus;
+use weir_sql::{ObjectKind, ShowKind};
+
+use crate::engine::Output;
+
+fn utf8_schema(names: &[&str]) -> SchemaRef {
+    Arc::new(Schema::new(
+        names
+            .iter()
+            .map(|n| Field::new(*n, DataType::Utf8, true))
+            .collect::<Vec<_>>(),
+    ))
+}
+
+fn rows(schema: SchemaRef, columns: Vec<ArrayRef>) -> Result<Output> {
+    let batch = RecordBatch::try_new(schema.clone(), columns)
+        .map_err(|e| PlanError::Internal(format!("introspection rows: {e}")))?;
+    Ok(Output::Rows {
+        schema,
+        batches: vec![batch],
+    })
+}
+
+fn text_rows(schema: SchemaRef, table: Vec<Vec<String>>) -> Result<Output> {
+    let columns = (0..schema.fields().len())
+        .map(|c| {
+            Arc::new(StringArray::from_iter_values(
+                table.iter().map(|r| r[c].as_str()),
+            )) as ArrayRef
+        })
+        .collect();
+    rows(schema, columns)
+}
+
+/// The columns of `SHOW <kind>`.
+pub fn show_schema(kind: ShowKind) -> SchemaRef {
+    match kind {
+        ShowKind::Streams | ShowKind::Tables => utf8_schema(&["name", "connector", "columns"]),
+        ShowKind::MaterializedViews => utf8_schema(&["name", "reads", "status"]),
+        ShowKind::Sinks => utf8_schema(&["name", "connector", "reads", "status"]),
+        ShowKind::Queries => utf8_schema(&["name", "kind", "reads", "status", "uptime"]),
+    }
+}
+
+/// `SHOW STREAMS | TABLES | MATERIALIZED VIEWS | SINKS | QUERIES`.
+pub fn show(
+    catalog: &Catalog,
+    kind: ShowKind,
+    running: &[(String, ObjectKind, String, PipelineStatus, Instant)],
+) -> Result<Output> {
+    let status_of = |name: &str| {
+        running
+            .iter()
+            .find(|r| r.0 == name)
+            .map(|r| r.3.to_string())
+            .unwrap_or_else(|| "not started".into())
+    };
+    let columns_of = |e: &CatalogEntry| {
+        e.schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let table: Vec<Vec<String>> = match kind {
+        ShowKind::Streams | ShowKind::Tables => {
+            let object = if kind == ShowKind::Streams {
+                ObjectKind::Stream
+            } else {
+                ObjectKind::Table
+            };
+            catalog
+                .of_kind(object)
+                .map(|e| {
+                    vec![
+                        e.name.clone(),
+                        e.connector.clone().unwrap_or_default(),
+                        columns_of(e),
+                    ]
+                })
+                .collect()
+        }
+        ShowKind::MaterializedViews => catalog
+            .of_kind(ObjectKind::MaterializedView)
+            .map(|e| vec![e.name.clone(), e.depends_on.join(", "), status_of(&e.name)])
+            .collect(),
+        ShowKind::Sinks => catalog
+            .of_kind(ObjectKind::Sink)
+            .map(|e| {
+                vec![
+                    e.name.clone(),
+                    e.connector.clone().unwrap_or_default(),
+                    e.depends_on.join(", "),
+                    status_of(&e.name),
+                ]
+            })
+            .collect(),
+        ShowKind::Queries => {
+            let mut sorted: Vec<_> = running.iter().collect();
+            sorted.sort_by(|a, b| a.0.cmp(&b.0));
+            sorted
+                .into_iter()
+                .map(|(name, kind, input, status, started)| {
+                    vec![
+                        name.clone(),
+                        kind.to_string(),
+                        input.clone(),
+                        status.to_string(),
+                        format!("{}s", started.elapsed().as_secs()),
+                    ]
+                })
+                .collect()
+        }
+    };
+    text_rows(show_schema(kind), table)
+}
+
+pub fn show_create_schema() -> SchemaRef {
+    utf8_schema(&["name", "create_statement"])
+}
+
+/// `SHOW CREATE <kind> name`: the statement as written.
+pub fn show_create(entry: &CatalogEntry) -> Result<Output> {
+    text_rows(
+        show_create_schema(),
+        vec![vec![entry.name.clone(), entry.sql.clone()]],
+    )
+}
+
+pub fn describe_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("column", DataType::Utf8, false),
+        Field::new("type", DataType::Utf8, false),
+        Field::new("nullable", DataType::Boolean, false),
+        Field::new("event_time", DataType::Boolean, false),
+    ]))
+}
+
+/// `DESCRIBE name`: one row per column.
+pub fn describe(entry: &CatalogEntry) -> Result<Output> {
+    let fields = entry.schema.fields();
+    let names = StringArray::from_iter_values(fields.iter().map(|f| f.name().as_str()));
+    let types = StringArray::from_iter_values(fields.iter().map(|f| sql_type_name(f.data_type())));
+    let nullable = BooleanArray::from(fields.iter().map(|f| f.is_nullable()).collect::<Vec<_>>());
+    let event_time = BooleanArray::from(
+        fields
+            .iter()
+            .map(|f| entry.watermark_column.as_deref() == Some(f.name().as_str()))
+            .collect::<Vec<_>>(),
+    );
+    rows(
+        describe_schema(),
+        vec![
+            Arc::new(names),
+            Arc::new(types),
+            Arc::new(nullable),
+            Arc::new(event_time),
+        ],
+    )
+}
+
+/// The SQL spelling of an Arrow type, as a user would declare it.
+pub fn sql_type_name(data_type: &DataType) -> String {
+    use arrow::datatypes::TimeUnit;
+    match data_type {
+        DataType::Boolean => "BOOLEAN".into(),
+        DataType::Int8 | DataType::Int16 => "SMALLINT".into(),
+        DataType::Int32 => "INTEGER".into(),
+        DataType::Int64 => "BIGINT".into(),
+        DataType::UInt8 | DataType::UInt16 | DataType::UInt32 | DataType::UInt64 => "BIGINT".into(),
+        DataType::Float16 | DataType::Float32 => "REAL".into(),
+        DataType::Float64 => "DOUBLE".into(),
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => "TEXT".into(),
+        DataType::Binary | DataType::LargeBinary | DataType::BinaryView => "BYTEA".into(),
+        DataType::Date32 | DataType::Date64 => "DATE".into(),
+        DataType::Timestamp(unit, tz) => {
+            let precision = match unit {
+                TimeUnit::Second => 0,
+                TimeUnit::Millisecond => 3,
+                TimeUnit::Microsecond => 6,
+                TimeUnit::Nanosecond => 9,
+            };
+            match tz {
+                Some(_) => format!("TIMESTAMP({precision}) WITH TIME ZONE"),
+                None => format!("TIMESTAMP({precision})"),
+            }
+        }
+        DataType::Decimal128(p, s) | DataType::Decimal256(p, s) => format!("DECIMAL({p}, {s})"),
+        other => other.to_string(),
+    }
+}
+
+pub fn explain_schema() -> SchemaRef {
+    utf8_schema(&["plan"])
+}
+
+pub fn explain_rows(lines: Vec<String>) -> Result<Output> {
+    text_rows(
+        explain_schema(),
+        lines.into_iter().map(|l| vec![l]).collect(),
+    )
+}
+
+pub fn show_variable_schema() -> SchemaRef {
+    utf8_schema(&["setting"])
+}
+
+/// `SHOW <variable>` for the few settings clients ask about.
+pub fn show_variable(name: &str) -> Result<Output> {
+    let value = match name {
+        "transaction isolation level" | "transaction_isolation" => "read committed",
+        "search_path" => "public",
+        "server_version" => "15.0 (Weir)",
+        "server_encoding" | "client_encoding" => "UTF8",
+        "timezone" | "time zone" => "UTC",
+        "datestyle" => "ISO, MDY",
+        "standard_conforming_strings" => "on",
+        other => {
+            return Err(PlanError::Undefined(format!(
+                "unrecognized configuration parameter \"{other}\""
+            )));
+        }
+    };
+    text_rows(show_variable_schema(), vec![vec![value.to_string()]])
+}

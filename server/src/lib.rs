@@ -1,0 +1,17 @@
+//! The `weir` server: the engine that executes statements, its Postgres front door, and HTTP.
+//!
+//! # Layout
+//!
+//! - [`engine`]: [`Engine`], which executes every statement, owns the catalog, the DataFusion
+//!   session, and the running pipelines.
+//! - [`introspection`]: the rows of SHOW / DESCRIBE / SHOW CREATE / EXPLAIN.
+//! - [`pg`]: the pgwire handlers (simple and extended protocol), type mapping and errors.
+//! - [`http`]: `GET /health` and `GET /metrics`.
+//! - `main.rs`: the CLI (`weir serve | run | check`).
+
+pub mod engine;
+pub mod http;
+pub mod introspection;
+pub mod pg;
+
+pub use engine::{Engine, EngineConfig, Output};

@@ -1,0 +1,290 @@
+//! The `weir` command line: `serve`, `run`, `check`, `bench`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use weir_connectors::Connectors;
+use weir_planner::PlanError;
+use weir_server::engine::{Engine, EngineConfig};
+use weir_sql::Statement;
+use weir_sql::parser::parse_sql_with_positions;
+
+mod bench;
+
+/// How long pipelines get to flush on SIGINT/SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Weir: a streaming SQL engine.
+#[derive(Parser)]
+#[command(name = "weir", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve Postgres-wire clients (psql) and HTTP /metrics, running every pipeline.
+    Serve {
+        /// Postgres wire protocol address.
+        #[arg(long, default_value = "127.0.0.1:5433")]
+        pg_listen: SocketAddr,
+        /// HTTP address for /health and /metrics.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        http_listen: SocketAddr,
+        /// Where the catalog is kept (restored on restart).
+        #[arg(long, default_value = "./weir-data")]
+        data_dir: PathBuf,
+        /// Run every *.sql file in this directory at start (objects already in the catalog
+        /// are kept as they are).
+        #[arg(long)]
+        queries: Option<PathBuf>,
+    },
+    /// Run pipelines headless until SIGINT/SIGTERM, or until every source is bounded and done.
+    Run {
+        /// SQL files, executed in order.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Parse and plan SQL files offline; print `file:line:col: message` per error.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Benchmarks: print events/s, events per CPU-second and peak RSS.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve {
+                pg_listen,
+                http_listen,
+                data_dir,
+                queries,
+            } => serve(pg_listen, http_listen, data_dir, queries).await,
+            Command::Run { files } => run(&files).await,
+            Command::Check { files } => check(&files).await,
+            Command::Bench(args) => bench::run(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(
+    pg_listen: SocketAddr,
+    http_listen: SocketAddr,
+    data_dir: PathBuf,
+    queries: Option<PathBuf>,
+) -> Result<ExitCode, String> {
+    let engine = Engine::open(
+        EngineConfig {
+            data_dir: Some(data_dir.clone()),
+        },
+        Arc::new(Connectors),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    if let Some(dir) = queries {
+        for file in sql_files(&dir)? {
+            load_file(&engine, &file, true).await?;
+        }
+    }
+    engine.start_all().await.map_err(|e| e.to_string())?;
+    let pg = tokio::net::TcpListener::bind(pg_listen)
+        .await
+        .map_err(|e| format!("cannot listen on {pg_listen} (--pg-listen): {e}"))?;
+    let http = tokio::net::TcpListener::bind(http_listen)
+        .await
+        .map_err(|e| format!("cannot listen on {http_listen} (--http-listen): {e}"))?;
+    tracing::info!(pg = %pg_listen, http = %http_listen, data_dir = %data_dir.display(), "weir is serving");
+    let pg_task = tokio::spawn(weir_server::pg::serve(pg, engine.clone()));
+    let http_task = tokio::spawn(weir_server::http::serve(http, engine.clone()));
+    wait_for_signal().await;
+    tracing::info!("stopping: flushing pipelines");
+    pg_task.abort();
+    http_task.abort();
+    engine.shutdown(SHUTDOWN_GRACE).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run(files: &[PathBuf]) -> Result<ExitCode, String> {
+    let engine = Engine::open(EngineConfig::default(), Arc::new(Connectors))
+        .await
+        .map_err(|e| e.to_string())?;
+    for file in files {
+        load_file(&engine, file, false).await?;
+    }
+    engine.start_all().await.map_err(|e| e.to_string())?;
+    tokio::select! {
+        () = engine.wait_finished() => {}
+        () = wait_for_signal() => {
+            tracing::info!("stopping: flushing pipelines");
+            engine.shutdown(SHUTDOWN_GRACE).await;
+        }
+    }
+    let failures = engine.failures().await;
+    for (name, error) in &failures {
+        eprintln!("error: pipeline {name} failed: {error}");
+    }
+    Ok(if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Executes the statements of one file. With `keep_existing`, a statement creating an object
+/// that the catalog already holds is skipped (a restart of `serve --queries`).
+async fn load_file(engine: &Engine, file: &Path, keep_existing: bool) -> Result<(), String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let statements = parse_sql_with_positions(&text).map_err(|e| {
+        let p = e.position.unwrap_or_default();
+        format!("{}:{}:{}: {}", file.display(), p.line, p.column, e.message)
+    })?;
+    for statement in statements {
+        match engine.execute_one(&statement.sql).await {
+            Ok(_) => {}
+            Err(PlanError::Duplicate { name, .. }) if keep_existing => {
+                tracing::info!(object = %name, file = %file.display(), "already in the catalog; keeping it");
+            }
+            Err(e) => {
+                return Err(format!(
+                    "{}:{}:{}: {} (SQLSTATE {})",
+                    file.display(),
+                    statement.start.line,
+                    statement.start.column,
+                    e,
+                    e.sqlstate()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn check(files: &[PathBuf]) -> Result<ExitCode, String> {
+    let engine = Engine::open(EngineConfig::default(), Arc::new(Connectors))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut errors = 0usize;
+    for file in files {
+        let text = match std::fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(e) => {
+                println!("{}:1:1: cannot read: {e}", file.display());
+                errors += 1;
+                continue;
+            }
+        };
+        let statements = match parse_sql_with_positions(&text) {
+            Ok(s) => s,
+            Err(e) => {
+                let p = e.position.unwrap_or_default();
+                println!(
+                    "{}:{}:{}: {} (SQLSTATE 42601)",
+                    file.display(),
+                    p.line.max(1),
+                    p.column.max(1),
+                    e.message
+                );
+                errors += 1;
+                continue;
+            }
+        };
+        for statement in statements {
+            // Queries are planned, never run: a live tail would wait for data.
+            let result = match statement.statement {
+                Statement::Query(_) | Statement::Explain { .. } => {
+                    engine.describe(&statement.sql).await.map(|_| ())
+                }
+                _ => engine.execute_one(&statement.sql).await.map(|_| ()),
+            };
+            if let Err(e) = result {
+                // One line per error, whatever the message holds.
+                let message = e
+                    .to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                println!(
+                    "{}:{}:{}: {message} (SQLSTATE {})",
+                    file.display(),
+                    statement.start.line,
+                    statement.start.column,
+                    e.sqlstate()
+                );
+                errors += 1;
+            }
+        }
+    }
+    if errors == 0 {
+        eprintln!("{} file(s) checked, no errors", files.len());
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("{errors} error(s)");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn sql_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| format!("cannot read --queries {}: {e}", dir.display()))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

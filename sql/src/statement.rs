@@ -1,0 +1,149 @@
+//! [`Statement`]: everything Weir accepts, standard SQL wrapped as sqlparser's AST.
+
+use std::fmt;
+
+use sqlparser::ast::{ColumnDef, Expr, Query};
+
+use crate::options::Options;
+
+/// The kinds of catalog objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ObjectKind {
+    Stream,
+    Table,
+    MaterializedView,
+    Sink,
+}
+
+impl ObjectKind {
+    /// The SQL words for the kind, e.g. `MATERIALIZED VIEW`.
+    pub fn sql_name(self) -> &'static str {
+        match self {
+            ObjectKind::Stream => "STREAM",
+            ObjectKind::Table => "TABLE",
+            ObjectKind::MaterializedView => "MATERIALIZED VIEW",
+            ObjectKind::Sink => "SINK",
+        }
+    }
+}
+
+impl fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ObjectKind::Stream => "stream",
+            ObjectKind::Table => "table",
+            ObjectKind::MaterializedView => "materialized view",
+            ObjectKind::Sink => "sink",
+        })
+    }
+}
+
+/// `SHOW <what>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShowKind {
+    Streams,
+    Tables,
+    MaterializedViews,
+    Sinks,
+    Queries,
+}
+
+/// `WATERMARK FOR column AS expr`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Watermark {
+    pub column: String,
+    pub expr: Expr,
+}
+
+/// `CREATE STREAM` or `CREATE TABLE`: a named, typed view of a connector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreateSource {
+    pub name: String,
+    pub if_not_exists: bool,
+    pub columns: Vec<ColumnDef>,
+    pub watermark: Option<Watermark>,
+    /// Column names of the primary key (tables), normalized.
+    pub primary_key: Vec<String>,
+    pub options: Options,
+}
+
+/// `CREATE MATERIALIZED VIEW name [WITH (...)] AS query`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreateMaterializedView {
+    pub name: String,
+    pub if_not_exists: bool,
+    pub options: Options,
+    pub query: Box<Query>,
+}
+
+/// Where a sink's rows come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SinkInput {
+    /// `CREATE SINK name FROM object WITH (...)`.
+    From(String),
+    /// `CREATE SINK name WITH (...) AS query`.
+    Query(Box<Query>),
+}
+
+/// `CREATE SINK`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreateSink {
+    pub name: String,
+    pub if_not_exists: bool,
+    pub input: SinkInput,
+    pub options: Options,
+}
+
+/// One statement of Weir's dialect.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Statement {
+    CreateStream(CreateSource),
+    CreateTable(CreateSource),
+    CreateMaterializedView(CreateMaterializedView),
+    CreateSink(CreateSink),
+    Show(ShowKind),
+    ShowCreate {
+        kind: ObjectKind,
+        name: String,
+    },
+    Describe {
+        name: String,
+    },
+    Explain {
+        analyze: bool,
+        query: Box<Query>,
+    },
+    Drop {
+        kind: ObjectKind,
+        names: Vec<String>,
+        if_exists: bool,
+        cascade: bool,
+    },
+    /// A `SELECT` (or `WITH ... SELECT`, `VALUES`, set operation).
+    Query(Box<Query>),
+    /// Any other statement sqlparser knows (SET, SHOW variable, BEGIN, ...).
+    Standard(Box<sqlparser::ast::Statement>),
+}
+
+impl Statement {
+    /// A short name for logs and command tags, e.g. `CREATE STREAM`.
+    pub fn tag(&self) -> &'static str {
+        match self {
+            Statement::CreateStream(_) => "CREATE STREAM",
+            Statement::CreateTable(_) => "CREATE TABLE",
+            Statement::CreateMaterializedView(_) => "CREATE MATERIALIZED VIEW",
+            Statement::CreateSink(_) => "CREATE SINK",
+            Statement::Show(_) | Statement::ShowCreate { .. } => "SHOW",
+            Statement::Describe { .. } => "DESCRIBE",
+            Statement::Explain { .. } => "EXPLAIN",
+            Statement::Drop { kind, .. } => match kind {
+                ObjectKind::Stream => "DROP STREAM",
+                ObjectKind::Table => "DROP TABLE",
+                ObjectKind::MaterializedView => "DROP MATERIALIZED VIEW",
+                ObjectKind::Sink => "DROP SINK",
+            },
+            Statement::Query(_) => "SELECT",
+            Statement::Standard(_) => "OK",
+        }
+    }
+}

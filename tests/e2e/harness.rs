@@ -1,0 +1,250 @@
+//! Starts and stops `weir serve` on free ports; runs psql; finds DuckDB.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `weir` binary under test (built by the test script before the tests run).
+pub fn weir_bin() -> PathBuf {
+    if let Ok(bin) = std::env::var("WEIR_BIN") {
+        return PathBuf::from(bin);
+    }
+    let root = repo_root();
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    let bin = target.join("debug").join("weir");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo build --bin weir) or set WEIR_BIN",
+        bin.display()
+    );
+    bin
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A running `weir serve`, killed on drop.
+pub struct Weir {
+    child: Option<Child>,
+    pub pg_port: u16,
+    pub http_port: u16,
+    log: PathBuf,
+}
+
+impl Weir {
+    /// Starts `weir serve` in `work_dir` with its catalog in `work_dir/weir-data`.
+    pub fn start(work_dir: &Path, queries: Option<&Path>) -> Weir {
+        let pg_port = free_port();
+        let http_port = free_port();
+        let log = work_dir.join(format!("weir-{pg_port}.log"));
+        let mut command = Command::new(weir_bin());
+        command
+            .current_dir(work_dir)
+            .arg("serve")
+            .arg("--pg-listen")
+            .arg(format!("127.0.0.1:{pg_port}"))
+            .arg("--http-listen")
+            .arg(format!("127.0.0.1:{http_port}"))
+            .arg("--data-dir")
+            .arg(work_dir.join("weir-data"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        if let Some(queries) = queries {
+            command.arg("--queries").arg(queries);
+        }
+        let child = command.spawn().expect("spawn weir serve");
+        let mut weir = Weir {
+            child: Some(child),
+            pg_port,
+            http_port,
+            log,
+        };
+        weir.wait_ready();
+        weir
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", self.pg_port)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", self.http_port)).is_ok()
+            {
+                return;
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "weir serve exited early with {status}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("weir serve did not become ready:\n{}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// SIGTERM, then wait for a graceful exit; returns whether it exited with status 0.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    pub fn conn_string(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=weir dbname=weir connect_timeout=10",
+            self.pg_port
+        )
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, connection) =
+            tokio_postgres::connect(&self.conn_string(), tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("connect: {e}\n{}", self.log_text()));
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        client
+    }
+
+    /// Runs psql with `args` (after the connection options), returning its output.
+    pub fn psql(&self, args: &[&str]) -> Output {
+        Command::new("psql")
+            .args([
+                "-X",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.pg_port.to_string(),
+                "-U",
+                "weir",
+                "-d",
+                "weir",
+            ])
+            .args(args)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .expect("psql is installed (scripts/test.sh installs it)")
+    }
+
+    /// `psql -c sql` in verbose-error mode; returns (success, stdout, stderr).
+    pub fn psql_c(&self, sql: &str) -> (bool, String, String) {
+        let out = self.psql(&["-v", "VERBOSITY=verbose", "-A", "-F", "|", "-c", sql]);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+
+    pub fn http_get(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let mut stream =
+            std::net::TcpStream::connect(("127.0.0.1", self.http_port)).expect("http connect");
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read");
+        response
+    }
+}
+
+impl Drop for Weir {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Python with DuckDB (scripts/test.sh makes a venv); `WEIR_TEST_PYTHON` overrides.
+pub fn duckdb_python() -> PathBuf {
+    if let Ok(python) = std::env::var("WEIR_TEST_PYTHON") {
+        return PathBuf::from(python);
+    }
+    let venv = repo_root().join(".venv/bin/python");
+    assert!(
+        venv.exists(),
+        "{} not found: run scripts/test.sh (it installs DuckDB)",
+        venv.display()
+    );
+    venv
+}
+
+/// Runs a DuckDB SQL query, returning rows as tab-separated lines.
+pub fn duckdb(sql: &str) -> Vec<String> {
+    let script = "import duckdb, sys\nfor row in duckdb.sql(sys.argv[1]).fetchall():\n    print('\\t'.join('NULL' if v is None else str(v) for v in row))\n";
+    let out = Command::new(duckdb_python())
+        .arg("-c")
+        .arg(script)
+        .arg(sql)
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "duckdb failed on {sql}:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Polls `check` until it returns `Some`, for at most `timeout`.
+pub fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

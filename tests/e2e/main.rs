@@ -1,0 +1,12 @@
+//! End-to-end tests: a real `weir serve` process driven by real `psql` and tokio-postgres,
+//! with results checked against an independent reader (DuckDB) where there is data.
+//!
+//! One test binary with modules (each integration binary links all of DataFusion).
+
+mod harness;
+
+mod bad_input;
+mod catalog;
+mod lake;
+mod run_and_check;
+mod tail;
