@@ -10,3 +10,4 @@ mod catalog;
 mod lake;
 mod run_and_check;
 mod tail;
+mod types;
