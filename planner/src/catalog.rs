@@ -69,6 +69,9 @@ pub struct Catalog {
     order: Vec<String>,
     /// Where to persist; `None` for an in-memory catalog (tests, `weir check`).
     file: Option<PathBuf>,
+    /// Saved objects that failed to restore (say, a file that is missing for now): kept in
+    /// `catalog.json`, and their names reserved, so the next start tries them again.
+    unrestored: Vec<PersistedObject>,
 }
 
 impl Catalog {
@@ -131,13 +134,32 @@ impl Catalog {
 
     /// Checks that `name` is free.
     pub fn check_free(&self, name: &str) -> Result<()> {
-        match self.entries.get(name) {
-            Some(existing) => Err(PlanError::Duplicate {
+        if let Some(existing) = self.entries.get(name) {
+            return Err(PlanError::Duplicate {
                 kind: existing.kind.to_string(),
                 name: name.to_string(),
-            }),
-            None => Ok(()),
+            });
         }
+        if let Some(saved) = self.unrestored.iter().find(|o| o.name == name) {
+            return Err(PlanError::Duplicate {
+                kind: format!(
+                    "{} (saved, not restored at this start; see the log)",
+                    saved.kind
+                ),
+                name: name.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Keeps a saved object that could not be restored now (see [`Catalog::unrestored`]).
+    pub fn keep_unrestored(&mut self, object: PersistedObject) {
+        self.unrestored.push(object);
+    }
+
+    /// Saved objects that failed to restore at this start.
+    pub fn unrestored(&self) -> &[PersistedObject] {
+        &self.unrestored
     }
 
     pub fn insert(&mut self, entry: CatalogEntry) -> Result<()> {
@@ -183,6 +205,7 @@ impl Catalog {
                     name: e.name.clone(),
                     sql: e.sql.clone(),
                 })
+                .chain(self.unrestored.iter().cloned())
                 .collect(),
         };
         let bytes = serde_json::to_vec_pretty(&catalog)

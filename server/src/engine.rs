@@ -159,22 +159,24 @@ impl Engine {
             shutdown: CancellationToken::new(),
             pg_parser: PostgresCompatibilityParser::new(),
         });
-        let (restored, total) = (
-            {
-                let mut ok = 0;
-                for object in &saved {
-                    match engine.execute_one(&object.sql).await {
-                        Ok(_) => ok += 1,
-                        Err(e) => tracing::error!(object = %object.name, error = %e,
-                            "cannot restore catalog object; it is dropped from the catalog"),
-                    }
+        let mut restored = 0;
+        for object in &saved {
+            match engine.execute_one(&object.sql).await {
+                Ok(_) => restored += 1,
+                Err(e) => {
+                    tracing::error!(object = %object.name, error = %e,
+                        "cannot restore catalog object; it stays in the catalog and is retried at the next start");
+                    engine
+                        .state
+                        .lock()
+                        .await
+                        .catalog
+                        .keep_unrestored(object.clone());
                 }
-                ok
-            },
-            saved.len(),
-        );
-        if total > 0 {
-            tracing::info!(restored, total, "catalog restored");
+            }
+        }
+        if !saved.is_empty() {
+            tracing::info!(restored, total = saved.len(), "catalog restored");
         }
         Ok(engine)
     }
@@ -552,6 +554,31 @@ impl Engine {
             .first()
             .cloned()
             .ok_or_else(|| PlanError::Internal(format!("pipeline {name} reads nothing")))?;
+        let fanout = Fanout::new();
+        let operators = match &entry.plan {
+            Some(plan) => plan.operators()?,
+            None => Vec::new(),
+        };
+        let mut output = None;
+        let (sink, label): (Box<dyn weir_runtime::Sink>, &str) = match entry.kind {
+            ObjectKind::MaterializedView => {
+                let store = entry
+                    .store
+                    .clone()
+                    .ok_or_else(|| PlanError::Internal(format!("view {name} has no store")))?;
+                output = Some(fanout.clone());
+                (Box::new(MvSink(store)), "view")
+            }
+            ObjectKind::Sink => {
+                let factory = entry
+                    .sink
+                    .clone()
+                    .ok_or_else(|| PlanError::Internal(format!("sink {name} has no factory")))?;
+                (factory.create()?, factory.connector())
+            }
+            other => return Err(PlanError::Internal(format!("a {other} has no pipeline"))),
+        };
+        // Only now, with everything that can fail created, start reading.
         // The rows entering this pipeline's operators: a fresh source, or a view's output.
         let input = match state
             .running
@@ -576,42 +603,13 @@ impl Engine {
                 rx
             }
         };
-        let fanout = Fanout::new();
-        let operators = match &entry.plan {
-            Some(plan) => plan.operators()?,
-            None => Vec::new(),
-        };
-        let mut output = None;
-        match entry.kind {
-            ObjectKind::MaterializedView => {
-                let store = entry
-                    .store
-                    .clone()
-                    .ok_or_else(|| PlanError::Internal(format!("view {name} has no store")))?;
-                tasks.push(pipeline::spawn_sink(
-                    Box::new(MvSink(store)),
-                    fanout.subscribe(),
-                    self.metrics.sink(name, "view"),
-                    status.clone(),
-                    name.to_string(),
-                ));
-                output = Some(fanout.clone());
-            }
-            ObjectKind::Sink => {
-                let factory = entry
-                    .sink
-                    .clone()
-                    .ok_or_else(|| PlanError::Internal(format!("sink {name} has no factory")))?;
-                tasks.push(pipeline::spawn_sink(
-                    factory.create()?,
-                    fanout.subscribe(),
-                    self.metrics.sink(name, factory.connector()),
-                    status.clone(),
-                    name.to_string(),
-                ));
-            }
-            other => return Err(PlanError::Internal(format!("a {other} has no pipeline"))),
-        }
+        tasks.push(pipeline::spawn_sink(
+            sink,
+            fanout.subscribe(),
+            self.metrics.sink(name, label),
+            status.clone(),
+            name.to_string(),
+        ));
         tasks.push(pipeline::spawn_chain(
             input,
             operators,

@@ -265,3 +265,40 @@ async fn restart_restores_the_catalog_and_restarts_pipelines() {
     });
     assert!(metrics.is_some(), "the restored sink reports its rows");
 }
+
+#[test]
+fn an_object_that_cannot_be_restored_is_kept_and_retried() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("events.ndjson");
+    std::fs::write(&input, "{\"k\": 1}\n").expect("write");
+    let mut weir = Weir::start(dir.path(), None);
+    let (ok, _, err) = weir.psql_c(&format!(
+        "CREATE STREAM logs (k BIGINT) WITH (connector = 'file', path = '{}')",
+        input.display()
+    ));
+    assert!(ok, "{err}");
+    assert!(weir.stop());
+
+    // The file is gone at the next start: the stream is not restored, but not forgotten.
+    std::fs::remove_file(&input).expect("remove");
+    let mut weir = Weir::start(dir.path(), None);
+    let (ok, out, _) = weir.psql_c("SHOW STREAMS");
+    assert!(ok && !out.contains("logs|"), "{out}");
+    let (ok, _, err) = weir.psql_c("CREATE STREAM logs (x INT) WITH (connector = 'datagen')");
+    assert!(
+        !ok && err.contains("42P07") && err.contains("not restored"),
+        "the name stays reserved: {err}"
+    );
+    let (ok, _, err) = weir.psql_c("CREATE STREAM other (x INT) WITH (connector = 'datagen')");
+    assert!(ok, "{err}");
+    assert!(weir.stop());
+
+    // With the file back, the next start restores it.
+    std::fs::write(&input, "{\"k\": 1}\n").expect("write");
+    let weir = Weir::start(dir.path(), None);
+    let (ok, out, _) = weir.psql_c("SHOW STREAMS");
+    assert!(
+        ok && out.contains("logs|file") && out.contains("other|datagen"),
+        "{out}"
+    );
+}

@@ -4,6 +4,20 @@ use std::process::Command;
 
 use crate::harness::{duckdb, repo_root, weir_bin};
 
+/// `weir run FILE`, which must exit 0.
+fn weir_run(sql: &std::path::Path) {
+    let out = Command::new(weir_bin())
+        .arg("run")
+        .arg(sql)
+        .output()
+        .expect("weir run");
+    assert!(
+        out.status.success(),
+        "weir run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn bounded_job(lake: &std::path::Path) -> String {
     format!(
         "CREATE STREAM ev (vehicle_id BIGINT, ts TIMESTAMP(3), speed_kmh DOUBLE, status TEXT)
@@ -22,16 +36,7 @@ fn weir_run_finishes_bounded_jobs_and_datagen_is_deterministic() {
         let lake = dir.path().join(format!("lake{attempt}"));
         let sql = dir.path().join(format!("job{attempt}.sql"));
         std::fs::write(&sql, bounded_job(&lake)).expect("write");
-        let out = Command::new(weir_bin())
-            .arg("run")
-            .arg(&sql)
-            .output()
-            .expect("weir run");
-        assert!(
-            out.status.success(),
-            "weir run: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        weir_run(&sql);
         lakes.push(format!("'{}/*.parquet'", lake.display()));
     }
     let same = duckdb(&format!(
@@ -73,16 +78,7 @@ fn weir_run_over_a_file_with_bad_lines_writes_every_good_row() {
         ),
     )
     .expect("write");
-    let out = Command::new(weir_bin())
-        .arg("run")
-        .arg(&sql)
-        .output()
-        .expect("weir run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    weir_run(&sql);
     let rows = duckdb(&format!(
         "SELECT k, v FROM '{}/*.parquet' ORDER BY k",
         lake.display()
