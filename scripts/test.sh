@@ -13,4 +13,9 @@ cargo clippy -j2 --workspace --all-targets -- -D warnings
 # features resolve once: building the binary alone would resolve them without the
 # dev-dependencies, and `cargo test` would then compile DataFusion a second time.
 cargo build -j2 --workspace --all-targets
-cargo test -j2 --workspace -- --test-threads=2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test -j2 --workspace --all-targets -- --test-threads=2 2>&1 | tee "$log"
+# One closing line over every test binary (cargo prints a summary per binary; the .slt
+# runner prints "N passed, N failed"). Any failure has already stopped the script above.
+awk '/test result: ok\./ { n += $4 } /^[0-9]+ passed, 0 failed$/ { n += $1 } END { printf "all tests: %d passed, 0 failed\n", n }' "$log"
