@@ -71,6 +71,23 @@ async fn file_filter(args: &BenchArgs) -> Result<ExitCode, String> {
     println!("events/s:              {:.0}", events / wall);
     println!("events per cpu-second: {:.0}", events / cpu.max(1e-9));
     println!("peak RSS:              {} MiB", peak_rss_kib() / 1024);
+    // Proof of work: what the source read and the sink received, from Weir's own metrics.
+    let metrics = engine.metrics().encode();
+    let counter = |prefix: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    println!(
+        "source records read:   {}",
+        counter("weir_records_out_total{pipeline=\"out\",operator=\"source_file\"}")
+    );
+    println!(
+        "sink rows received:    {}",
+        counter("weir_sink_rows_written_total{pipeline=\"out\"")
+    );
     Ok(ExitCode::SUCCESS)
 }
 
