@@ -152,14 +152,9 @@ impl Catalog {
         Ok(())
     }
 
-    /// Keeps a saved object that could not be restored now (see [`Catalog::unrestored`]).
+    /// Keeps a saved object that could not be restored now: persisted, name reserved.
     pub fn keep_unrestored(&mut self, object: PersistedObject) {
         self.unrestored.push(object);
-    }
-
-    /// Saved objects that failed to restore at this start.
-    pub fn unrestored(&self) -> &[PersistedObject] {
-        &self.unrestored
     }
 
     pub fn insert(&mut self, entry: CatalogEntry) -> Result<()> {

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use arrow::datatypes::{Schema, SchemaRef};
+use arrow::datatypes::SchemaRef;
 use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::{FetchType, LogicalPlan, SkipType};
 use datafusion::physical_expr::PhysicalExpr;
@@ -337,9 +337,4 @@ impl Lowering {
         }
         Ok(())
     }
-}
-
-/// The empty schema, for statements that return nothing.
-pub fn empty_schema() -> SchemaRef {
-    Arc::new(Schema::empty())
 }

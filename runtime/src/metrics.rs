@@ -176,23 +176,6 @@ impl SourceMetrics {
         ];
         self.decode_errors.get_or_create(&labels).inc_by(n);
     }
-
-    /// Total decode errors counted so far, over every reason.
-    pub fn decode_error_total(&self) -> u64 {
-        ["json", "csv", "schema", "utf8"]
-            .iter()
-            .map(|reason| {
-                let labels = vec![
-                    ("pipeline".to_string(), self.pipeline.clone()),
-                    ("reason".to_string(), reason.to_string()),
-                ];
-                self.decode_errors
-                    .get(&labels)
-                    .map(|c| c.get())
-                    .unwrap_or(0)
-            })
-            .sum()
-    }
 }
 
 /// Counters of one sink.

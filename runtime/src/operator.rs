@@ -85,11 +85,6 @@ impl SourceContext {
         }
     }
 
-    /// Whether the pipeline has been asked to stop.
-    pub fn is_stopping(&self) -> bool {
-        self.shutdown.is_cancelled() || self.out.is_closed()
-    }
-
     /// Sleeps for `duration` unless the pipeline stops first; returns `false` if it stopped.
     pub async fn sleep(&self, duration: Duration) -> bool {
         tokio::select! {

@@ -93,14 +93,6 @@ impl Fanout {
         rx
     }
 
-    pub fn subscriber_count(&self) -> usize {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .subscribers
-            .len()
-    }
-
     /// Sends to every live subscriber, dropping those that have gone away.
     pub async fn send(&self, message: Message) {
         let subscribers = {
