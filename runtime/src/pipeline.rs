@@ -116,10 +116,12 @@ impl Fanout {
     }
 }
 
-/// Runs `source` on its own task; returns the channel it writes to.
+/// Runs `source` on its own task once `release` is cancelled (so that every consumer can
+/// subscribe first); returns the channel it writes to.
 pub fn spawn_source(
     mut source: Box<dyn Source>,
     shutdown: CancellationToken,
+    release: CancellationToken,
     metrics: SourceMetrics,
     status: StatusCell,
     name: String,
@@ -127,6 +129,11 @@ pub fn spawn_source(
     let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
     let end_tx = tx.clone();
     let handle = tokio::spawn(async move {
+        // Wait until every consumer is subscribed, so none misses the first rows.
+        tokio::select! {
+            () = release.cancelled() => {}
+            () = shutdown.cancelled() => {}
+        }
         let mut ctx = SourceContext::new(tx, shutdown, metrics);
         match source.run(&mut ctx).await {
             Ok(SourceExit::Finished) => status.set(PipelineStatus::Finished),
@@ -350,9 +357,11 @@ mod tests {
     async fn every_subscriber_sees_every_batch_then_the_sinks_finish() {
         let metrics = Metrics::new();
         let status = StatusCell::default();
+        let release = CancellationToken::new();
         let (rx, source_task) = spawn_source(
             Box::new(Numbers((0..100).collect())),
             CancellationToken::new(),
+            release.clone(),
             metrics.source("p", "numbers"),
             status.clone(),
             "p".into(),
@@ -374,6 +383,9 @@ mod tests {
             "b".into(),
         );
         let chain = spawn_chain(rx, vec![], fanout, &metrics, "p");
+        // Subscribers wired after the source task was spawned still see the first batch.
+        tokio::task::yield_now().await;
+        release.cancel();
         for task in [source_task, chain, sink_a, sink_b] {
             join(task).await.expect("no panic");
         }
@@ -404,9 +416,12 @@ mod tests {
         }
         let token = CancellationToken::new();
         let status = StatusCell::default();
+        let released = CancellationToken::new();
+        released.cancel();
         let (mut rx, task) = spawn_source(
             Box::new(Endless),
             token.clone(),
+            released,
             SourceMetrics::detached(),
             status.clone(),
             "p".into(),

@@ -114,6 +114,9 @@ pub struct Engine {
     connectors: Arc<dyn ConnectorRegistry>,
     metrics: Metrics,
     shutdown: CancellationToken,
+    /// Cancelled by `start_all` once every pipeline is wired: sources wait for it, so a sink
+    /// `FROM` a view sees the view's first rows too.
+    release: CancellationToken,
     pg_parser: PostgresCompatibilityParser,
 }
 
@@ -157,6 +160,7 @@ impl Engine {
             connectors,
             metrics: Metrics::new(),
             shutdown: CancellationToken::new(),
+            release: CancellationToken::new(),
             pg_parser: PostgresCompatibilityParser::new(),
         });
         let mut restored = 0;
@@ -198,6 +202,7 @@ impl Engine {
         for name in names {
             self.start_pipeline(&mut state, &name)?;
         }
+        self.release.cancel();
         Ok(())
     }
 
@@ -595,6 +600,7 @@ impl Engine {
                 let (rx, task) = pipeline::spawn_source(
                     factory.create()?,
                     stop.clone(),
+                    self.release.clone(),
                     metrics,
                     status.clone(),
                     name.to_string(),
@@ -769,6 +775,7 @@ impl Engine {
         let (rx, _source_task) = pipeline::spawn_source(
             source.create()?,
             stop.clone(),
+            self.release.clone(),
             self.metrics.source(&name, source.connector()),
             StatusCell::default(),
             name.clone(),
