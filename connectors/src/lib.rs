@@ -7,18 +7,24 @@
 //! - [`datagen`]: the built-in generator (vehicle telemetry), deterministic per `seed`.
 //! - [`file`]: NDJSON and CSV files or directories, read once or followed; bad records are
 //!   counted, skipped and optionally written to a dead-letter file.
+//! - [`kafka`]: Kafka topics (consumer groups, per-partition watermarks, commits once every
+//!   sink has the rows, dead-letter topic) and the Kafka sink.
+//! - [`decode`]: JSON/CSV records to Arrow batches, isolating the records that do not decode.
 //! - [`parquet`]: the local Parquet lake sink, one zstd file per rollover interval.
 //! - [`blackhole`]: counts and discards (benchmarks).
 
 pub mod blackhole;
 pub mod datagen;
+pub mod decode;
 pub mod file;
+pub mod kafka;
 pub mod parquet;
 
 use std::sync::Arc;
 
-use arrow::datatypes::SchemaRef;
-use weir_runtime::connector::{ConnectorError, ConnectorRegistry, SinkFactory, SourceFactory};
+use weir_runtime::connector::{
+    ConnectorError, ConnectorRegistry, SinkFactory, SinkSpec, SourceFactory, SourceSpec,
+};
 use weir_sql::Options;
 
 /// Every connector this build knows.
@@ -26,9 +32,9 @@ use weir_sql::Options;
 pub struct Connectors;
 
 /// Source connectors a later version implements.
-const LATER_SOURCES: &[&str] = &["kafka", "postgres"];
+const LATER_SOURCES: &[&str] = &["postgres"];
 /// Sink connectors a later version implements.
-const LATER_SINKS: &[&str] = &["kafka", "prometheus_remote_write"];
+const LATER_SINKS: &[&str] = &["prometheus_remote_write"];
 
 fn connector_name(options: &Options) -> Result<String, ConnectorError> {
     let reader = options.reader();
@@ -39,42 +45,45 @@ fn connector_name(options: &Options) -> Result<String, ConnectorError> {
 impl ConnectorRegistry for Connectors {
     fn source(
         &self,
-        name: &str,
-        schema: SchemaRef,
+        spec: &SourceSpec,
         options: &Options,
     ) -> Result<Arc<dyn SourceFactory>, ConnectorError> {
+        let schema = spec.schema.clone();
         match connector_name(options)?.as_str() {
             "datagen" => Ok(Arc::new(datagen::DatagenFactory::try_new(schema, options)?)),
             "file" => Ok(Arc::new(file::FileSourceFactory::try_new(
-                name, schema, options,
+                &spec.name, schema, options,
             )?)),
+            "kafka" => Ok(Arc::new(kafka::KafkaSourceFactory::try_new(spec, options)?)),
             later if LATER_SOURCES.contains(&later) => Err(ConnectorError::NotSupported(format!(
                 "the '{later}' source connector"
             ))),
             other => Err(ConnectorError::Option(weir_sql::options::OptionError::new(
                 "connector",
-                format!("unknown source connector '{other}': expected datagen or file"),
+                format!("unknown source connector '{other}': expected datagen, file or kafka"),
             ))),
         }
     }
 
     fn sink(
         &self,
-        name: &str,
-        schema: SchemaRef,
+        spec: &SinkSpec,
         options: &Options,
     ) -> Result<Arc<dyn SinkFactory>, ConnectorError> {
         match connector_name(options)?.as_str() {
             "parquet" => Ok(Arc::new(parquet::ParquetSinkFactory::try_new(
-                name, schema, options,
+                &spec.name,
+                spec.schema.clone(),
+                options,
             )?)),
+            "kafka" => Ok(Arc::new(kafka::KafkaSinkFactory::try_new(spec, options)?)),
             "blackhole" => Ok(Arc::new(blackhole::BlackholeFactory::try_new(options)?)),
             later if LATER_SINKS.contains(&later) => Err(ConnectorError::NotSupported(format!(
                 "the '{later}' sink connector"
             ))),
             other => Err(ConnectorError::Option(weir_sql::options::OptionError::new(
                 "connector",
-                format!("unknown sink connector '{other}': expected parquet or blackhole"),
+                format!("unknown sink connector '{other}': expected parquet, kafka or blackhole"),
             ))),
         }
     }

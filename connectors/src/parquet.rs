@@ -16,7 +16,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use weir_runtime::connector::{ConnectorError, SinkFactory};
-use weir_runtime::{Error, Result, Sink};
+use weir_runtime::{CheckpointBarrier, Error, Result, Sink};
 use weir_sql::Options;
 
 /// Default `rollover.interval`.
@@ -98,6 +98,7 @@ impl SinkFactory for ParquetSinkFactory {
         Ok(Box::new(ParquetSink {
             config: self.clone(),
             open: None,
+            held: Vec::new(),
         }))
     }
 }
@@ -106,6 +107,8 @@ impl SinkFactory for ParquetSinkFactory {
 pub struct ParquetSink {
     config: ParquetSinkFactory,
     open: Option<OpenFile>,
+    /// Barriers whose rows are in the open file: released when it is published.
+    held: Vec<CheckpointBarrier>,
 }
 
 struct OpenFile {
@@ -138,6 +141,15 @@ impl ParquetSink {
 
     /// Closes the open file, if any, and publishes it under its final name.
     fn close(&mut self) -> Result<()> {
+        let result = self.publish();
+        if result.is_err() {
+            self.held.iter().for_each(CheckpointBarrier::fail);
+        }
+        self.held.clear();
+        result
+    }
+
+    fn publish(&mut self) -> Result<()> {
         let Some(open) = self.open.take() else {
             return Ok(());
         };
@@ -177,6 +189,14 @@ impl Sink for ParquetSink {
             >= self.config.target_file_size
         {
             self.close()?;
+        }
+        Ok(())
+    }
+
+    async fn pre_commit(&mut self, barrier: CheckpointBarrier) -> Result<()> {
+        // Rows before the barrier are durable once the open file is published.
+        if self.open.is_some() {
+            self.held.push(barrier);
         }
         Ok(())
     }

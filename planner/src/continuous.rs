@@ -12,7 +12,10 @@ use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::{FetchType, LogicalPlan, SkipType};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_expr::expressions::Column;
-use sqlparser::ast::{Query, SetExpr, TableFactor, TableWithJoins};
+use sqlparser::ast::{
+    Expr, Ident, Query, SelectItem, SelectItemQualifiedWildcardKind, SetExpr, TableFactor,
+    TableWithJoins, WildcardAdditionalOptions,
+};
 use weir_runtime::Operator;
 use weir_runtime::operators::{FilterOperator, ProjectOperator};
 use weir_sql::ObjectKind;
@@ -154,6 +157,100 @@ fn check_factor(factor: &TableFactor) -> Result<()> {
             table_with_joins, ..
         } => check_table_with_joins(table_with_joins),
         _ => Ok(()),
+    }
+}
+
+/// `SELECT *` over a stream lists its declared columns only: the columns a source adds
+/// (Kafka's `_key`, `_partition`, `_offset`, `_timestamp`) are there to be selected by name,
+/// as in Flink and RisingWave. Rewrites `*` and `name.*` into the declared columns.
+pub fn expand_wildcards(query: &mut Query, catalog: &Catalog) {
+    expand_set_expr(&mut query.body, catalog);
+}
+
+fn expand_set_expr(body: &mut SetExpr, catalog: &Catalog) {
+    match body {
+        SetExpr::Select(select) => {
+            for t in &mut select.from {
+                if let TableFactor::Derived { subquery, .. } = &mut t.relation {
+                    expand_wildcards(subquery, catalog);
+                }
+            }
+            let [only] = select.from.as_slice() else {
+                return;
+            };
+            if !only.joins.is_empty() {
+                return;
+            }
+            let TableFactor::Table { name, alias, .. } = &only.relation else {
+                return;
+            };
+            let Some(entry) = name.0.last().and_then(|p| p.as_ident()).and_then(|ident| {
+                let key = match ident.quote_style {
+                    Some(_) => ident.value.clone(),
+                    None => ident.value.to_lowercase(),
+                };
+                catalog.get(&key)
+            }) else {
+                return;
+            };
+            let hidden = entry
+                .source
+                .as_ref()
+                .is_some_and(|s| !s.hidden_columns().is_empty());
+            if entry.kind != ObjectKind::Stream || !hidden {
+                return;
+            }
+            let qualifier = alias.as_ref().map_or_else(
+                || name.clone(),
+                |a| sqlparser::ast::ObjectName::from(vec![a.name.clone()]),
+            );
+            let columns = |prefix: Option<&sqlparser::ast::ObjectName>| -> Vec<SelectItem> {
+                entry
+                    .schema
+                    .fields()
+                    .iter()
+                    .map(|f| {
+                        let column = Ident::with_quote('"', f.name());
+                        SelectItem::UnnamedExpr(match prefix {
+                            Some(p) => {
+                                let mut parts: Vec<Ident> =
+                                    p.0.iter().filter_map(|p| p.as_ident().cloned()).collect();
+                                parts.push(column);
+                                Expr::CompoundIdentifier(parts)
+                            }
+                            None => Expr::Identifier(column),
+                        })
+                    })
+                    .collect()
+            };
+            let plain = |o: &WildcardAdditionalOptions| {
+                o.opt_ilike.is_none()
+                    && o.opt_exclude.is_none()
+                    && o.opt_except.is_none()
+                    && o.opt_replace.is_none()
+                    && o.opt_rename.is_none()
+            };
+            let mut projection = Vec::with_capacity(select.projection.len());
+            for item in std::mem::take(&mut select.projection) {
+                match item {
+                    SelectItem::Wildcard(o) if plain(&o) => projection.extend(columns(None)),
+                    SelectItem::QualifiedWildcard(
+                        SelectItemQualifiedWildcardKind::ObjectName(n),
+                        o,
+                    ) if plain(&o) && n == qualifier => {
+                        projection.extend(columns(Some(&n)));
+                    }
+                    other => projection.push(other),
+                }
+            }
+            select.projection = projection;
+        }
+        SetExpr::Query(q) => expand_wildcards(q, catalog),
+        SetExpr::SetOperation { left, right, .. } => {
+            expand_set_expr(left, catalog);
+            expand_set_expr(right, catalog);
+        }
+        _ => {}
     }
 }
 

@@ -99,6 +99,14 @@ impl From<ConnectorError> for PlanError {
                 key: String::new(),
                 message: m,
             },
+            ConnectorError::Unreachable(message) => PlanError::Plan {
+                sqlstate: "08001",
+                message,
+            },
+            ConnectorError::MissingObject(message) => PlanError::Plan {
+                sqlstate: "42704",
+                message,
+            },
         }
     }
 }

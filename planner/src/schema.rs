@@ -94,6 +94,53 @@ impl ContextProvider for TypesOnly {
     }
 }
 
+/// The delay of `WATERMARK FOR c AS c - INTERVAL '5' SECOND`; `AS c` means none. Other
+/// watermark expressions are refused (0A000).
+pub fn watermark_delay(watermark: &weir_sql::Watermark) -> Result<std::time::Duration> {
+    use sqlparser::ast::{BinaryOperator, Expr, Value};
+    let not_supported = || {
+        PlanError::NotSupported(format!(
+            "WATERMARK expression {}: write `{c} - INTERVAL '...' <unit>` or `{c}`",
+            watermark.expr,
+            c = watermark.column
+        ))
+    };
+    let is_column = |e: &Expr| match e {
+        Expr::Identifier(ident) => {
+            let name = match ident.quote_style {
+                Some(_) => ident.value.clone(),
+                None => ident.value.to_lowercase(),
+            };
+            name == watermark.column
+        }
+        _ => false,
+    };
+    match &watermark.expr {
+        e if is_column(e) => Ok(std::time::Duration::ZERO),
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::Minus,
+            right,
+        } if is_column(left) => {
+            let Expr::Interval(interval) = right.as_ref() else {
+                return Err(not_supported());
+            };
+            let Expr::Value(value) = interval.value.as_ref() else {
+                return Err(not_supported());
+            };
+            let Value::SingleQuotedString(text) = &value.value else {
+                return Err(not_supported());
+            };
+            let text = match &interval.leading_field {
+                Some(unit) => format!("{text} {unit}"),
+                None => text.clone(),
+            };
+            weir_sql::options::parse_duration(&text).ok_or_else(not_supported)
+        }
+        _ => Err(not_supported()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,15 +26,73 @@ pub enum ConnectorError {
     /// Options that parse but do not fit the declared columns (SQLSTATE 22023).
     #[error("{0}")]
     Invalid(String),
+    /// A server named by the options cannot be reached (SQLSTATE 08001).
+    #[error("{0}")]
+    Unreachable(String),
+    /// An object named by the options (a Kafka topic) does not exist (SQLSTATE 42704).
+    #[error("{0}")]
+    MissingObject(String),
 }
 
-/// A validated source configuration; builds one [`Source`] per pipeline reading the stream.
+/// The event time a stream declares with `WATERMARK FOR column AS column - delay`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventTime {
+    pub column: String,
+    pub delay: std::time::Duration,
+}
+
+/// What a source connector is asked to read.
+#[derive(Debug, Clone)]
+pub struct SourceSpec {
+    /// The stream's name.
+    pub name: String,
+    /// The declared columns.
+    pub schema: SchemaRef,
+    pub event_time: Option<EventTime>,
+    /// True while a saved catalog is replayed at start: external systems are not checked then
+    /// (a broker that is down at restart is an outage to ride out, not a reason to drop the
+    /// stream).
+    pub restoring: bool,
+}
+
+/// A validated source configuration; builds the [`Source`]s that read the stream.
 pub trait SourceFactory: Send + Sync + Debug {
     /// The connector's name, e.g. `datagen`.
     fn connector(&self) -> &'static str;
     /// Whether the input ends by itself (a file read once, datagen with `max_rows`).
     fn is_bounded(&self) -> bool;
+    /// A source for a pipeline (or, if [`SourceFactory::is_shared`], for all of them).
     fn create(&self) -> Result<Box<dyn Source>>;
+
+    /// True when one source instance must feed every pipeline reading the stream: a Kafka
+    /// consumer group, whose offsets are committed once every pipeline has its rows. False
+    /// (the default) gives each pipeline its own copy of the input, as Flink does.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// A source for a live tail: it must not disturb the pipelines (for Kafka: no consumer
+    /// group, no commits, starting at the end of each partition).
+    fn create_tail(&self) -> Result<Box<dyn Source>> {
+        self.create()
+    }
+
+    /// Columns the source adds after the declared ones, selectable by name but left out of
+    /// `SELECT *` (Kafka's `_key`, `_partition`, `_offset`, `_timestamp`).
+    fn hidden_columns(&self) -> Vec<arrow::datatypes::FieldRef> {
+        Vec::new()
+    }
+}
+
+/// What a sink connector is asked to write.
+#[derive(Debug, Clone)]
+pub struct SinkSpec {
+    /// The sink's name.
+    pub name: String,
+    /// The rows the sink will receive.
+    pub schema: SchemaRef,
+    /// True while a saved catalog is replayed (see [`SourceSpec::restoring`]).
+    pub restoring: bool,
 }
 
 /// A validated sink configuration.
@@ -46,19 +104,15 @@ pub trait SinkFactory: Send + Sync + Debug {
 /// Turns `WITH` options into factories. Implemented by `weir-connectors`, injected by the
 /// server, so that the planner validates options without depending on any connector.
 pub trait ConnectorRegistry: Send + Sync + Debug {
-    /// `schema` is the stream's declared columns; `name` the stream's name.
     fn source(
         &self,
-        name: &str,
-        schema: SchemaRef,
+        spec: &SourceSpec,
         options: &Options,
     ) -> Result<Arc<dyn SourceFactory>, ConnectorError>;
 
-    /// `schema` is the rows the sink will receive; `name` the sink's name.
     fn sink(
         &self,
-        name: &str,
-        schema: SchemaRef,
+        spec: &SinkSpec,
         options: &Options,
     ) -> Result<Arc<dyn SinkFactory>, ConnectorError>;
 }

@@ -25,7 +25,7 @@ pub mod operators;
 pub mod pipeline;
 
 pub use error::{Error, Result};
-pub use message::{CheckpointBarrier, Message, Watermark};
+pub use message::{CheckpointBarrier, EpochDone, Message, Watermark};
 pub use metrics::Metrics;
 pub use operator::{Operator, Sink, Source, SourceContext, SourceExit};
 pub use tokio_util::sync::CancellationToken;

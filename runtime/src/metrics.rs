@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+pub use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(String, String)>;
@@ -24,6 +24,21 @@ pub struct Metrics {
     sink_rows: Family<Labels, Counter>,
     sink_errors: Family<Labels, Counter>,
     pipelines: Family<Labels, Gauge>,
+    source: SourceFamilies,
+}
+
+/// Per-source families: partitions, watermarks, commits (Kafka fills all of them).
+#[derive(Clone, Debug, Default)]
+struct SourceFamilies {
+    partition_records: Family<Labels, Counter>,
+    partition_bytes: Family<Labels, Counter>,
+    partition_lag: Family<Labels, Gauge>,
+    partition_watermark: Family<Labels, Gauge>,
+    watermark: Family<Labels, Gauge>,
+    commits: Family<Labels, Counter>,
+    rebalances: Family<Labels, Counter>,
+    client_errors: Family<Labels, Counter>,
+    dead_letters: Family<Labels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -50,7 +65,62 @@ impl Metrics {
             sink_rows: Family::default(),
             sink_errors: Family::default(),
             pipelines: Family::default(),
+            source: SourceFamilies::default(),
         };
+        let f = &metrics.source;
+        for (name, help, family) in [
+            (
+                "source_partition_records_in",
+                "Records read, per source and partition",
+                &f.partition_records,
+            ),
+            (
+                "source_partition_bytes_in",
+                "Payload bytes read, per source and partition",
+                &f.partition_bytes,
+            ),
+            (
+                "source_commits",
+                "Offset commits, per source and result (ok, failed)",
+                &f.commits,
+            ),
+            (
+                "source_rebalances",
+                "Consumer-group rebalances (assign, revoke), per source",
+                &f.rebalances,
+            ),
+            (
+                "source_client_errors",
+                "Errors reported by the source's client (a broker outage shows here), per source",
+                &f.client_errors,
+            ),
+            (
+                "dead_letters_written",
+                "Undecodable records written to the dead-letter destination, per source",
+                &f.dead_letters,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
+        for (name, help, family) in [
+            (
+                "source_partition_lag",
+                "Consumer lag in records, per source and partition",
+                &f.partition_lag,
+            ),
+            (
+                "source_partition_watermark_ms",
+                "Highest event time seen minus the watermark delay, per source and partition (ms since the epoch)",
+                &f.partition_watermark,
+            ),
+            (
+                "source_watermark_ms",
+                "The source's watermark: the minimum over its non-idle partitions (ms since the epoch)",
+                &f.watermark,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
         registry.register(
             "records_in",
             "Records received, per pipeline and operator",
@@ -111,6 +181,7 @@ impl Metrics {
             records_out: self.records_out.get_or_create(&labels).clone(),
             decode_errors: self.decode_errors.clone(),
             pipeline: pipeline.to_string(),
+            families: self.source.clone(),
         }
     }
 
@@ -156,6 +227,16 @@ pub struct SourceMetrics {
     pub records_out: Counter,
     decode_errors: Family<Labels, Counter>,
     pipeline: String,
+    families: SourceFamilies,
+}
+
+/// Counters and gauges of one partition of a source.
+#[derive(Clone, Debug, Default)]
+pub struct PartitionMetrics {
+    pub records_in: Counter,
+    pub bytes_in: Counter,
+    pub lag: Gauge,
+    pub watermark_ms: Gauge,
 }
 
 impl SourceMetrics {
@@ -165,7 +246,62 @@ impl SourceMetrics {
             records_out: Counter::default(),
             decode_errors: Family::default(),
             pipeline: String::new(),
+            families: SourceFamilies::default(),
         }
+    }
+
+    fn labels(&self, extra: Option<(&str, String)>) -> Labels {
+        let mut labels = vec![("source".to_string(), self.pipeline.clone())];
+        labels.extend(extra.map(|(k, v)| (k.to_string(), v)));
+        labels
+    }
+
+    pub fn partition(&self, partition: i32) -> PartitionMetrics {
+        let labels = self.labels(Some(("partition", partition.to_string())));
+        let f = &self.families;
+        PartitionMetrics {
+            records_in: f.partition_records.get_or_create(&labels).clone(),
+            bytes_in: f.partition_bytes.get_or_create(&labels).clone(),
+            lag: f.partition_lag.get_or_create(&labels).clone(),
+            watermark_ms: f.partition_watermark.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// The source's own watermark (ms since the epoch).
+    pub fn watermark_ms(&self) -> Gauge {
+        self.families
+            .watermark
+            .get_or_create(&self.labels(None))
+            .clone()
+    }
+
+    /// Offset commits by `result` (`ok`, `failed`).
+    pub fn commits(&self, result: &str) -> Counter {
+        self.families
+            .commits
+            .get_or_create(&self.labels(Some(("result", result.to_string()))))
+            .clone()
+    }
+
+    pub fn rebalances(&self) -> Counter {
+        self.families
+            .rebalances
+            .get_or_create(&self.labels(None))
+            .clone()
+    }
+
+    pub fn client_errors(&self) -> Counter {
+        self.families
+            .client_errors
+            .get_or_create(&self.labels(None))
+            .clone()
+    }
+
+    pub fn dead_letters(&self) -> Counter {
+        self.families
+            .dead_letters
+            .get_or_create(&self.labels(None))
+            .clone()
     }
 
     /// Counts `n` records that did not decode, by reason (e.g. `json`, `csv`, `schema`).

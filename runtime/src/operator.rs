@@ -85,6 +85,17 @@ impl SourceContext {
         }
     }
 
+    /// Sends a last message (a final barrier) while stopping, when [`SourceContext::emit`]
+    /// no longer does. Returns `false` if nothing consumes the output any more.
+    pub async fn emit_final(&mut self, message: Message) -> bool {
+        self.out.send(message).await.is_ok()
+    }
+
+    /// Resolves when the pipeline is asked to stop.
+    pub async fn stopping(&self) {
+        self.shutdown.cancelled().await;
+    }
+
     /// Sleeps for `duration` unless the pipeline stops first; returns `false` if it stopped.
     pub async fn sleep(&self, duration: Duration) -> bool {
         tokio::select! {
@@ -101,6 +112,10 @@ pub trait Source: Send {
     /// Runs until a bounded input is exhausted or the context says stop. The runner sends
     /// [`Message::End`] afterwards.
     async fn run(&mut self, ctx: &mut SourceContext) -> Result<SourceExit>;
+
+    /// Called after [`Message::End`] has been sent: wait (briefly) for the last epoch to be
+    /// durable downstream and commit it, then release connections.
+    async fn close(&mut self) {}
 }
 
 /// Receives a pipeline's output. Two-phase (`pre_commit`, `commit`) so that later checkpoints
@@ -113,6 +128,10 @@ pub trait Sink: Send {
         Ok(())
     }
 
+    /// Everything written before `barrier` must become durable. A sink that writes
+    /// synchronously drops the barrier (the default); one that buffers (a Parquet file still
+    /// open) keeps it until the rows are durable, then drops it, or calls
+    /// [`CheckpointBarrier::fail`] if they never will be.
     async fn pre_commit(&mut self, _barrier: CheckpointBarrier) -> Result<()> {
         Ok(())
     }

@@ -145,6 +145,8 @@ pub fn spawn_source(
         }
         drop(ctx);
         let _ = end_tx.send(Message::End).await;
+        drop(end_tx);
+        source.close().await;
     });
     (rx, handle)
 }
@@ -230,6 +232,15 @@ pub fn spawn_sink(
             metrics.errors.inc();
             tracing::error!(sink = %name, error = %e, "sink failed");
             status.set(PipelineStatus::Failed(e.to_string()));
+            // Rows are lost here: no epoch still to come may count as durable, or the
+            // source would commit offsets past them.
+            while let Some(message) = input.recv().await {
+                match message {
+                    Message::Barrier(barrier) => barrier.fail(),
+                    Message::End => break,
+                    _ => {}
+                }
+            }
         }
     })
 }
@@ -259,9 +270,15 @@ async fn run_sink(
                 metrics.rows_written.inc_by(rows);
             }
             Some(Message::Watermark(w)) => sink.on_watermark(w).await?,
-            Some(Message::Barrier(b)) => {
-                sink.pre_commit(b).await?;
-                sink.commit(b.epoch).await?;
+            Some(Message::Barrier(barrier)) => {
+                let epoch = barrier.epoch;
+                let held = barrier.clone();
+                if let Err(e) = sink.pre_commit(barrier).await {
+                    held.fail();
+                    return Err(e);
+                }
+                drop(held);
+                sink.commit(epoch).await?;
             }
             Some(Message::End) | None => return Ok(()),
         }

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::datatypes::SchemaRef;
@@ -15,10 +16,10 @@ use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 use weir_planner::catalog::{Catalog, CatalogEntry};
 use weir_planner::continuous::{self, ContinuousPlan};
-use weir_planner::schema::{is_event_time_type, schema_from_columns};
+use weir_planner::schema::{is_event_time_type, schema_from_columns, watermark_delay};
 use weir_planner::tables::{MvTable, UnboundedTable};
 use weir_planner::{PlanError, Result};
-use weir_runtime::connector::ConnectorRegistry;
+use weir_runtime::connector::{ConnectorRegistry, EventTime, SinkSpec, SourceFactory, SourceSpec};
 use weir_runtime::message::Message;
 use weir_runtime::mv_store::{DEFAULT_MAX_ROWS, DEFAULT_RETENTION, MvSink, MvStore};
 use weir_runtime::pipeline::{self, Fanout, PipelineStatus, StatusCell};
@@ -100,9 +101,21 @@ struct Running {
     started: Instant,
 }
 
+/// A stream read by one source instance for all its pipelines (a Kafka consumer group).
+struct SharedSource {
+    output: Arc<Fanout>,
+    stop: CancellationToken,
+    status: StatusCell,
+    tasks: Vec<JoinHandle<()>>,
+    /// Running pipelines subscribed to `output`.
+    readers: usize,
+}
+
 struct State {
     catalog: Catalog,
     running: HashMap<String, Running>,
+    /// Shared sources, by stream name.
+    shared: HashMap<String, SharedSource>,
     /// False while restoring or loading files: pipelines start together in `start_all`.
     started: bool,
 }
@@ -117,6 +130,8 @@ pub struct Engine {
     /// Cancelled by `start_all` once every pipeline is wired: sources wait for it, so a sink
     /// `FROM` a view sees the view's first rows too.
     release: CancellationToken,
+    /// True while `open` replays the saved catalog.
+    restoring: AtomicBool,
     pg_parser: PostgresCompatibilityParser,
 }
 
@@ -154,6 +169,7 @@ impl Engine {
             state: Mutex::new(State {
                 catalog,
                 running: HashMap::new(),
+                shared: HashMap::new(),
                 started: false,
             }),
             ctx,
@@ -161,6 +177,7 @@ impl Engine {
             metrics: Metrics::new(),
             shutdown: CancellationToken::new(),
             release: CancellationToken::new(),
+            restoring: AtomicBool::new(true),
             pg_parser: PostgresCompatibilityParser::new(),
         });
         let mut restored = 0;
@@ -179,6 +196,7 @@ impl Engine {
                 }
             }
         }
+        engine.restoring.store(false, Ordering::Relaxed);
         if !saved.is_empty() {
             tracing::info!(restored, total = saved.len(), "catalog restored");
         }
@@ -338,7 +356,7 @@ impl Engine {
         }
         state.catalog.check_free(&create.name)?;
         let schema = schema_from_columns(&create.columns, &create.primary_key)?;
-        let watermark_column = match &create.watermark {
+        let event_time = match &create.watermark {
             Some(w) => {
                 let field = schema
                     .field_with_name(&w.column)
@@ -359,10 +377,14 @@ impl Engine {
                         ),
                     });
                 }
-                Some(w.column.clone())
+                Some(EventTime {
+                    column: w.column.clone(),
+                    delay: watermark_delay(w)?,
+                })
             }
             None => None,
         };
+        let watermark_column = event_time.as_ref().map(|e| e.column.clone());
         let options = if kind == ObjectKind::Table {
             // Lookup-table refresh is part of lookup joins; accept and check it here.
             let reader = create.options.reader();
@@ -371,13 +393,25 @@ impl Engine {
         } else {
             create.options.clone()
         };
-        let factory = self
-            .connectors
-            .source(&create.name, schema.clone(), &options)?;
+        let spec = SourceSpec {
+            name: create.name.clone(),
+            schema: schema.clone(),
+            event_time,
+            restoring: self.restoring.load(Ordering::Relaxed),
+        };
+        let factory = self.connectors.source(&spec, &options)?;
+        // Queries see the declared columns, then the hidden ones (selectable by name only).
+        let hidden = factory.hidden_columns();
+        let table_schema = if hidden.is_empty() {
+            schema.clone()
+        } else {
+            let fields: Vec<_> = schema.fields().iter().cloned().chain(hidden).collect();
+            Arc::new(arrow::datatypes::Schema::new(fields))
+        };
         let provider = Arc::new(UnboundedTable {
             name: create.name.clone(),
             kind,
-            schema: schema.clone(),
+            schema: table_schema,
         });
         self.ctx.register_table(create.name.as_str(), provider)?;
         let entry = CatalogEntry {
@@ -404,9 +438,10 @@ impl Engine {
     async fn plan_continuous(
         &self,
         catalog: &Catalog,
-        query: sqlparser::ast::Query,
+        mut query: sqlparser::ast::Query,
     ) -> Result<ContinuousPlan> {
         continuous::check_supported_syntax(&query)?;
+        continuous::expand_wildcards(&mut query, catalog);
         let plan = self.logical_plan(query).await?;
         let scanned = continuous::scanned_objects(&plan, catalog);
         if !scanned
@@ -505,7 +540,18 @@ impl Engine {
                         entry.kind
                     )));
                 }
-                (entry.schema.clone(), vec![from], None)
+                let hides = entry
+                    .source
+                    .as_ref()
+                    .is_some_and(|s| !s.hidden_columns().is_empty());
+                if hides {
+                    // The sink receives the declared columns, as `SELECT *` would.
+                    let query = select_all(&from)?;
+                    let plan = self.plan_continuous(&state.catalog, query).await?;
+                    (plan.schema.clone(), vec![from], Some(Arc::new(plan)))
+                } else {
+                    (entry.schema.clone(), vec![from], None)
+                }
             }
             SinkInput::Query(query) => {
                 let plan = self.plan_continuous(&state.catalog, *query).await?;
@@ -516,9 +562,12 @@ impl Engine {
                 )
             }
         };
-        let factory = self
-            .connectors
-            .sink(&create.name, schema.clone(), &create.options)?;
+        let spec = SinkSpec {
+            name: create.name.clone(),
+            schema: schema.clone(),
+            restoring: self.restoring.load(Ordering::Relaxed),
+        };
+        let factory = self.connectors.sink(&spec, &create.options)?;
         let entry = CatalogEntry {
             name: create.name.clone(),
             kind: ObjectKind::Sink,
@@ -596,17 +645,29 @@ impl Engine {
                 let factory = source_entry.source.clone().ok_or_else(|| {
                     PlanError::Internal(format!("stream {input_name} has no source"))
                 })?;
-                let metrics = self.metrics.source(name, factory.connector());
-                let (rx, task) = pipeline::spawn_source(
-                    factory.create()?,
-                    stop.clone(),
-                    self.release.clone(),
-                    metrics,
-                    status.clone(),
-                    name.to_string(),
-                );
-                tasks.push(task);
-                rx
+                if factory.is_shared() {
+                    if !state.shared.contains_key(&input_name) {
+                        let shared = self.start_shared(&input_name, factory.as_ref())?;
+                        state.shared.insert(input_name.clone(), shared);
+                    }
+                    let shared = state.shared.get_mut(&input_name).ok_or_else(|| {
+                        PlanError::Internal(format!("no shared source for {input_name}"))
+                    })?;
+                    shared.readers += 1;
+                    shared.output.subscribe()
+                } else {
+                    let metrics = self.metrics.source(name, factory.connector());
+                    let (rx, task) = pipeline::spawn_source(
+                        factory.create()?,
+                        stop.clone(),
+                        self.release.clone(),
+                        metrics,
+                        status.clone(),
+                        name.to_string(),
+                    );
+                    tasks.push(task);
+                    rx
+                }
             }
         };
         tasks.push(pipeline::spawn_sink(
@@ -696,11 +757,49 @@ impl Engine {
         Ok(Output::Command(format!("DROP {}", kind.sql_name())))
     }
 
+    /// Starts the one source of a shared stream; pipelines subscribe to its output.
+    fn start_shared(&self, stream: &str, factory: &dyn SourceFactory) -> Result<SharedSource> {
+        let stop = self.shutdown.child_token();
+        let status = StatusCell::default();
+        let output = Fanout::new();
+        let (rx, source_task) = pipeline::spawn_source(
+            factory.create()?,
+            stop.clone(),
+            self.release.clone(),
+            self.metrics.source(stream, factory.connector()),
+            status.clone(),
+            stream.to_string(),
+        );
+        let forward = pipeline::spawn_chain(rx, Vec::new(), output.clone(), &self.metrics, stream);
+        Ok(SharedSource {
+            output,
+            stop,
+            status,
+            tasks: vec![source_task, forward],
+            readers: 0,
+        })
+    }
+
     async fn stop_pipeline(&self, state: &mut State, name: &str) {
         let Some(running) = state.running.remove(name) else {
             return;
         };
         running.stop.cancel();
+        let last_reader = state.shared.get_mut(&running.input).is_some_and(|shared| {
+            shared.readers -= 1;
+            shared.readers == 0
+        });
+        if last_reader && let Some(shared) = state.shared.remove(&running.input) {
+            shared.stop.cancel();
+            for task in shared.tasks {
+                if tokio::time::timeout(Duration::from_secs(30), task)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(stream = %running.input, "source did not stop within 30 s");
+                }
+            }
+        }
         self.metrics
             .pipelines_running(&running.kind.to_string())
             .dec();
@@ -714,9 +813,10 @@ impl Engine {
         }
     }
 
-    async fn explain(&self, query: sqlparser::ast::Query) -> Result<Output> {
+    async fn explain(&self, mut query: sqlparser::ast::Query) -> Result<Output> {
         let state = self.state.lock().await;
         continuous::check_supported_syntax(&query)?;
+        continuous::expand_wildcards(&mut query, &state.catalog);
         let plan = self.logical_plan(query).await?;
         let scanned = continuous::scanned_objects(&plan, &state.catalog);
         let lines = if scanned.iter().any(|(_, k)| *k == ObjectKind::Stream) {
@@ -737,8 +837,9 @@ impl Engine {
         introspection::explain_rows(lines)
     }
 
-    async fn query(&self, query: sqlparser::ast::Query) -> Result<Output> {
+    async fn query(&self, mut query: sqlparser::ast::Query) -> Result<Output> {
         continuous::check_supported_syntax(&query)?;
+        continuous::expand_wildcards(&mut query, &self.state.lock().await.catalog);
         let plan = self.logical_plan(query).await?;
         self.run_plan(plan).await
     }
@@ -773,7 +874,7 @@ impl Engine {
             .ok_or_else(|| PlanError::Internal("stream without source".into()))?;
         let name = format!("tail_{}", plan.input);
         let (rx, _source_task) = pipeline::spawn_source(
-            source.create()?,
+            source.create_tail()?,
             stop.clone(),
             self.release.clone(),
             self.metrics.source(&name, source.connector()),
@@ -823,11 +924,12 @@ impl Engine {
     pub async fn shutdown(&self, grace: Duration) {
         self.shutdown.cancel();
         let mut state = self.state.lock().await;
-        let tasks: Vec<JoinHandle<()>> = state
+        let mut tasks: Vec<JoinHandle<()>> = state
             .running
             .values_mut()
             .flat_map(|r| r.tasks.drain(..))
             .collect();
+        tasks.extend(state.shared.values_mut().flat_map(|s| s.tasks.drain(..)));
         drop(state);
         let all = futures::future::join_all(tasks);
         if tokio::time::timeout(grace, all).await.is_err() {
@@ -851,10 +953,11 @@ impl Engine {
     /// Failures of pipelines, by name.
     pub async fn failures(&self) -> Vec<(String, String)> {
         let state = self.state.lock().await;
-        state
-            .running
-            .iter()
-            .filter_map(|(n, r)| match r.status.get() {
+        let pipelines = state.running.iter().map(|(n, r)| (n, &r.status));
+        let shared = state.shared.iter().map(|(n, s)| (n, &s.status));
+        pipelines
+            .chain(shared)
+            .filter_map(|(n, status)| match status.get() {
                 PipelineStatus::Failed(e) => Some((n.clone(), e)),
                 _ => None,
             })
@@ -964,5 +1067,14 @@ fn collect_dependents(catalog: &Catalog, name: &str, out: &mut Vec<String>) {
             collect_dependents(catalog, &dependent.name, out);
             out.push(dependent.name.clone());
         }
+    }
+}
+
+/// `SELECT * FROM name`, as a parsed query.
+fn select_all(name: &str) -> Result<sqlparser::ast::Query> {
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    match weir_sql::parse_sql(&format!("SELECT * FROM {quoted}"))?.pop() {
+        Some(Statement::Query(query)) => Ok(*query),
+        _ => Err(PlanError::Internal(format!("cannot select from {name}"))),
     }
 }

@@ -5,8 +5,6 @@
 //! arrive, bad ones are counted by reason (`json`, `csv`, `schema`, `utf8`), logged at a rate
 //! limit, and written to `dead_letter.path` with the error when that is set.
 
-mod decode;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -18,7 +16,7 @@ use weir_runtime::pipeline::RateLimitedLog;
 use weir_runtime::{Error, Message, Result, Source, SourceContext, SourceExit};
 use weir_sql::Options;
 
-pub use decode::{BadRecord, BlockDecoder, Format};
+pub use crate::decode::{BadRecord, BlockDecoder, Format};
 
 /// Bytes read per block (whole lines are decoded; a partial last line waits for more).
 const BLOCK_BYTES: usize = 1 << 20;

@@ -1,6 +1,8 @@
-//! [`BlockDecoder`]: whole lines of NDJSON or CSV to Arrow batches, isolating bad records.
+//! [`BlockDecoder`]: NDJSON or CSV (lines of a file, or Kafka messages) to Arrow batches with
+//! arrow's vectorized decoders, isolating the records that do not decode.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
@@ -21,7 +23,7 @@ pub enum Format {
 /// A record that did not decode.
 #[derive(Debug, Clone)]
 pub struct BadRecord {
-    /// 0-based line number within the block.
+    /// 0-based line number within the block (record index for `decode_records`).
     pub line_in_block: u64,
     /// `json`, `csv` (syntax) or `schema` (a value that does not fit its column).
     pub reason: &'static str,
@@ -53,7 +55,7 @@ impl BlockDecoder {
     }
 
     /// Decodes `block` (whole lines; the header, if any, already removed). When the block as a
-    /// whole fails, each line is tried alone so that every good record still arrives.
+    /// whole fails, its lines are decoded as records, so that every good one still arrives.
     pub fn decode_block(&mut self, block: &[u8]) -> Result<(Vec<RecordBatch>, Vec<BadRecord>)> {
         let block: Cow<'_, [u8]> = if block.last().is_some_and(|&b| b != b'\n') {
             let mut owned = block.to_vec();
@@ -62,47 +64,90 @@ impl BlockDecoder {
         } else {
             Cow::Borrowed(block)
         };
-        match self.decode(&block) {
-            Ok(batches) => Ok((batches, Vec::new())),
-            Err(_) => self.decode_line_by_line(&block),
+        if let Ok(batches) = self.decode(&block) {
+            return Ok((batches, Vec::new()));
         }
+        // Line ranges without their newline; blank lines are no records.
+        let mut lines = Vec::new();
+        let mut line_numbers = Vec::new();
+        let mut start = 0;
+        for (i, line) in block.split(|&b| b == b'\n').enumerate() {
+            let end = start + line.len();
+            if end < block.len() && !line.iter().all(|b| b.is_ascii_whitespace()) {
+                lines.push(start..end);
+                line_numbers.push(i as u64);
+            }
+            start = end + 1;
+        }
+        let decoded = self.decode_records(&block, &lines)?;
+        let bad = decoded
+            .bad
+            .into_iter()
+            .map(|mut b| {
+                b.line_in_block = line_numbers[b.line_in_block as usize];
+                b
+            })
+            .collect();
+        Ok((decoded.batches.into_iter().map(|(_, b)| b).collect(), bad))
     }
 
-    fn decode_line_by_line(&self, block: &[u8]) -> Result<(Vec<RecordBatch>, Vec<BadRecord>)> {
-        let mut good = Vec::with_capacity(block.len());
-        let mut bad = Vec::new();
-        for (i, line) in block.split(|&b| b == b'\n').enumerate() {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if line.iter().all(|b| b.is_ascii_whitespace()) {
+    /// Decodes the records at `records` in `block` (each followed by a newline in `block`),
+    /// one row per record. Runs of records that decode together become one batch each; a run
+    /// that fails is split in halves until the bad records are alone, so a few bad records
+    /// among thousands cost a few extra passes, not one decode per record. In the result a
+    /// bad record's `line_in_block` is its index in `records`.
+    pub fn decode_records(&self, block: &[u8], records: &[Range<usize>]) -> Result<Decoded> {
+        let mut decoded = Decoded::default();
+        // A stack of runs of record indices still to decode, the whole input first.
+        let mut pending: Vec<Range<usize>> = Vec::new();
+        pending.push(0..records.len());
+        while let Some(run) = pending.pop() {
+            if run.is_empty() {
                 continue;
             }
-            let mut one = line.to_vec();
-            one.push(b'\n');
-            let failure = match std::str::from_utf8(line) {
-                Err(e) => Some(Failure {
-                    reason: "utf8",
-                    error: ArrowError::ParseError(e.to_string()),
-                }),
-                Ok(_) => self.decode(&one).err(),
+            let bytes = &block[records[run.start].start..records[run.end - 1].end + 1];
+            let failure = match self.decode(bytes) {
+                Ok(batches) if rows(&batches) == run.len() => {
+                    let batch = match batches.as_slice() {
+                        [one] => one.clone(),
+                        _ => arrow::compute::concat_batches(&self.schema, &batches)?,
+                    };
+                    decoded.batches.push((run, batch));
+                    continue;
+                }
+                Ok(batches) => Failure {
+                    reason: "json",
+                    error: ArrowError::ParseError(format!(
+                        "expected one record, found {}",
+                        rows(&batches)
+                    )),
+                },
+                Err(failure) => failure,
             };
-            match failure {
-                None => good.extend_from_slice(&one),
-                Some(f) => bad.push(BadRecord {
-                    line_in_block: i as u64,
-                    reason: f.reason,
-                    error: f.error.to_string(),
-                    bytes: line.to_vec(),
-                }),
+            if run.len() == 1 {
+                let record = &block[records[run.start].clone()];
+                let failure = match std::str::from_utf8(record) {
+                    Err(e) => Failure {
+                        reason: "utf8",
+                        error: ArrowError::ParseError(e.to_string()),
+                    },
+                    Ok(_) => failure,
+                };
+                decoded.bad.push(BadRecord {
+                    line_in_block: run.start as u64,
+                    reason: failure.reason,
+                    error: failure.error.to_string(),
+                    bytes: record.strip_suffix(b"\r").unwrap_or(record).to_vec(),
+                });
+            } else {
+                // Later half first on the stack, so runs come out in record order.
+                let mid = run.start + run.len() / 2;
+                pending.push(mid..run.end);
+                pending.push(run.start..mid);
             }
         }
-        // Every line here decoded alone, so together they decode too.
-        let batches = self.decode(&good).map_err(|f| {
-            weir_runtime::Error::Internal(format!(
-                "records that decoded alone failed together: {}",
-                f.error
-            ))
-        })?;
-        Ok((batches, bad))
+        decoded.bad.sort_by_key(|b| b.line_in_block);
+        Ok(decoded)
     }
 
     fn decode(&self, block: &[u8]) -> Result<Vec<RecordBatch>, Failure> {
@@ -128,6 +173,19 @@ impl BlockDecoder {
             }
         }
     }
+}
+
+/// What [`BlockDecoder::decode_records`] made of a run of records.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    /// Batches in record order, each with the indices of the records it holds.
+    pub batches: Vec<(Range<usize>, RecordBatch)>,
+    /// The records that did not decode, in order.
+    pub bad: Vec<BadRecord>,
+}
+
+fn rows(batches: &[RecordBatch]) -> usize {
+    batches.iter().map(|b| b.num_rows()).sum()
 }
 
 /// The two arrow decoders share this shape.
@@ -198,10 +256,6 @@ mod tests {
             Field::new("k", DataType::Int64, false),
             Field::new("v", DataType::Float64, true),
         ]))
-    }
-
-    fn rows(batches: &[RecordBatch]) -> usize {
-        batches.iter().map(|b| b.num_rows()).sum()
     }
 
     #[test]

@@ -1,0 +1,356 @@
+//! Semantics on librdkafka's mock cluster: commits, resumption, rebalances, watermarks.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, Int32Array, Int64Array};
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use rdkafka::ClientConfig;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
+use tokio::sync::mpsc;
+use weir_runtime::connector::{EventTime, SourceFactory, SourceSpec};
+use weir_runtime::metrics::SourceMetrics;
+use weir_runtime::pipeline::{StatusCell, spawn_source};
+use weir_runtime::{CancellationToken, Message};
+use weir_sql::Options;
+
+use super::KafkaSourceFactory;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn cluster(topic: &str, partitions: i32) -> MockCluster<'static, DefaultProducerContext> {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic(topic, partitions, 1).expect("topic");
+    cluster
+}
+
+fn produce(bootstrap: &str, topic: &str, records: impl IntoIterator<Item = (i32, String)>) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("producer");
+    for (partition, payload) in records {
+        producer
+            .send(
+                BaseRecord::<(), _>::to(topic)
+                    .partition(partition)
+                    .payload(&payload),
+            )
+            .expect("enqueue");
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+}
+
+fn factory(
+    bootstrap: &str,
+    topic: &str,
+    extra: &[(&str, &str)],
+    event_time: Option<EventTime>,
+) -> KafkaSourceFactory {
+    let schema = std::sync::Arc::new(Schema::new(vec![
+        Field::new("k", DataType::Int64, false),
+        Field::new("ts", DataType::Timestamp(TimeUnit::Millisecond, None), true),
+    ]));
+    let mut pairs = vec![
+        ("connector".to_string(), "kafka".to_string()),
+        ("topic".to_string(), topic.to_string()),
+        ("bootstrap.servers".to_string(), bootstrap.to_string()),
+        ("commit.interval".to_string(), "100ms".to_string()),
+    ];
+    pairs.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let spec = SourceSpec {
+        name: "s".into(),
+        schema,
+        event_time,
+        restoring: false,
+    };
+    KafkaSourceFactory::try_new(&spec, &Options::from_pairs_as_written(pairs)).expect("factory")
+}
+
+/// A running source whose barriers are released at once (an always-durable sink).
+struct Reader {
+    rx: mpsc::Receiver<Message>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    keys: Vec<i64>,
+    partitions: BTreeSet<i32>,
+    watermarks: Vec<i64>,
+}
+
+impl Reader {
+    fn start(factory: &KafkaSourceFactory) -> Self {
+        let stop = CancellationToken::new();
+        let released = CancellationToken::new();
+        released.cancel();
+        let (rx, task) = spawn_source(
+            factory.create().expect("source"),
+            stop.clone(),
+            released,
+            SourceMetrics::detached(),
+            StatusCell::default(),
+            "s".into(),
+        );
+        Self {
+            rx,
+            stop,
+            task,
+            keys: Vec::new(),
+            partitions: BTreeSet::new(),
+            watermarks: Vec::new(),
+        }
+    }
+
+    fn take(&mut self, message: Message) -> bool {
+        match message {
+            Message::Data(batch) => {
+                let k = batch
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .expect("k");
+                self.keys.extend(k.values().iter());
+                let p = batch
+                    .column_by_name("_partition")
+                    .expect("_partition")
+                    .as_any()
+                    .downcast_ref::<Int32Array>()
+                    .expect("int")
+                    .clone();
+                self.partitions.extend(p.values().iter());
+            }
+            Message::Watermark(w) => self.watermarks.push(w.0),
+            Message::Barrier(b) => drop(b),
+            Message::End => return false,
+        }
+        true
+    }
+
+    /// Reads until `done` holds (or the wait runs out).
+    async fn read_until(&mut self, done: impl Fn(&Self) -> bool) {
+        self.read_for(WAIT, done).await;
+    }
+
+    async fn read_for(&mut self, wait: Duration, done: impl Fn(&Self) -> bool) {
+        let deadline = Instant::now() + wait;
+        while !done(self) && Instant::now() < deadline {
+            if let Ok(Some(m)) =
+                tokio::time::timeout(Duration::from_millis(200), self.rx.recv()).await
+            {
+                self.take(m);
+            }
+        }
+    }
+
+    /// Stops, reading to the end (the final barrier is released here, then committed).
+    async fn stop(mut self) -> Self {
+        self.stop.cancel();
+        while let Some(m) = self.rx.recv().await {
+            if !self.take(m) {
+                break;
+            }
+        }
+        // Release the channel so the source's close() sees the final epoch done.
+        let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
+        task.await.expect("source task");
+        self
+    }
+}
+
+fn json(k: i64, ts: i64) -> String {
+    format!(r#"{{"k":{k},"ts":{ts}}}"#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_resumes_exactly_where_its_last_commit_left_off() {
+    let cluster = cluster("events", 4);
+    let bootstrap = cluster.bootstrap_servers();
+    produce(
+        &bootstrap,
+        "events",
+        (0..2000).map(|k| ((k % 4) as i32, json(k, k))),
+    );
+    let factory = factory(&bootstrap, "events", &[("group.id", "g1")], None);
+
+    let mut first = Reader::start(&factory);
+    first.read_until(|r| r.keys.len() >= 2000).await;
+    let first = first.stop().await;
+    assert_eq!(
+        first.keys.len(),
+        2000,
+        "the first run reads everything produced"
+    );
+
+    produce(
+        &bootstrap,
+        "events",
+        (2000..3000).map(|k| ((k % 4) as i32, json(k, k))),
+    );
+    let mut second = Reader::start(&factory);
+    second.read_until(|r| r.keys.len() >= 1000).await;
+    // Give a duplicate time to show up.
+    second
+        .read_for(Duration::from_secs(3), |r| r.keys.len() > 1000)
+        .await;
+    let second = second.stop().await;
+    let mut got = second.keys.clone();
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        (2000..3000).collect::<Vec<_>>(),
+        "the second run reads exactly the records after the commit: none lost, none twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_readers_in_one_group_split_the_partitions_and_rebalance() {
+    let cluster = cluster("split", 4);
+    let bootstrap = cluster.bootstrap_servers();
+    let factory = factory(&bootstrap, "split", &[("group.id", "g2")], None);
+    let mut a = Reader::start(&factory);
+    let mut b = Reader::start(&factory);
+    // Keep producing to every partition until both readers have data.
+    let mut next = 0i64;
+    let deadline = Instant::now() + WAIT;
+    while (a.keys.is_empty() || b.keys.is_empty()) && Instant::now() < deadline {
+        produce(
+            &bootstrap,
+            "split",
+            (next..next + 40).map(|k| ((k % 4) as i32, json(k, k))),
+        );
+        next += 40;
+        a.read_until(|r| !r.keys.is_empty()).await;
+        b.read_until(|r| !r.keys.is_empty()).await;
+    }
+    assert!(
+        !a.keys.is_empty() && !b.keys.is_empty(),
+        "both readers get partitions"
+    );
+    assert!(
+        a.partitions.is_disjoint(&b.partitions),
+        "no partition is read by both: {:?} {:?}",
+        a.partitions,
+        b.partitions
+    );
+
+    let b = b.stop().await;
+    assert!(!b.keys.is_empty());
+    a.partitions.clear();
+    let before = a.keys.len();
+    let deadline = Instant::now() + WAIT;
+    while a.partitions.len() < 4 && Instant::now() < deadline {
+        produce(
+            &bootstrap,
+            "split",
+            (next..next + 40).map(|k| ((k % 4) as i32, json(k, k))),
+        );
+        next += 40;
+        a.read_until(|r| r.partitions.len() == 4).await;
+    }
+    assert_eq!(
+        a.partitions.len(),
+        4,
+        "after the other reader stops, the remaining one reads every partition"
+    );
+    assert!(a.keys.len() > before);
+    let a = a.stop().await;
+    // Across both readers, every key produced arrived at least once (at-least-once).
+    let seen: BTreeSet<i64> = a.keys.iter().chain(&b.keys).copied().collect();
+    let produced_and_read = seen.range(..next).count();
+    assert!(produced_and_read > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watermark_advances_past_an_idle_partition_after_the_timeout() {
+    let cluster = cluster("idle", 2);
+    let bootstrap = cluster.bootstrap_servers();
+    // Partition 1 gets one old record and then nothing; partition 0 moves on.
+    produce(&bootstrap, "idle", [(1, json(0, 1_000))]);
+    produce(
+        &bootstrap,
+        "idle",
+        (1..=100).map(|k| (0, json(k, 1_000 + k * 100))),
+    );
+    let factory = factory(
+        &bootstrap,
+        "idle",
+        &[("group.id", "g3"), ("watermark.idle_timeout", "2s")],
+        Some(EventTime {
+            column: "ts".into(),
+            delay: Duration::from_millis(500),
+        }),
+    );
+    let mut reader = Reader::start(&factory);
+    reader
+        .read_until(|r| r.keys.len() >= 101 && !r.watermarks.is_empty())
+        .await;
+    assert_eq!(reader.keys.len(), 101);
+    assert_eq!(
+        reader.watermarks.first(),
+        Some(&500),
+        "while partition 1 is active it holds the watermark at its 1000 ms - 500 ms"
+    );
+    reader
+        .read_until(|r| r.watermarks.last() == Some(&(11_000 - 500)))
+        .await;
+    assert_eq!(
+        reader.watermarks.last(),
+        Some(&10_500),
+        "once partition 1 is idle, partition 0's event time (11 000 ms - 500 ms) is the watermark"
+    );
+    assert!(
+        reader.watermarks.windows(2).all(|w| w[0] < w[1]),
+        "watermarks only advance: {:?}",
+        reader.watermarks
+    );
+    reader.stop().await;
+}
+
+#[test]
+fn create_names_an_unreachable_broker_and_a_missing_topic() {
+    let spec = SourceSpec {
+        name: "s".into(),
+        schema: std::sync::Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, true)])),
+        event_time: None,
+        restoring: false,
+    };
+    let options = |bootstrap: &str, topic: &str| {
+        Options::from_pairs_as_written([
+            ("connector".to_string(), "kafka".to_string()),
+            ("topic".to_string(), topic.to_string()),
+            ("bootstrap.servers".to_string(), bootstrap.to_string()),
+            ("connect.timeout".to_string(), "2s".to_string()),
+        ])
+    };
+    // Nothing listens on port 1.
+    let err =
+        KafkaSourceFactory::try_new(&spec, &options("127.0.0.1:1", "t")).expect_err("unreachable");
+    assert!(
+        matches!(&err, weir_runtime::connector::ConnectorError::Unreachable(m) if m.contains("127.0.0.1:1")),
+        "{err}"
+    );
+    let cluster = cluster("present", 1);
+    let err = KafkaSourceFactory::try_new(&spec, &options(&cluster.bootstrap_servers(), "absent"))
+        .expect_err("missing topic");
+    assert!(
+        matches!(&err, weir_runtime::connector::ConnectorError::MissingObject(m) if m.contains("absent")),
+        "{err}"
+    );
+    let restoring = SourceSpec {
+        restoring: true,
+        ..spec
+    };
+    assert!(
+        KafkaSourceFactory::try_new(&restoring, &options("127.0.0.1:1", "t")).is_ok(),
+        "a restored stream is not checked against the broker"
+    );
+    let bad = Options::from_pairs_as_written([
+        ("connector".to_string(), "kafka".to_string()),
+        ("topic".to_string(), "t".to_string()),
+        ("bootstrap.servers".to_string(), "x:1".to_string()),
+        ("scan.startup.mode".to_string(), "sometimes".to_string()),
+    ]);
+    let err = KafkaSourceFactory::try_new(&restoring, &bad).expect_err("bad option");
+    assert!(err.to_string().contains("scan.startup.mode"), "{err}");
+}
