@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests need, idempotently: psql (real client), and DuckDB in a venv
-# (an independent reader of the Parquet lake). Safe to run on a fresh machine or again.
+# (an independent reader of the Parquet lake), and the tansu broker in .tools. Safe to run on a fresh machine or again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,4 +25,9 @@ if ! .venv/bin/python -c 'import duckdb' >/dev/null 2>&1; then
     python3 -m venv .venv
     .venv/bin/pip install --quiet --disable-pip-version-check 'duckdb>=1.1'
 fi
-echo "test dependencies ready: $(psql --version), duckdb $(.venv/bin/python -c 'import duckdb; print(duckdb.__version__)')"
+# tansu: a Kafka-compatible broker in one process, for the Kafka end-to-end tests.
+if ! .tools/bin/tansu --version >/dev/null 2>&1; then
+    echo "installing tansu 0.6.0 into .tools (a Kafka-compatible broker; ~15 min the first time)"
+    cargo install --quiet --locked tansu --version 0.6.0 --features dynostore,libsql --root .tools
+fi
+echo "test dependencies ready: $(psql --version), duckdb $(.venv/bin/python -c 'import duckdb; print(duckdb.__version__)'), $(.tools/bin/tansu --version)"

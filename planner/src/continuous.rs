@@ -396,7 +396,8 @@ impl Lowering {
                 if !scan.filters.is_empty() {
                     return Err(PlanError::Internal("filters pushed into a stream scan".into()));
                 }
-                let full = entry.schema.clone();
+                // The scanned table's schema: the declared columns and any hidden ones.
+                let full = scan.source.schema();
                 self.input = Some((entry.name.clone(), entry.kind, full.clone()));
                 if let Some(projection) = &scan.projection
                     && (projection.len() != full.fields().len() || projection.iter().enumerate().any(|(i, p)| i != *p)) {

@@ -248,3 +248,102 @@ pub fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) ->
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// A tansu broker (Kafka protocol) on a free port, storing into SQLite under its own
+/// directory, so that it can be killed and restarted with its records and offsets intact.
+pub struct Tansu {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+fn tansu_bin() -> PathBuf {
+    if let Ok(bin) = std::env::var("TANSU_BIN") {
+        return PathBuf::from(bin);
+    }
+    let bin = repo_root().join(".tools/bin/tansu");
+    assert!(
+        bin.exists(),
+        "{} not found: run scripts/install-test-deps.sh (or set TANSU_BIN)",
+        bin.display()
+    );
+    bin
+}
+
+impl Tansu {
+    pub fn start(dir: &Path) -> Tansu {
+        let dir = dir.join("tansu");
+        std::fs::create_dir_all(&dir).expect("tansu dir");
+        let mut tansu = Tansu {
+            child: None,
+            port: free_port(),
+            dir,
+        };
+        tansu.restart();
+        tansu
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port and storage; waits until it accepts connections.
+    pub fn restart(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("tansu.log"))
+            .expect("tansu log");
+        let child = Command::new(tansu_bin())
+            .current_dir(&self.dir)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tansu");
+        self.child = Some(child);
+        let ready = eventually(Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", self.port))
+                .ok()
+                .map(|_| ())
+        });
+        assert!(ready.is_some(), "tansu did not start: {}", self.log_text());
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: u32) {
+        let status = Command::new(tansu_bin())
+            .current_dir(&self.dir)
+            .args(["topic", "create", "--broker"])
+            .arg(format!("tcp://127.0.0.1:{}", self.port))
+            .args(["--partitions", &partitions.to_string(), name])
+            .status()
+            .expect("tansu topic create");
+        assert!(status.success(), "cannot create topic {name}");
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("tansu.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

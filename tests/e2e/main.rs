@@ -7,6 +7,7 @@ mod harness;
 
 mod bad_input;
 mod catalog;
+mod kafka;
 mod lake;
 mod run_and_check;
 mod tail;

@@ -21,7 +21,7 @@ use arrow::compute::cast;
 use arrow::datatypes::{DataType, TimeUnit};
 use async_trait::async_trait;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::statistics::Statistics;
@@ -204,19 +204,6 @@ impl ConsumerContext for Callbacks {
             .unwrap_or_else(|e| e.into_inner())
             .push(event);
     }
-
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => {
-                self.metrics.commits("ok").inc();
-            }
-            Err(e) => {
-                self.metrics.commits("failed").inc();
-                tracing::warn!(stream = %self.stream, error = %e,
-                    "Kafka offset commit failed; a later commit covers it");
-            }
-        }
-    }
 }
 
 /// What the thread knows about one assigned partition.
@@ -307,6 +294,7 @@ struct ConsumerLoop {
     epoch_tx: std_mpsc::Sender<EpochDone>,
     epoch_rx: std_mpsc::Receiver<EpochDone>,
     last_barrier: Instant,
+    last_barrier_offsets: Vec<(i32, i64)>,
     /// Set when a sink lost rows: from then on nothing is committed (at-least-once).
     commits_poisoned: bool,
     dead_letters: Option<(
@@ -433,6 +421,7 @@ impl ConsumerLoop {
             epoch_tx,
             epoch_rx,
             last_barrier: Instant::now(),
+            last_barrier_offsets: Vec::new(),
             commits_poisoned: false,
             dead_letters,
             bad_log: RateLimitedLog::new(Duration::from_secs(10)),
@@ -648,16 +637,17 @@ impl ConsumerLoop {
             .iter()
             .filter_map(|(&p, s)| s.next_offset.map(|o| (p, o)))
             .collect();
-        let previous = self.epochs.back().map(|e| &e.offsets);
-        if offsets.is_empty() || previous.is_some_and(|p| same_offsets(p, &offsets)) {
+        if offsets.is_empty() || same_offsets(&self.last_barrier_offsets, &offsets) {
             return true;
         }
+        self.last_barrier_offsets.clone_from(&offsets);
         self.epoch += 1;
         self.epochs.push_back(PendingEpoch {
             epoch: self.epoch,
             offsets,
             done: None,
         });
+        tracing::debug!(stream = %self.config.stream, epoch = self.epoch, "barrier");
         let barrier = CheckpointBarrier::tracked(self.epoch, self.epoch_tx.clone());
         self.out.blocking_send(Message::Barrier(barrier)).is_ok()
     }
@@ -665,6 +655,7 @@ impl ConsumerLoop {
     /// Commits the newest epoch whose predecessors are all durable.
     fn commit_done(&mut self) {
         while let Ok(done) = self.epoch_rx.try_recv() {
+            tracing::debug!(stream = %self.config.stream, epoch = done.epoch, durable = done.durable, "epoch done");
             if let Some(e) = self.epochs.iter_mut().find(|e| e.epoch == done.epoch) {
                 e.done = Some(done.durable);
             }
@@ -687,11 +678,13 @@ impl ConsumerLoop {
         if let Some(epoch) = newest
             && !self.commits_poisoned
         {
-            self.commit(&epoch.offsets, CommitMode::Async);
+            self.commit(&epoch.offsets);
         }
     }
 
-    fn commit(&mut self, offsets: &[(i32, i64)], mode: CommitMode) {
+    /// Commits synchronously (once per `commit.interval` at most), so that the result is
+    /// known and counted.
+    fn commit(&mut self, offsets: &[(i32, i64)]) {
         if let Some((producer, _)) = &self.dead_letters
             && let Err(e) = producer.flush(Duration::from_secs(10))
         {
@@ -713,11 +706,14 @@ impl ConsumerLoop {
         if tpl.count() == 0 {
             return;
         }
-        if let Err(e) = self.consumer.commit(&tpl, mode) {
-            self.metrics.commits("failed").inc();
-            tracing::warn!(stream = %self.config.stream, error = %e, "Kafka offset commit failed");
-        } else if matches!(mode, CommitMode::Sync) {
-            self.metrics.commits("ok").inc();
+        tracing::debug!(stream = %self.config.stream, offsets = ?offsets, "commit");
+        let result = self.consumer.commit(&tpl, CommitMode::Sync);
+        self.metrics
+            .commits(if result.is_ok() { "ok" } else { "failed" })
+            .inc();
+        if let Err(e) = result {
+            tracing::warn!(stream = %self.config.stream, error = %e,
+                "Kafka offset commit failed; a later commit covers it");
         }
     }
 
@@ -753,7 +749,7 @@ impl ConsumerLoop {
             if let Some(epoch) = newest
                 && !self.commits_poisoned
             {
-                self.commit(&epoch.offsets, CommitMode::Sync);
+                self.commit(&epoch.offsets);
             }
         }
         if let Some((producer, _)) = &self.dead_letters {
