@@ -21,18 +21,222 @@ pub struct BenchArgs {
     /// Where the input file is kept (generated once, reused).
     #[arg(long, default_value = "./weir-data/bench")]
     dir: PathBuf,
+    /// kafka: a broker to use (e.g. a tansu on 127.0.0.1:9092) instead of librdkafka's
+    /// in-process mock cluster.
+    #[arg(long)]
+    bootstrap: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Which {
     /// NDJSON `{k, v, ts}` (100k distinct k) → file source → filter → blackhole.
     FileFilter,
+    /// The same events as Kafka messages on a 4-partition topic → Kafka source → blackhole.
+    Kafka,
 }
 
 pub async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     match args.which {
         Which::FileFilter => file_filter(&args).await,
+        Which::Kafka => kafka(&args).await,
     }
+}
+
+async fn kafka(args: &BenchArgs) -> Result<ExitCode, String> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+
+    let topic = format!("bench-{}-{}", args.events, std::process::id());
+    // The mock cluster lives in this process: its CPU and memory count in the figures.
+    let mock = match &args.bootstrap {
+        Some(_) => None,
+        None => Some(rdkafka::mocking::MockCluster::new(1).map_err(|e| e.to_string())?),
+    };
+    let bootstrap = match (&mock, &args.bootstrap) {
+        (Some(mock), _) => mock.bootstrap_servers(),
+        (None, Some(b)) => b.clone(),
+        (None, None) => unreachable!("one of them is set"),
+    };
+    match &mock {
+        Some(mock) => mock.create_topic(&topic, 4, 1).map_err(|e| e.to_string())?,
+        None => {
+            let admin: AdminClient<_> = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .create()
+                .map_err(|e| e.to_string())?;
+            let new = NewTopic::new(&topic, 4, TopicReplication::Fixed(1));
+            admin
+                .create_topics([&new], &AdminOptions::new())
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    // A real broker gets every event first, so that only consuming is measured. The mock
+    // broker keeps at most 100 000 messages (5 MB) per partition, so there the events are
+    // produced while Weir consumes, at most MOCK_BACKLOG ahead: its figures include the
+    // producer's and the mock broker's CPU.
+    let sink_rows = "weir_sink_rows_written_total{pipeline=\"out\"";
+    let engine = Engine::open(EngineConfig::default(), Arc::new(Connectors))
+        .await
+        .map_err(|e| e.to_string())?;
+    let feed = {
+        let (bootstrap, topic, events) = (bootstrap.clone(), topic.clone(), args.events);
+        let consumed = mock.is_some().then(|| engine.metrics().clone());
+        move || produce_events(&bootstrap, &topic, events, consumed.as_ref(), sink_rows)
+    };
+    let mut feed = Some(feed);
+    if mock.is_none()
+        && let Some(feed) = feed.take()
+    {
+        eprintln!(
+            "producing {} events into {topic} at {bootstrap} ...",
+            args.events
+        );
+        tokio::task::spawn_blocking(feed)
+            .await
+            .map_err(|e| e.to_string())??;
+    }
+    let sql = format!(
+        "CREATE STREAM events (k BIGINT, v DOUBLE, ts TIMESTAMP(3), WATERMARK FOR ts AS ts - INTERVAL '1' SECOND) \
+         WITH (connector = 'kafka', topic = '{topic}', 'bootstrap.servers' = '{bootstrap}', 'scan.startup.mode' = 'earliest');
+         CREATE SINK out FROM events WITH (connector = 'blackhole');"
+    );
+    for result in engine.execute(&sql).await {
+        result.map_err(|e| e.to_string())?;
+    }
+    let rss_before = peak_rss_kib();
+    let joined = Instant::now();
+    engine.start_all().await.map_err(|e| e.to_string())?;
+    let producer = feed.take().map(tokio::task::spawn_blocking);
+    // Time from the first row on: joining the consumer group (seconds) is not throughput.
+    let mut first = None;
+    let mut progress = (0, Instant::now());
+    loop {
+        let metrics = engine.metrics().encode();
+        let rows = counter(&metrics, sink_rows);
+        if rows > 0 && first.is_none() {
+            first = Some((rows, Instant::now(), cpu_seconds()));
+        }
+        if rows >= args.events {
+            break;
+        }
+        if rows > progress.0 {
+            progress = (rows, Instant::now());
+        } else if progress.1.elapsed() > std::time::Duration::from_secs(30) {
+            return Err(format!("stalled: {rows} of {} rows arrived", args.events));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let (first_rows, started, cpu_before) = first.unwrap_or((0, joined, 0.0));
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu_before;
+    let measured = (args.events - first_rows) as f64;
+    if let Some(producer) = producer {
+        producer.await.map_err(|e| e.to_string())??;
+    }
+    let broker = if mock.is_some() {
+        "librdkafka mock cluster in this process, produced while consuming"
+    } else {
+        "external broker, produced beforehand"
+    };
+    println!("benchmark: kafka (4-partition topic, {broker} -> Kafka source -> blackhole)");
+    println!("events:                {}", args.events);
+    println!(
+        "group join:            {:.2} s (not measured)",
+        (started - joined).as_secs_f64()
+    );
+    println!("wall seconds:          {wall:.2} (the last {measured} events)");
+    println!("cpu seconds:           {cpu:.2}");
+    println!("events/s:              {:.0}", measured / wall);
+    println!("events per cpu-second: {:.0}", measured / cpu.max(1e-9));
+    println!(
+        "peak RSS:              {} MiB ({} MiB before consuming)",
+        peak_rss_kib() / 1024,
+        rss_before / 1024
+    );
+    let metrics = engine.metrics().encode();
+    println!(
+        "source records read:   {}",
+        counter(
+            &metrics,
+            "weir_records_out_total{pipeline=\"events\",operator=\"source_kafka\"}"
+        )
+    );
+    println!("sink rows received:    {}", counter(&metrics, sink_rows));
+    engine.shutdown(std::time::Duration::from_secs(30)).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Produces the benchmark's events to `topic` (spread over 4 partitions); with `consumed`,
+/// stays at most [`MOCK_BACKLOG`] events ahead of the rows the sink has received.
+fn produce_events(
+    bootstrap: &str,
+    topic: &str,
+    events: u64,
+    consumed: Option<&weir_runtime::Metrics>,
+    sink_rows: &str,
+) -> Result<(), String> {
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    let delivered = Delivered::default();
+    let producer: ThreadedProducer<Delivered> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "20")
+        .create_with_context(delivered.clone())
+        .map_err(|e| e.to_string())?;
+    let mut line = Vec::with_capacity(64);
+    let mut state = 42;
+    for i in 0..events {
+        if let Some(metrics) = consumed
+            && i % 10_000 == 0
+        {
+            while i.saturating_sub(counter(&metrics.encode(), sink_rows)) > MOCK_BACKLOG {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
+        line.clear();
+        write_event(&mut line, i, &mut state).map_err(|e| e.to_string())?;
+        let mut record = BaseRecord::<(), _>::to(topic)
+            .payload(&line[..line.len() - 1])
+            .partition((i % 4) as i32);
+        while let Err((_, back)) = producer.send(record) {
+            record = back;
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+    producer
+        .flush(std::time::Duration::from_secs(600))
+        .map_err(|e| e.to_string())?;
+    match delivered.0.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => Ok(()),
+        failed => Err(format!("{failed} events were not delivered to the broker")),
+    }
+}
+
+/// How far the producer may run ahead of Weir on the mock broker (which keeps 5 MB per
+/// partition).
+const MOCK_BACKLOG: u64 = 200_000;
+
+/// Counts messages the broker did not take.
+#[derive(Clone, Default)]
+struct Delivered(Arc<std::sync::atomic::AtomicU64>);
+
+impl rdkafka::ClientContext for Delivered {}
+
+impl rdkafka::producer::ProducerContext for Delivered {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &rdkafka::producer::DeliveryResult<'_>, _: ()) {
+        if result.is_err() {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// The sum of every series starting with `prefix` in the text format.
+fn counter(metrics: &str, prefix: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 async fn file_filter(args: &BenchArgs) -> Result<ExitCode, String> {
@@ -73,20 +277,16 @@ async fn file_filter(args: &BenchArgs) -> Result<ExitCode, String> {
     println!("peak RSS:              {} MiB", peak_rss_kib() / 1024);
     // Proof of work: what the source read and the sink received, from Weir's own metrics.
     let metrics = engine.metrics().encode();
-    let counter = |prefix: &str| -> u64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
-    };
     println!(
         "source records read:   {}",
-        counter("weir_records_out_total{pipeline=\"out\",operator=\"source_file\"}")
+        counter(
+            &metrics,
+            "weir_records_out_total{pipeline=\"out\",operator=\"source_file\"}"
+        )
     );
     println!(
         "sink rows received:    {}",
-        counter("weir_sink_rows_written_total{pipeline=\"out\"")
+        counter(&metrics, "weir_sink_rows_written_total{pipeline=\"out\"")
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -94,28 +294,34 @@ async fn file_filter(args: &BenchArgs) -> Result<ExitCode, String> {
 /// `{k, v, ts}` with 100k distinct keys and 10 events per ms of event time.
 fn write_events(path: &PathBuf, events: u64) -> std::io::Result<()> {
     let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
-    let base_ms: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
-    let mut state: u64 = 42;
+    let mut state = 42;
     for i in 0..events {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let k = state % 100_000;
-        let v = (state >> 20) % 10_000;
-        let ts = base_ms + (i / 10) as i64;
-        let secs = ts.div_euclid(1000);
-        let millis = ts.rem_euclid(1000);
-        let time = chrono::DateTime::from_timestamp(secs, 0)
-            .unwrap_or_default()
-            .format("%Y-%m-%dT%H:%M:%S");
-        writeln!(
-            out,
-            "{{\"k\":{k},\"v\":{}.{:02},\"ts\":\"{time}.{millis:03}Z\"}}",
-            v / 100,
-            v % 100
-        )?;
+        write_event(&mut out, i, &mut state)?;
     }
     out.flush()
+}
+
+/// Event `i` as one NDJSON line; `state` is the xorshift generator, 42 before event 0.
+fn write_event(out: &mut impl Write, i: u64, state: &mut u64) -> std::io::Result<()> {
+    let base_ms: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    let state = *state;
+    let k = state % 100_000;
+    let v = (state >> 20) % 10_000;
+    let ts = base_ms + (i / 10) as i64;
+    let secs = ts.div_euclid(1000);
+    let millis = ts.rem_euclid(1000);
+    let time = chrono::DateTime::from_timestamp(secs, 0)
+        .unwrap_or_default()
+        .format("%Y-%m-%dT%H:%M:%S");
+    writeln!(
+        out,
+        "{{\"k\":{k},\"v\":{}.{:02},\"ts\":\"{time}.{millis:03}Z\"}}",
+        v / 100,
+        v % 100
+    )
 }
 
 /// User + system CPU seconds of this process so far.
