@@ -354,3 +354,135 @@ fn create_names_an_unreachable_broker_and_a_missing_topic() {
     let err = KafkaSourceFactory::try_new(&restoring, &bad).expect_err("bad option");
     assert!(err.to_string().contains("scan.startup.mode"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timestamp_formats_convert_and_values_in_another_form_are_bad_records() {
+    let cluster = cluster("times", 1);
+    let bootstrap = cluster.bootstrap_servers();
+    produce(
+        &bootstrap,
+        "times",
+        [
+            (0, r#"{"k":1,"ts":"2026-01-01T00:00:01Z"}"#.to_string()),
+            (0, r#"{"k":2,"ts":1767225602000}"#.to_string()),
+            (0, r#"{"k":3,"ts":"yesterday"}"#.to_string()),
+            (0, r#"{"k":4,"ts":"2026-01-01T00:00:04.500Z"}"#.to_string()),
+        ],
+    );
+    let factory = factory(
+        &bootstrap,
+        "times",
+        &[("group.id", "g4"), ("timestamp.format", "rfc3339")],
+        None,
+    );
+    let mut reader = Reader::start(&factory);
+    let mut times = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while times.len() < 2 && Instant::now() < deadline {
+        if let Ok(Some(Message::Data(batch))) =
+            tokio::time::timeout(Duration::from_millis(200), reader.rx.recv()).await
+        {
+            let ts = arrow::compute::cast(
+                batch.column(1),
+                &DataType::Timestamp(TimeUnit::Millisecond, None),
+            )
+            .expect("cast");
+            let ts = ts
+                .as_any()
+                .downcast_ref::<arrow::array::TimestampMillisecondArray>()
+                .expect("ms");
+            let k = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .expect("k");
+            times.extend(k.values().iter().copied().zip(ts.values().iter().copied()));
+        }
+    }
+    assert_eq!(
+        times,
+        vec![(1, 1_767_225_601_000), (4, 1_767_225_604_500)],
+        "RFC 3339 strings convert; an epoch number and an unparsable string are bad records"
+    );
+    reader.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kafka_sink_writes_json_rows_keyed_by_columns_before_releasing_a_barrier() {
+    use arrow::array::{RecordBatch, StringArray};
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message as _;
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    use weir_runtime::CheckpointBarrier;
+    use weir_runtime::connector::{SinkFactory, SinkSpec};
+
+    let cluster = cluster("out", 1);
+    let bootstrap = cluster.bootstrap_servers();
+    let schema = std::sync::Arc::new(Schema::new(vec![
+        Field::new("device", DataType::Utf8, false),
+        Field::new("n", DataType::Int64, true),
+    ]));
+    let spec = SinkSpec {
+        name: "out_sink".into(),
+        schema: schema.clone(),
+        restoring: false,
+    };
+    let options = Options::from_pairs_as_written(
+        [
+            ("connector", "kafka"),
+            ("topic", "out"),
+            ("bootstrap.servers", bootstrap.as_str()),
+            ("key.fields", "device"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let factory = super::KafkaSinkFactory::try_new(&spec, &options).expect("sink factory");
+    let mut sink = factory.create().expect("sink");
+    let batch = RecordBatch::try_new(
+        schema,
+        vec![
+            std::sync::Arc::new(StringArray::from(vec!["a", "b", "a"])),
+            std::sync::Arc::new(Int64Array::from(vec![Some(1), None, Some(3)])),
+        ],
+    )
+    .expect("batch");
+    sink.write(batch).await.expect("write");
+    let (tx, rx) = std::sync::mpsc::channel();
+    sink.pre_commit(CheckpointBarrier::tracked(1, tx))
+        .await
+        .expect("pre_commit");
+    assert_eq!(
+        rx.try_recv().map(|d| d.durable),
+        Ok(true),
+        "the barrier is released once the broker has every message"
+    );
+    sink.finish().await.expect("finish");
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", "check")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("out", 0, Offset::Beginning)
+        .expect("tpl");
+    consumer.assign(&tpl).expect("assign");
+    let mut got = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while got.len() < 3 && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            got.push((
+                String::from_utf8_lossy(m.key().unwrap_or_default()).to_string(),
+                String::from_utf8_lossy(m.payload().unwrap_or_default()).to_string(),
+            ));
+        }
+    }
+    assert_eq!(
+        got,
+        vec![
+            (r#"{"device":"a"}"#.into(), r#"{"device":"a","n":1}"#.into()),
+            (r#"{"device":"b"}"#.into(), r#"{"device":"b"}"#.into()),
+            (r#"{"device":"a"}"#.into(), r#"{"device":"a","n":3}"#.into()),
+        ]
+    );
+}
