@@ -56,45 +56,40 @@ async fn kafka(args: &BenchArgs) -> Result<ExitCode, String> {
         (None, Some(b)) => b.clone(),
         (None, None) => unreachable!("one of them is set"),
     };
+    let partitions = if mock.is_some() { MOCK_PARTITIONS } else { 4 };
     match &mock {
-        Some(mock) => mock.create_topic(&topic, 4, 1).map_err(|e| e.to_string())?,
+        Some(mock) => mock
+            .create_topic(&topic, partitions, 1)
+            .map_err(|e| e.to_string())?,
         None => {
             let admin: AdminClient<_> = rdkafka::ClientConfig::new()
                 .set("bootstrap.servers", &bootstrap)
                 .create()
                 .map_err(|e| e.to_string())?;
-            let new = NewTopic::new(&topic, 4, TopicReplication::Fixed(1));
+            let new = NewTopic::new(&topic, partitions, TopicReplication::Fixed(1));
             admin
                 .create_topics([&new], &AdminOptions::new())
                 .await
                 .map_err(|e| e.to_string())?;
         }
     }
-    // A real broker gets every event first, so that only consuming is measured. The mock
-    // broker keeps at most 100 000 messages (5 MB) per partition, so there the events are
-    // produced while Weir consumes, at most MOCK_BACKLOG ahead: its figures include the
-    // producer's and the mock broker's CPU.
+    // Every event is produced first, so that only consuming is measured. librdkafka's mock
+    // broker keeps at most 5 MB per partition, so there the topic has MOCK_PARTITIONS
+    // partitions (the mock broker serves fetches on a thread of this process: its CPU counts).
     let sink_rows = "weir_sink_rows_written_total{pipeline=\"out\"";
-    let engine = Engine::open(EngineConfig::default(), Arc::new(Connectors))
-        .await
-        .map_err(|e| e.to_string())?;
-    let feed = {
-        let (bootstrap, topic, events) = (bootstrap.clone(), topic.clone(), args.events);
-        let consumed = mock.is_some().then(|| engine.metrics().clone());
-        move || produce_events(&bootstrap, &topic, events, consumed.as_ref(), sink_rows)
-    };
-    let mut feed = Some(feed);
-    if mock.is_none()
-        && let Some(feed) = feed.take()
+    eprintln!(
+        "producing {} events into {topic} at {bootstrap} ...",
+        args.events
+    );
     {
-        eprintln!(
-            "producing {} events into {topic} at {bootstrap} ...",
-            args.events
-        );
-        tokio::task::spawn_blocking(feed)
+        let (bootstrap, topic, events) = (bootstrap.clone(), topic.clone(), args.events);
+        tokio::task::spawn_blocking(move || produce_events(&bootstrap, &topic, events, partitions))
             .await
             .map_err(|e| e.to_string())??;
     }
+    let engine = Engine::open(EngineConfig::default(), Arc::new(Connectors))
+        .await
+        .map_err(|e| e.to_string())?;
     let sql = format!(
         "CREATE STREAM events (k BIGINT, v DOUBLE, ts TIMESTAMP(3), WATERMARK FOR ts AS ts - INTERVAL '1' SECOND) \
          WITH (connector = 'kafka', topic = '{topic}', 'bootstrap.servers' = '{bootstrap}', 'scan.startup.mode' = 'earliest');
@@ -106,7 +101,6 @@ async fn kafka(args: &BenchArgs) -> Result<ExitCode, String> {
     let rss_before = peak_rss_kib();
     let joined = Instant::now();
     engine.start_all().await.map_err(|e| e.to_string())?;
-    let producer = feed.take().map(tokio::task::spawn_blocking);
     // Time from the first row on: joining the consumer group (seconds) is not throughput.
     let mut first = None;
     let mut progress = (0, Instant::now());
@@ -130,15 +124,14 @@ async fn kafka(args: &BenchArgs) -> Result<ExitCode, String> {
     let wall = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu_before;
     let measured = (args.events - first_rows) as f64;
-    if let Some(producer) = producer {
-        producer.await.map_err(|e| e.to_string())??;
-    }
     let broker = if mock.is_some() {
-        "librdkafka mock cluster in this process, produced while consuming"
+        "librdkafka mock cluster in this process"
     } else {
-        "external broker, produced beforehand"
+        "external broker"
     };
-    println!("benchmark: kafka (4-partition topic, {broker} -> Kafka source -> blackhole)");
+    println!(
+        "benchmark: kafka ({partitions}-partition topic, {broker}, produced beforehand -> Kafka source -> blackhole)"
+    );
     println!("events:                {}", args.events);
     println!(
         "group join:            {:.2} s (not measured)",
@@ -166,14 +159,12 @@ async fn kafka(args: &BenchArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Produces the benchmark's events to `topic` (spread over 4 partitions); with `consumed`,
-/// stays at most [`MOCK_BACKLOG`] events ahead of the rows the sink has received.
+/// Produces the benchmark's events to `topic`, spread evenly over its partitions.
 fn produce_events(
     bootstrap: &str,
     topic: &str,
     events: u64,
-    consumed: Option<&weir_runtime::Metrics>,
-    sink_rows: &str,
+    partitions: i32,
 ) -> Result<(), String> {
     use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
     let delivered = Delivered::default();
@@ -185,18 +176,11 @@ fn produce_events(
     let mut line = Vec::with_capacity(64);
     let mut state = 42;
     for i in 0..events {
-        if let Some(metrics) = consumed
-            && i % 10_000 == 0
-        {
-            while i.saturating_sub(counter(&metrics.encode(), sink_rows)) > MOCK_BACKLOG {
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-        }
         line.clear();
         write_event(&mut line, i, &mut state).map_err(|e| e.to_string())?;
         let mut record = BaseRecord::<(), _>::to(topic)
             .payload(&line[..line.len() - 1])
-            .partition((i % 4) as i32);
+            .partition((i % partitions as u64) as i32);
         while let Err((_, back)) = producer.send(record) {
             record = back;
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -211,9 +195,9 @@ fn produce_events(
     }
 }
 
-/// How far the producer may run ahead of Weir on the mock broker (which keeps 5 MB per
-/// partition).
-const MOCK_BACKLOG: u64 = 200_000;
+/// Partitions of the mock cluster's topic: it keeps at most 100 000 messages or 5 MB per
+/// partition, so 10 M events of ~60 bytes need well over 120.
+const MOCK_PARTITIONS: i32 = 160;
 
 /// Counts messages the broker did not take.
 #[derive(Clone, Default)]
