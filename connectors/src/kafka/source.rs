@@ -632,12 +632,13 @@ impl ConsumerLoop {
     /// Sends a tracked barrier covering everything handed on so far (if anything moved).
     fn barrier(&mut self) -> bool {
         self.last_barrier = Instant::now();
-        let offsets: Vec<(i32, i64)> = self
+        let mut offsets: Vec<(i32, i64)> = self
             .partitions
             .iter()
             .filter_map(|(&p, s)| s.next_offset.map(|o| (p, o)))
             .collect();
-        if offsets.is_empty() || same_offsets(&self.last_barrier_offsets, &offsets) {
+        offsets.sort_unstable();
+        if offsets.is_empty() || offsets == self.last_barrier_offsets {
             return true;
         }
         self.last_barrier_offsets.clone_from(&offsets);
@@ -655,10 +656,7 @@ impl ConsumerLoop {
     /// Commits the newest epoch whose predecessors are all durable.
     fn commit_done(&mut self) {
         while let Ok(done) = self.epoch_rx.try_recv() {
-            tracing::debug!(stream = %self.config.stream, epoch = done.epoch, durable = done.durable, "epoch done");
-            if let Some(e) = self.epochs.iter_mut().find(|e| e.epoch == done.epoch) {
-                e.done = Some(done.durable);
-            }
+            self.mark_done(done);
         }
         let mut newest = None;
         while let Some(front) = self.epochs.front() {
@@ -679,6 +677,13 @@ impl ConsumerLoop {
             && !self.commits_poisoned
         {
             self.commit(&epoch.offsets);
+        }
+    }
+
+    fn mark_done(&mut self, done: EpochDone) {
+        tracing::debug!(stream = %self.config.stream, epoch = done.epoch, durable = done.durable, "epoch done");
+        if let Some(e) = self.epochs.iter_mut().find(|e| e.epoch == done.epoch) {
+            e.done = Some(done.durable);
         }
     }
 
@@ -719,38 +724,24 @@ impl ConsumerLoop {
 
     /// Stopping: a last barrier, then wait (bounded) for it and commit synchronously.
     fn finish(&mut self) {
-        if self.mode == Mode::Group && self.barrier() {
+        if self.mode == Mode::Group {
+            // A last barrier covering everything handed on (if the pipeline still reads).
+            self.barrier();
             // Closing the channel lets the pipeline send End, after which sinks finish and
-            // drop the barrier.
+            // drop their barriers.
             let (closed, _) = mpsc::channel(1);
             drop(std::mem::replace(&mut self.out, closed));
             let deadline = Instant::now() + FINAL_COMMIT_WAIT;
-            while self.epochs.back().is_some_and(|e| e.done.is_none()) && Instant::now() < deadline
-            {
-                if let Ok(done) = self.epoch_rx.recv_timeout(Duration::from_millis(50))
-                    && let Some(e) = self.epochs.iter_mut().find(|e| e.epoch == done.epoch)
-                {
-                    e.done = Some(done.durable);
+            while self.epochs.iter().any(|e| e.done.is_none()) && Instant::now() < deadline {
+                if let Ok(done) = self.epoch_rx.recv_timeout(Duration::from_millis(50)) {
+                    self.mark_done(done);
                 }
                 // Keep the group membership alive while waiting.
                 let _ = self.consumer.poll(Duration::ZERO);
                 self.apply_rebalances();
             }
-            let mut newest = None;
-            while let Some(front) = self.epochs.pop_front() {
-                match front.done {
-                    Some(true) => newest = Some(front),
-                    _ => {
-                        newest = None;
-                        break;
-                    }
-                }
-            }
-            if let Some(epoch) = newest
-                && !self.commits_poisoned
-            {
-                self.commit(&epoch.offsets);
-            }
+            // The newest epoch whose predecessors are all durable; later ones are read again.
+            self.commit_done();
         }
         if let Some((producer, _)) = &self.dead_letters {
             let _ = producer.flush(Duration::from_secs(10));
@@ -821,14 +812,6 @@ fn new_partition(metrics: &SourceMetrics, id: i32) -> PartitionState {
         last_record: Instant::now(),
         metrics: metrics.partition(id),
     }
-}
-
-fn same_offsets(a: &[(i32, i64)], b: &[(i32, i64)]) -> bool {
-    let mut a = a.to_vec();
-    let mut b = b.to_vec();
-    a.sort_unstable();
-    b.sort_unstable();
-    a == b
 }
 
 /// Converts TIMESTAMP columns decoded as written (strings, epoch numbers) to their declared

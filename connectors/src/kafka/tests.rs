@@ -151,9 +151,7 @@ impl Reader {
                 break;
             }
         }
-        // Release the channel so the source's close() sees the final epoch done.
-        let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
-        task.await.expect("source task");
+        (&mut self.task).await.expect("source task");
         self
     }
 }
