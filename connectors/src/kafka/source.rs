@@ -742,6 +742,9 @@ impl ConsumerLoop {
             }
             // The newest epoch whose predecessors are all durable; later ones are read again.
             self.commit_done();
+            // Leave the group now, so that the others get these partitions at once rather
+            // than after the session timeout.
+            self.consumer.unsubscribe();
         }
         if let Some((producer, _)) = &self.dead_letters {
             let _ = producer.flush(Duration::from_secs(10));

@@ -218,8 +218,11 @@ async fn two_readers_in_one_group_split_the_partitions_and_rebalance() {
             (next..next + 40).map(|k| ((k % 4) as i32, json(k, k))),
         );
         next += 40;
-        a.read_until(|r| !r.keys.is_empty()).await;
-        b.read_until(|r| !r.keys.is_empty()).await;
+        // Short reads, so that production goes on while the group rebalances.
+        a.read_for(Duration::from_secs(1), |r| !r.keys.is_empty())
+            .await;
+        b.read_for(Duration::from_secs(1), |r| !r.keys.is_empty())
+            .await;
     }
     assert!(
         !a.keys.is_empty() && !b.keys.is_empty(),
@@ -244,7 +247,8 @@ async fn two_readers_in_one_group_split_the_partitions_and_rebalance() {
             (next..next + 40).map(|k| ((k % 4) as i32, json(k, k))),
         );
         next += 40;
-        a.read_until(|r| r.partitions.len() == 4).await;
+        a.read_for(Duration::from_secs(1), |r| r.partitions.len() == 4)
+            .await;
     }
     assert_eq!(
         a.partitions.len(),
