@@ -25,6 +25,10 @@ pub struct BenchArgs {
     /// in-process mock cluster.
     #[arg(long)]
     bootstrap: Option<String>,
+    /// kafka: an extra option of the stream's WITH clause, `key=value` (repeatable), e.g.
+    /// `properties.fetch.queue.backoff.ms=10`.
+    #[arg(long = "with", value_name = "KEY=VALUE")]
+    with: Vec<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -73,7 +77,8 @@ async fn kafka(args: &BenchArgs) -> Result<ExitCode, String> {
                 .map_err(|e| e.to_string())?;
         }
     }
-    // Every event is produced first, so that only consuming is measured. librdkafka's mock
+    // Every event is produced first, so that only consuming is measured. Events go to the
+    // partitions in runs of PRODUCER_RUN, as with the sticky partitioner. librdkafka's mock
     // broker keeps at most 5 MB per partition, so there the topic has MOCK_PARTITIONS
     // partitions (the mock broker serves fetches on a thread of this process: its CPU counts).
     let sink_rows = "weir_sink_rows_written_total{pipeline=\"out\"";
@@ -90,9 +95,16 @@ async fn kafka(args: &BenchArgs) -> Result<ExitCode, String> {
     let engine = Engine::open(EngineConfig::default(), Arc::new(Connectors))
         .await
         .map_err(|e| e.to_string())?;
+    let mut extra = String::new();
+    for option in &args.with {
+        let (key, value) = option
+            .split_once('=')
+            .ok_or_else(|| format!("--with {option}: expected KEY=VALUE"))?;
+        extra.push_str(&format!(", '{key}' = '{value}'"));
+    }
     let sql = format!(
         "CREATE STREAM events (k BIGINT, v DOUBLE, ts TIMESTAMP(3), WATERMARK FOR ts AS ts - INTERVAL '1' SECOND) \
-         WITH (connector = 'kafka', topic = '{topic}', 'bootstrap.servers' = '{bootstrap}', 'scan.startup.mode' = 'earliest');
+         WITH (connector = 'kafka', topic = '{topic}', 'bootstrap.servers' = '{bootstrap}', 'scan.startup.mode' = 'earliest'{extra});
          CREATE SINK out FROM events WITH (connector = 'blackhole');"
     );
     for result in engine.execute(&sql).await {
@@ -180,7 +192,7 @@ fn produce_events(
         write_event(&mut line, i, &mut state).map_err(|e| e.to_string())?;
         let mut record = BaseRecord::<(), _>::to(topic)
             .payload(&line[..line.len() - 1])
-            .partition((i % partitions as u64) as i32);
+            .partition(((i / PRODUCER_RUN) % partitions as u64) as i32);
         while let Err((_, back)) = producer.send(record) {
             record = back;
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -194,6 +206,11 @@ fn produce_events(
         failed => Err(format!("{failed} events were not delivered to the broker")),
     }
 }
+
+/// Consecutive events sent to one partition before moving to the next, as Kafka's sticky
+/// partitioner does for unkeyed records: each produce batch then fills up (librdkafka's
+/// `batch.num.messages` is 10 000) instead of holding a few events per partition.
+const PRODUCER_RUN: u64 = 10_000;
 
 /// Partitions of the mock cluster's topic: it keeps at most 100 000 messages or 5 MB per
 /// partition, so 10 M events of ~60 bytes need well over 120.

@@ -201,6 +201,50 @@ async fn a_group_resumes_exactly_where_its_last_commit_left_off() {
     );
 }
 
+/// A pipeline that stops reading for longer than `max.poll.interval.ms` does not cost the
+/// consumer its place in the group: its partitions are paused, not abandoned, and every
+/// record arrives exactly once after the stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_pipeline_pauses_the_partitions_and_keeps_the_group() {
+    let records = 100_000;
+    let cluster = cluster("stall", 4);
+    let bootstrap = cluster.bootstrap_servers();
+    produce(
+        &bootstrap,
+        "stall",
+        (0..records).map(|k| ((k % 4) as i32, json(k, k))),
+    );
+    let factory = factory(
+        &bootstrap,
+        "stall",
+        &[
+            ("group.id", "g-stall"),
+            // The smallest the mock group coordinator accepts (Kafka's
+            // group.min.session.timeout.ms); librdkafka wants max.poll >= session.
+            ("properties.max.poll.interval.ms", "6000"),
+            ("properties.session.timeout.ms", "6000"),
+        ],
+        None,
+    );
+    let mut reader = Reader::start(&factory);
+    reader.read_until(|r| !r.keys.is_empty()).await;
+    // Far more than the pipeline's channels hold is queued: the consumer is blocked for
+    // longer than the poll interval.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    reader
+        .read_until(|r| r.keys.len() >= records as usize)
+        .await;
+    // Give a duplicate (records read again after losing the group) time to show up.
+    reader
+        .read_for(Duration::from_secs(2), |r| r.keys.len() > records as usize)
+        .await;
+    let reader = reader.stop().await;
+    let mut got = reader.keys.clone();
+    got.sort_unstable();
+    assert_eq!(got.len(), records as usize, "every record once, none twice");
+    assert_eq!(got, (0..records).collect::<Vec<_>>());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_readers_in_one_group_split_the_partitions_and_rebalance() {
     let cluster = cluster("split", 4);
