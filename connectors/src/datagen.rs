@@ -45,6 +45,7 @@ pub struct DatagenFactory {
     /// Event time of row 0, ms since the epoch: `start_time`, or the wall clock when the stream
     /// was created, so every pipeline reading the stream sees the same rows.
     start_time: i64,
+    event_time: Option<(usize, i64)>,
 }
 
 impl DatagenFactory {
@@ -87,7 +88,15 @@ impl DatagenFactory {
             seed,
             max_rows,
             start_time,
+            event_time: None,
         })
+    }
+
+    /// The stream's WATERMARK (event-time column index, delay): watermarks follow the
+    /// batches that advance it.
+    pub fn with_event_time(mut self, event_time: Option<(usize, i64)>) -> Self {
+        self.event_time = event_time;
+        self
     }
 }
 
@@ -138,6 +147,9 @@ pub struct DatagenSource {
 #[async_trait]
 impl Source for DatagenSource {
     async fn run(&mut self, ctx: &mut SourceContext) -> Result<SourceExit> {
+        if let Some((column, delay_ms)) = self.config.event_time {
+            ctx.track_event_time(column, delay_ms);
+        }
         let rps = self.config.rows_per_second;
         let start_time = self.config.start_time;
         let batch_rows = if rps == 0 {

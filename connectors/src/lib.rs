@@ -49,11 +49,22 @@ impl ConnectorRegistry for Connectors {
         options: &Options,
     ) -> Result<Arc<dyn SourceFactory>, ConnectorError> {
         let schema = spec.schema.clone();
+        // Sources with one ordered input follow each batch with the watermark it reaches.
+        let event_time = spec.event_time.as_ref().and_then(|et| {
+            let column = schema.index_of(&et.column).ok()?;
+            Some((
+                column,
+                i64::try_from(et.delay.as_millis()).unwrap_or(i64::MAX),
+            ))
+        });
         match connector_name(options)?.as_str() {
-            "datagen" => Ok(Arc::new(datagen::DatagenFactory::try_new(schema, options)?)),
-            "file" => Ok(Arc::new(file::FileSourceFactory::try_new(
-                &spec.name, schema, options,
-            )?)),
+            "datagen" => Ok(Arc::new(
+                datagen::DatagenFactory::try_new(schema, options)?.with_event_time(event_time),
+            )),
+            "file" => Ok(Arc::new(
+                file::FileSourceFactory::try_new(&spec.name, schema, options)?
+                    .with_event_time(event_time),
+            )),
             "kafka" => Ok(Arc::new(kafka::KafkaSourceFactory::try_new(spec, options)?)),
             later if LATER_SOURCES.contains(&later) => Err(ConnectorError::NotSupported(format!(
                 "the '{later}' source connector"

@@ -5,23 +5,32 @@
 //! DataFusion physical expressions. What this release cannot run continuously (aggregation,
 //! joins, window TVFs, ORDER BY) is refused with SQLSTATE 0A000 naming the feature.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
+use datafusion::common::tree_node::TreeNode;
 use datafusion::execution::context::SessionState;
-use datafusion::logical_expr::{FetchType, LogicalPlan, SkipType};
+use datafusion::logical_expr::{
+    Aggregate, Expr as Expr_, FetchType, LogicalPlan, SkipType,
+    physical_planning_context::PhysicalPlanningContext,
+};
 use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_expr::aggregate::LoweredAggregateBuilder;
 use datafusion::physical_expr::expressions::Column;
 use sqlparser::ast::{
     Expr, Ident, Query, SelectItem, SelectItemQualifiedWildcardKind, SetExpr, TableFactor,
     TableWithJoins, WildcardAdditionalOptions,
 };
 use weir_runtime::Operator;
-use weir_runtime::operators::{FilterOperator, ProjectOperator};
+use weir_runtime::operators::{
+    FilterOperator, GroupColumn, ProjectOperator, WindowAggregate, WindowAggregateSpec, WindowKind,
+};
 use weir_sql::ObjectKind;
 
 use crate::catalog::Catalog;
 use crate::error::{PlanError, Result};
+use crate::window;
 
 /// A lowered continuous query: reads `input`, applies `steps`, produces `schema`.
 #[derive(Debug)]
@@ -48,6 +57,11 @@ enum Step {
         schema: SchemaRef,
         text: String,
     },
+    Window {
+        spec: Arc<WindowAggregateSpec>,
+        input_schema: SchemaRef,
+        text: String,
+    },
 }
 
 impl ContinuousPlan {
@@ -65,6 +79,9 @@ impl ContinuousPlan {
                     Step::Project { exprs, schema, .. } => {
                         Box::new(ProjectOperator::new(exprs.clone(), schema.clone()))
                     }
+                    Step::Window {
+                        spec, input_schema, ..
+                    } => Box::new(WindowAggregate::try_new(spec.clone(), input_schema)?),
                 })
             })
             .collect()
@@ -80,6 +97,7 @@ impl ContinuousPlan {
             lines.push(match step {
                 Step::Filter { text, .. } => format!("  -> filter: {text}"),
                 Step::Project { text, .. } => format!("  -> project: {text}"),
+                Step::Window { text, .. } => format!("  -> window aggregate: {text}"),
             });
         }
         if let Some(limit) = self.limit {
@@ -112,52 +130,28 @@ fn check_table_with_joins(t: &TableWithJoins) -> Result<()> {
 }
 
 fn check_factor(factor: &TableFactor) -> Result<()> {
-    let window = |name: &str| -> Result<()> {
-        let upper = name.to_ascii_uppercase();
-        if matches!(upper.as_str(), "TUMBLE" | "HOP" | "SESSION") {
-            return Err(PlanError::NotSupported(format!(
-                "windowed aggregation with {upper}"
-            )));
-        }
-        Ok(())
-    };
     match factor {
         TableFactor::Table {
-            name,
-            args,
-            version,
-            ..
-        } => {
-            if version.is_some() {
-                return Err(PlanError::NotSupported(
-                    "lookup JOIN (FOR SYSTEM_TIME AS OF)".into(),
-                ));
-            }
-            if args.is_some()
-                && let Some(last) = name.0.last().and_then(|p| p.as_ident())
-            {
-                window(&last.value)?;
-            }
-            Ok(())
-        }
-        TableFactor::TableFunction { expr, .. } => {
-            if let sqlparser::ast::Expr::Function(f) = expr
-                && let Some(last) = f.name.0.last().and_then(|p| p.as_ident())
-            {
-                window(&last.value)?;
-            }
-            Ok(())
-        }
-        TableFactor::Function { name, .. } => match name.0.last().and_then(|p| p.as_ident()) {
-            Some(last) => window(&last.value),
-            None => Ok(()),
-        },
+            version: Some(_), ..
+        } => Err(PlanError::NotSupported(
+            "lookup JOIN (FOR SYSTEM_TIME AS OF)".into(),
+        )),
         TableFactor::Derived { subquery, .. } => check_supported_syntax(subquery),
         TableFactor::NestedJoin {
             table_with_joins, ..
         } => check_table_with_joins(table_with_joins),
         _ => Ok(()),
     }
+}
+
+/// Everything a continuous query's AST goes through before DataFusion plans it: refusals
+/// of what is not supported yet, window calls rewritten ([`window::rewrite_windows`]), `*`
+/// expanded ([`expand_wildcards`]).
+pub fn prepare(query: &mut Query, catalog: &Catalog) -> Result<()> {
+    check_supported_syntax(query)?;
+    window::rewrite_windows(query, catalog)?;
+    expand_wildcards(query, catalog);
+    Ok(())
 }
 
 /// `SELECT *` over a stream lists its declared columns only: the columns a source adds
@@ -271,6 +265,20 @@ pub fn scanned_objects(plan: &LogicalPlan, catalog: &Catalog) -> Vec<(String, Ob
     found
 }
 
+/// Whether a plan holds a window's placeholder columns (they mean something only to the
+/// window operator of a continuous query).
+pub fn uses_window(plan: &LogicalPlan) -> bool {
+    plan.exists(|node| {
+        Ok(node.expressions().iter().any(|e| {
+            e.exists(|e| {
+                Ok(matches!(e, Expr_::ScalarFunction(f) if window::is_placeholder(f.name())))
+            })
+            .unwrap_or(true)
+        }))
+    })
+    .unwrap_or(true)
+}
+
 /// Lowers an optimized logical plan over one stream (or view) to a [`ContinuousPlan`].
 pub fn lower(
     plan: &LogicalPlan,
@@ -281,8 +289,14 @@ pub fn lower(
         input: None,
         steps: Vec::new(),
         limit: None,
+        window_columns: HashMap::new(),
     };
     lowering.visit(plan, state, catalog)?;
+    if !lowering.window_columns.is_empty() {
+        return Err(PlanError::NotSupported(
+            "a window (TUMBLE, HOP) without GROUP BY window_start, window_end: window results are aggregates per window".into(),
+        ));
+    }
     let Some((input, input_kind, input_schema)) = lowering.input else {
         return Err(PlanError::NotSupported(
             "a continuous query that reads no stream or materialized view".into(),
@@ -295,6 +309,7 @@ pub fn lower(
         .rev()
         .find_map(|s| match s {
             Step::Project { schema, .. } => Some(schema.clone()),
+            Step::Window { spec, .. } => Some(spec.schema.clone()),
             Step::Filter { .. } => None,
         })
         .unwrap_or(input_schema);
@@ -340,6 +355,9 @@ struct Lowering {
     input: Option<(String, ObjectKind, SchemaRef)>,
     steps: Vec<Step>,
     limit: Option<usize>,
+    /// Columns of the current output that stand for a window's bounds (placeholders that
+    /// still hold the event time), by name, until the `GROUP BY` that consumes them.
+    window_columns: HashMap<String, (WindowKind, GroupColumn)>,
 }
 
 impl Lowering {
@@ -347,24 +365,52 @@ impl Lowering {
         match plan {
             LogicalPlan::Projection(p) => {
                 self.visit(&p.input, state, catalog)?;
+                let mut window_columns = HashMap::new();
+                for (i, e) in p.expr.iter().enumerate() {
+                    if let Some(column) = self.window_column(e) {
+                        window_columns.insert(p.schema.field(i).name().clone(), column);
+                    } else if self.mentions_window(e) {
+                        return Err(window_expression(e));
+                    }
+                }
+                self.window_columns = window_columns;
                 let exprs = p
                     .expr
                     .iter()
                     .map(|e| state.create_physical_expr(e.clone(), p.input.schema()))
                     .collect::<Result<Vec<_>, _>>()?;
-                let text = p.expr.iter().map(|e| e.to_string()).collect::<Vec<_>>().join(", ");
+                let text = p
+                    .expr
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 let schema = Arc::new(p.schema.as_arrow().clone());
-                self.steps.push(Step::Project { exprs, schema, text });
+                self.steps.push(Step::Project {
+                    exprs,
+                    schema,
+                    text,
+                });
                 Ok(())
             }
             LogicalPlan::Filter(f) => {
                 self.visit(&f.input, state, catalog)?;
                 if self.limit.is_some() {
-                    return Err(PlanError::NotSupported("a WHERE above a LIMIT in a continuous query".into()));
+                    return Err(PlanError::NotSupported(
+                        "a WHERE above a LIMIT in a continuous query".into(),
+                    ));
                 }
-                let predicate = state.create_physical_expr(f.predicate.clone(), f.input.schema())?;
+                if self.mentions_window(&f.predicate) {
+                    return Err(window_expression(&f.predicate));
+                }
+                let predicate =
+                    state.create_physical_expr(f.predicate.clone(), f.input.schema())?;
                 let input_schema = Arc::new(f.input.schema().as_arrow().clone());
-                self.steps.push(Step::Filter { predicate, input_schema, text: f.predicate.to_string() });
+                self.steps.push(Step::Filter {
+                    predicate,
+                    input_schema,
+                    text: f.predicate.to_string(),
+                });
                 Ok(())
             }
             LogicalPlan::SubqueryAlias(a) => self.visit(&a.input, state, catalog),
@@ -372,7 +418,9 @@ impl Lowering {
                 self.visit(&l.input, state, catalog)?;
                 let skip = matches!(l.get_skip_type()?, SkipType::Literal(0));
                 let FetchType::Literal(fetch) = l.get_fetch_type()? else {
-                    return Err(PlanError::NotSupported("a LIMIT that is not a constant".into()));
+                    return Err(PlanError::NotSupported(
+                        "a LIMIT that is not a constant".into(),
+                    ));
                 };
                 if !skip {
                     return Err(PlanError::NotSupported("OFFSET over a stream".into()));
@@ -387,46 +435,210 @@ impl Lowering {
                         scan.table_name
                     )));
                 };
-                if !matches!(entry.kind, ObjectKind::Stream | ObjectKind::MaterializedView) {
+                if !matches!(
+                    entry.kind,
+                    ObjectKind::Stream | ObjectKind::MaterializedView
+                ) {
                     return Err(PlanError::NotSupported(format!(
                         "reading {} \"{name}\" continuously (tables are the lookup side of joins, which arrive with lookup JOIN)",
                         entry.kind
                     )));
                 }
                 if !scan.filters.is_empty() {
-                    return Err(PlanError::Internal("filters pushed into a stream scan".into()));
+                    return Err(PlanError::Internal(
+                        "filters pushed into a stream scan".into(),
+                    ));
                 }
                 // The scanned table's schema: the declared columns and any hidden ones.
                 let full = scan.source.schema();
                 self.input = Some((entry.name.clone(), entry.kind, full.clone()));
                 if let Some(projection) = &scan.projection
-                    && (projection.len() != full.fields().len() || projection.iter().enumerate().any(|(i, p)| i != *p)) {
-                        let exprs = projection
-                            .iter()
-                            .map(|&i| Arc::new(Column::new(full.field(i).name(), i)) as Arc<dyn PhysicalExpr>)
-                            .collect();
-                        let schema = Arc::new(full.project(projection)?);
-                        let text = schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ");
-                        self.steps.push(Step::Project { exprs, schema, text });
-                    }
+                    && (projection.len() != full.fields().len()
+                        || projection.iter().enumerate().any(|(i, p)| i != *p))
+                {
+                    let exprs = projection
+                        .iter()
+                        .map(|&i| {
+                            Arc::new(Column::new(full.field(i).name(), i)) as Arc<dyn PhysicalExpr>
+                        })
+                        .collect();
+                    let schema = Arc::new(full.project(projection)?);
+                    let text = schema
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    self.steps.push(Step::Project {
+                        exprs,
+                        schema,
+                        text,
+                    });
+                }
                 if let Some(fetch) = scan.fetch {
                     self.set_limit(Some(fetch))?;
                 }
                 Ok(())
             }
-            LogicalPlan::Aggregate(_) => Err(PlanError::NotSupported(
-                "aggregation over a stream (GROUP BY over a stream needs a window: TUMBLE, HOP or SESSION)".into(),
+            LogicalPlan::Aggregate(a) => {
+                self.visit(&a.input, state, catalog)?;
+                self.lower_window_aggregate(a, state)
+            }
+            LogicalPlan::Join(_) => Err(PlanError::NotSupported(
+                "joins over streams (lookup JOIN)".into(),
             )),
-            LogicalPlan::Join(_) => Err(PlanError::NotSupported("joins over streams (lookup JOIN)".into())),
-            LogicalPlan::Sort(_) => Err(PlanError::NotSupported("ORDER BY over an unbounded stream".into())),
-            LogicalPlan::Window(_) => Err(PlanError::NotSupported("window functions (OVER) over a stream".into())),
-            LogicalPlan::Distinct(_) => Err(PlanError::NotSupported("DISTINCT over a stream".into())),
+            LogicalPlan::Sort(_) => Err(PlanError::NotSupported(
+                "ORDER BY over an unbounded stream".into(),
+            )),
+            LogicalPlan::Window(_) => Err(PlanError::NotSupported(
+                "window functions (OVER) over a stream".into(),
+            )),
+            LogicalPlan::Distinct(_) => {
+                Err(PlanError::NotSupported("DISTINCT over a stream".into()))
+            }
             LogicalPlan::Union(_) => Err(PlanError::NotSupported("UNION of streams".into())),
             other => Err(PlanError::NotSupported(format!(
                 "{} in a continuous query",
-                other.display().to_string().split(':').next().unwrap_or("this operator")
+                other
+                    .display()
+                    .to_string()
+                    .split(':')
+                    .next()
+                    .unwrap_or("this operator")
             ))),
         }
+    }
+
+    /// What `e` is if it stands for a window bound: a placeholder call, or a column
+    /// passing one through.
+    fn window_column(&self, e: &Expr_) -> Option<(WindowKind, GroupColumn)> {
+        match e {
+            Expr_::Alias(a) => self.window_column(&a.expr),
+            Expr_::Column(c) => self.window_columns.get(&c.name).copied(),
+            Expr_::ScalarFunction(f) if window::is_placeholder(f.name()) => {
+                let kind = window::placeholder_window(&f.args)?;
+                let column = if f.name() == window::WINDOW_START {
+                    GroupColumn::WindowStart
+                } else {
+                    GroupColumn::WindowEnd
+                };
+                Some((kind, column))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether `e` reads a window bound anywhere (a placeholder call or a column holding one).
+    fn mentions_window(&self, e: &Expr_) -> bool {
+        e.exists(|e| {
+            Ok(match e {
+                Expr_::Column(c) => self.window_columns.contains_key(&c.name),
+                Expr_::ScalarFunction(f) => window::is_placeholder(f.name()),
+                _ => false,
+            })
+        })
+        .unwrap_or(true)
+    }
+
+    /// `GROUP BY window_start, window_end, keys...` over a window's rows.
+    fn lower_window_aggregate(&mut self, a: &Aggregate, state: &SessionState) -> Result<()> {
+        let not_windowed = || {
+            PlanError::NotSupported(
+                "aggregation over a stream without a window (GROUP BY window_start, window_end of TUMBLE or HOP)".into(),
+            )
+        };
+        let input_schema = Arc::new(a.input.schema().as_arrow().clone());
+        let mut kind = None;
+        let mut time = None;
+        let mut keys = Vec::new();
+        let mut group_columns = Vec::new();
+        for e in &a.group_expr {
+            if matches!(e, Expr_::GroupingSet(_)) {
+                return Err(PlanError::NotSupported(
+                    "GROUPING SETS, ROLLUP and CUBE over a stream".into(),
+                ));
+            }
+            match self.window_column(e) {
+                Some((k, column)) => {
+                    if kind.is_some_and(|known| known != k) {
+                        return Err(PlanError::NotSupported(
+                            "GROUP BY over two different windows".into(),
+                        ));
+                    }
+                    kind = Some(k);
+                    // The placeholder column holds the event time.
+                    time = Some(state.create_physical_expr(e.clone(), a.input.schema())?);
+                    group_columns.push(column);
+                }
+                None if self.mentions_window(e) => return Err(window_expression(e)),
+                None => {
+                    group_columns.push(GroupColumn::Key(keys.len()));
+                    keys.push(state.create_physical_expr(e.clone(), a.input.schema())?);
+                }
+            }
+        }
+        let (Some(kind), Some(time)) = (kind, time) else {
+            return Err(not_windowed());
+        };
+        let planning = PhysicalPlanningContext::default();
+        let mut aggregates = Vec::with_capacity(a.aggr_expr.len());
+        let mut filters = Vec::with_capacity(a.aggr_expr.len());
+        for e in &a.aggr_expr {
+            if self.mentions_window(e) {
+                return Err(window_expression(e));
+            }
+            let lowered = LoweredAggregateBuilder::new(
+                e,
+                a.input.schema(),
+                &input_schema,
+                state.execution_props(),
+                &planning,
+            )
+            .build()?;
+            aggregates.push(lowered.aggregate);
+            filters.push(lowered.filter);
+        }
+        let schema: SchemaRef = Arc::new(a.schema.as_arrow().clone());
+        let text = format!(
+            "{} keys [{}] aggregates [{}]",
+            match kind {
+                WindowKind::Tumble { size } => format!("TUMBLE size {}", fmt_millis(size)),
+                WindowKind::Hop { size, slide } =>
+                    format!("HOP size {} slide {}", fmt_millis(size), fmt_millis(slide)),
+            },
+            a.group_expr
+                .iter()
+                .zip(&group_columns)
+                .filter(|(_, c)| matches!(c, GroupColumn::Key(_)))
+                .map(|(e, _)| e.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            a.aggr_expr
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let spec = WindowAggregateSpec {
+            kind,
+            time,
+            keys,
+            aggregates,
+            filters,
+            group_columns,
+            schema,
+            allowed_lateness: 0,
+        };
+        let spec = Arc::new(spec);
+        // Checked here, not first at run time.
+        WindowAggregate::try_new(spec.clone(), &input_schema)?;
+        self.steps.push(Step::Window {
+            spec,
+            input_schema,
+            text,
+        });
+        self.window_columns.clear();
+        Ok(())
     }
 
     fn set_limit(&mut self, fetch: Option<usize>) -> Result<()> {
@@ -435,4 +647,26 @@ impl Lowering {
         }
         Ok(())
     }
+}
+
+/// `60000` as `1m`, `1500` as `1500ms`: window sizes in EXPLAIN.
+fn fmt_millis(ms: i64) -> String {
+    const UNITS: [(i64, &str); 4] = [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1000, "s"),
+    ];
+    UNITS.iter().find(|(unit, _)| ms % unit == 0).map_or_else(
+        || format!("{ms}ms"),
+        |(unit, name)| format!("{}{name}", ms / unit),
+    )
+}
+
+/// 0A000 for an expression over window_start / window_end before the GROUP BY: the bounds
+/// exist only once the window operator has assigned the rows.
+fn window_expression(e: &Expr_) -> PlanError {
+    PlanError::NotSupported(format!(
+        "{e}: an expression or WHERE over window_start or window_end before the GROUP BY (use them as GROUP BY columns, then in HAVING or an outer query)"
+    ))
 }

@@ -16,6 +16,7 @@ pub mod continuous;
 pub mod error;
 pub mod schema;
 pub mod tables;
+pub mod window;
 
 pub use catalog::{Catalog, CatalogEntry};
 pub use continuous::ContinuousPlan;

@@ -97,7 +97,7 @@ impl ContextProvider for TypesOnly {
 /// The delay of `WATERMARK FOR c AS c - INTERVAL '5' SECOND`; `AS c` means none. Other
 /// watermark expressions are refused (0A000).
 pub fn watermark_delay(watermark: &weir_sql::Watermark) -> Result<std::time::Duration> {
-    use sqlparser::ast::{BinaryOperator, Expr, Value};
+    use sqlparser::ast::{BinaryOperator, Expr};
     let not_supported = || {
         PlanError::NotSupported(format!(
             "WATERMARK expression {}: write `{c} - INTERVAL '...' <unit>` or `{c}`",
@@ -121,24 +121,28 @@ pub fn watermark_delay(watermark: &weir_sql::Watermark) -> Result<std::time::Dur
             left,
             op: BinaryOperator::Minus,
             right,
-        } if is_column(left) => {
-            let Expr::Interval(interval) = right.as_ref() else {
-                return Err(not_supported());
-            };
-            let Expr::Value(value) = interval.value.as_ref() else {
-                return Err(not_supported());
-            };
-            let Value::SingleQuotedString(text) = &value.value else {
-                return Err(not_supported());
-            };
-            let text = match &interval.leading_field {
-                Some(unit) => format!("{text} {unit}"),
-                None => text.clone(),
-            };
-            weir_sql::options::parse_duration(&text).ok_or_else(not_supported)
-        }
+        } if is_column(left) => interval_duration(right).ok_or_else(not_supported),
         _ => Err(not_supported()),
     }
+}
+
+/// `INTERVAL '5' SECOND` or `INTERVAL '10 seconds'` as a duration; None for anything else.
+pub fn interval_duration(expr: &sqlparser::ast::Expr) -> Option<std::time::Duration> {
+    use sqlparser::ast::{Expr, Value};
+    let Expr::Interval(interval) = expr else {
+        return None;
+    };
+    let Expr::Value(value) = interval.value.as_ref() else {
+        return None;
+    };
+    let Value::SingleQuotedString(text) = &value.value else {
+        return None;
+    };
+    let text = match &interval.leading_field {
+        Some(unit) => format!("{text} {unit}"),
+        None => text.clone(),
+    };
+    weir_sql::options::parse_duration(&text)
 }
 
 #[cfg(test)]

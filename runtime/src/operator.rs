@@ -57,6 +57,36 @@ pub struct SourceContext {
     shutdown: CancellationToken,
     /// Counters for this source, labelled with its pipeline.
     pub metrics: SourceMetrics,
+    event_time: Option<EventTimeTracker>,
+}
+
+/// The watermark of a source that reads in event-time order per batch (a file, datagen):
+/// the highest event time seen minus the delay.
+struct EventTimeTracker {
+    column: usize,
+    delay_ms: i64,
+    watermark: Option<i64>,
+}
+
+impl EventTimeTracker {
+    /// The new watermark, if `batch` advances it.
+    fn observe(&mut self, batch: &RecordBatch) -> Option<Watermark> {
+        let column = batch.columns().get(self.column)?;
+        let millis = arrow::compute::cast(
+            column,
+            &arrow::datatypes::DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, None),
+        )
+        .ok()?;
+        let millis = millis
+            .as_any()
+            .downcast_ref::<arrow::array::TimestampMillisecondArray>()?;
+        let mark = arrow::compute::max(millis)?.saturating_sub(self.delay_ms);
+        if self.watermark.is_some_and(|w| mark <= w) {
+            return None;
+        }
+        self.watermark = Some(mark);
+        Some(Watermark(mark))
+    }
 }
 
 impl SourceContext {
@@ -69,15 +99,39 @@ impl SourceContext {
             out,
             shutdown,
             metrics,
+            event_time: None,
         }
+    }
+
+    /// From now on, every batch emitted whose event times (column `column`) pass the
+    /// watermark is followed by the new watermark: the highest event time seen minus
+    /// `delay_ms`. For sources with one ordered input; Kafka tracks partitions itself.
+    pub fn track_event_time(&mut self, column: usize, delay_ms: i64) {
+        self.event_time = Some(EventTimeTracker {
+            column,
+            delay_ms,
+            watermark: None,
+        });
     }
 
     /// Sends a message downstream, waiting while the channel is full (back-pressure).
     /// Returns `false` once the pipeline is stopping: the source should return.
     pub async fn emit(&mut self, message: Message) -> bool {
+        let mut watermark = None;
         if let Message::Data(batch) = &message {
             self.metrics.records_out.inc_by(batch.num_rows() as u64);
+            watermark = self.event_time.as_mut().and_then(|t| t.observe(batch));
         }
+        if !self.send(message).await {
+            return false;
+        }
+        match watermark {
+            Some(mark) => self.send(Message::Watermark(mark)).await,
+            None => true,
+        }
+    }
+
+    async fn send(&mut self, message: Message) -> bool {
         tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => false,

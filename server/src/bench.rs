@@ -37,12 +37,24 @@ enum Which {
     FileFilter,
     /// The same events as Kafka messages on a 4-partition topic → Kafka source → blackhole.
     Kafka,
+    /// The file-filter events → `TUMBLE(1 minute)` with count, sum, max GROUP BY k → blackhole.
+    Tumble,
+    /// The same through `HOP(2 seconds, 10 seconds)`.
+    Hop,
 }
 
 pub async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     match args.which {
         Which::FileFilter => file_filter(&args).await,
         Which::Kafka => kafka(&args).await,
+        Which::Tumble => window(&args, "TUMBLE(events, ts, INTERVAL '1' MINUTE)").await,
+        Which::Hop => {
+            window(
+                &args,
+                "HOP(events, ts, INTERVAL '2' SECOND, INTERVAL '10' SECOND)",
+            )
+            .await
+        }
     }
 }
 
@@ -240,7 +252,8 @@ fn counter(metrics: &str, prefix: &str) -> u64 {
         .sum()
 }
 
-async fn file_filter(args: &BenchArgs) -> Result<ExitCode, String> {
+/// The benchmark's NDJSON file of `args.events` events, generated once.
+fn input_file(args: &BenchArgs) -> Result<PathBuf, String> {
     std::fs::create_dir_all(&args.dir).map_err(|e| e.to_string())?;
     let input = args.dir.join(format!("events-{}.ndjson", args.events));
     if !input.exists() {
@@ -251,15 +264,48 @@ async fn file_filter(args: &BenchArgs) -> Result<ExitCode, String> {
         );
         write_events(&input, args.events).map_err(|e| e.to_string())?;
     }
+    Ok(input)
+}
+
+/// `window` over the file's events: count, sum and max of v per k and window, watermark
+/// 1 s behind the event time, into the blackhole sink.
+async fn window(args: &BenchArgs, window: &str) -> Result<ExitCode, String> {
+    let input = input_file(args)?;
+    let sql = format!(
+        "CREATE STREAM events (k BIGINT, v DOUBLE, ts TIMESTAMP(3), WATERMARK FOR ts AS ts - INTERVAL '1' SECOND) \
+           WITH (connector = 'file', path = '{}', format = 'json');
+         CREATE SINK out WITH (connector = 'blackhole') AS
+           SELECT window_start, window_end, k, count(*) AS n, sum(v) AS total, max(v) AS top
+           FROM {window} GROUP BY window_start, window_end, k;",
+        input.display()
+    );
+    let title = format!("{window} (NDJSON file source -> count, sum, max GROUP BY k -> blackhole)");
+    run_to_end(args, &sql, &title, "window rows emitted").await
+}
+
+async fn file_filter(args: &BenchArgs) -> Result<ExitCode, String> {
+    let input = input_file(args)?;
     let sql = format!(
         "CREATE STREAM events (k BIGINT, v DOUBLE, ts TIMESTAMP(3)) WITH (connector = 'file', path = '{}', format = 'json');
          CREATE SINK out WITH (connector = 'blackhole') AS SELECT k, v, ts FROM events WHERE v > 10;",
         input.display()
     );
+    let title = "file-filter (NDJSON file source -> filter v > 10 -> blackhole)";
+    run_to_end(args, &sql, title, "sink rows received").await
+}
+
+/// Runs `sql` (a file stream `events` and a sink `out`) until the file is read, then prints
+/// the figures and, as proof of work, what the source read and the sink received.
+async fn run_to_end(
+    args: &BenchArgs,
+    sql: &str,
+    title: &str,
+    sink_rows: &str,
+) -> Result<ExitCode, String> {
     let engine = Engine::open(EngineConfig::default(), Arc::new(Connectors))
         .await
         .map_err(|e| e.to_string())?;
-    for result in engine.execute(&sql).await {
+    for result in engine.execute(sql).await {
         result.map_err(|e| e.to_string())?;
     }
     let cpu_before = cpu_seconds();
@@ -269,14 +315,13 @@ async fn file_filter(args: &BenchArgs) -> Result<ExitCode, String> {
     let wall = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu_before;
     let events = args.events as f64;
-    println!("benchmark: file-filter (NDJSON file source -> filter v > 10 -> blackhole)");
+    println!("benchmark: {title}");
     println!("events:                {}", args.events);
     println!("wall seconds:          {wall:.2}");
     println!("cpu seconds:           {cpu:.2}");
     println!("events/s:              {:.0}", events / wall);
     println!("events per cpu-second: {:.0}", events / cpu.max(1e-9));
     println!("peak RSS:              {} MiB", peak_rss_kib() / 1024);
-    // Proof of work: what the source read and the sink received, from Weir's own metrics.
     let metrics = engine.metrics().encode();
     println!(
         "source records read:   {}",
@@ -286,7 +331,8 @@ async fn file_filter(args: &BenchArgs) -> Result<ExitCode, String> {
         )
     );
     println!(
-        "sink rows received:    {}",
+        "{:<23}{}",
+        format!("{sink_rows}:"),
         counter(&metrics, "weir_sink_rows_written_total{pipeline=\"out\"")
     );
     Ok(ExitCode::SUCCESS)

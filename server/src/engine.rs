@@ -118,6 +118,9 @@ struct State {
     shared: HashMap<String, SharedSource>,
     /// False while restoring or loading files: pipelines start together in `start_all`.
     started: bool,
+    /// While statements sent together run: their sources start only once all of them are
+    /// wired, so that a view over a view created in the same command sees every row.
+    batch_release: Option<CancellationToken>,
 }
 
 /// Executes statements. Cheap to share (`Arc`); DDL is serialized, queries run concurrently.
@@ -159,6 +162,9 @@ impl Engine {
             .sql_parser
             .map_string_types_to_utf8view = false;
         let ctx = SessionContext::new_with_config(session);
+        for udf in weir_planner::window::placeholder_udfs() {
+            ctx.register_udf(udf);
+        }
         datafusion_pg_catalog::setup_pg_catalog(
             &ctx,
             DATABASE,
@@ -171,6 +177,7 @@ impl Engine {
                 running: HashMap::new(),
                 shared: HashMap::new(),
                 started: false,
+                batch_release: None,
             }),
             ctx,
             connectors,
@@ -230,6 +237,8 @@ impl Engine {
             Ok(parsed) => parsed,
             Err(e) => return vec![Err(e)],
         };
+        let together = (parsed.len() > 1).then(CancellationToken::new);
+        self.state.lock().await.batch_release = together.clone();
         let mut results = Vec::with_capacity(parsed.len());
         for statement in parsed {
             let result = self.execute_statement(statement).await;
@@ -238,6 +247,10 @@ impl Engine {
             if failed {
                 break;
             }
+        }
+        if let Some(token) = together {
+            self.state.lock().await.batch_release = None;
+            token.cancel();
         }
         results
     }
@@ -440,8 +453,7 @@ impl Engine {
         catalog: &Catalog,
         mut query: sqlparser::ast::Query,
     ) -> Result<ContinuousPlan> {
-        continuous::check_supported_syntax(&query)?;
-        continuous::expand_wildcards(&mut query, catalog);
+        continuous::prepare(&mut query, catalog)?;
         let plan = self.logical_plan(query).await?;
         let scanned = continuous::scanned_objects(&plan, catalog);
         if !scanned
@@ -647,7 +659,11 @@ impl Engine {
                 })?;
                 if factory.is_shared() {
                     if !state.shared.contains_key(&input_name) {
-                        let shared = self.start_shared(&input_name, factory.as_ref())?;
+                        let shared = self.start_shared(
+                            &input_name,
+                            factory.as_ref(),
+                            Self::release(state, &self.release),
+                        )?;
                         state.shared.insert(input_name.clone(), shared);
                     }
                     let shared = state.shared.get_mut(&input_name).ok_or_else(|| {
@@ -660,7 +676,7 @@ impl Engine {
                     let (rx, task) = pipeline::spawn_source(
                         factory.create()?,
                         stop.clone(),
-                        self.release.clone(),
+                        Self::release(state, &self.release),
                         metrics,
                         status.clone(),
                         name.to_string(),
@@ -757,15 +773,29 @@ impl Engine {
         Ok(Output::Command(format!("DROP {}", kind.sql_name())))
     }
 
+    /// The token a new source waits on: the one of the statements being executed together,
+    /// or the engine's (cancelled once everything defined at start is wired).
+    fn release(state: &State, engine: &CancellationToken) -> CancellationToken {
+        state
+            .batch_release
+            .clone()
+            .unwrap_or_else(|| engine.clone())
+    }
+
     /// Starts the one source of a shared stream; pipelines subscribe to its output.
-    fn start_shared(&self, stream: &str, factory: &dyn SourceFactory) -> Result<SharedSource> {
+    fn start_shared(
+        &self,
+        stream: &str,
+        factory: &dyn SourceFactory,
+        release: CancellationToken,
+    ) -> Result<SharedSource> {
         let stop = self.shutdown.child_token();
         let status = StatusCell::default();
         let output = Fanout::new();
         let (rx, source_task) = pipeline::spawn_source(
             factory.create()?,
             stop.clone(),
-            self.release.clone(),
+            release,
             self.metrics.source(stream, factory.connector()),
             status.clone(),
             stream.to_string(),
@@ -815,8 +845,7 @@ impl Engine {
 
     async fn explain(&self, mut query: sqlparser::ast::Query) -> Result<Output> {
         let state = self.state.lock().await;
-        continuous::check_supported_syntax(&query)?;
-        continuous::expand_wildcards(&mut query, &state.catalog);
+        continuous::prepare(&mut query, &state.catalog)?;
         let plan = self.logical_plan(query).await?;
         let scanned = continuous::scanned_objects(&plan, &state.catalog);
         let lines = if scanned.iter().any(|(_, k)| *k == ObjectKind::Stream) {
@@ -838,8 +867,7 @@ impl Engine {
     }
 
     async fn query(&self, mut query: sqlparser::ast::Query) -> Result<Output> {
-        continuous::check_supported_syntax(&query)?;
-        continuous::expand_wildcards(&mut query, &self.state.lock().await.catalog);
+        continuous::prepare(&mut query, &self.state.lock().await.catalog)?;
         let plan = self.logical_plan(query).await?;
         self.run_plan(plan).await
     }
@@ -858,6 +886,11 @@ impl Engine {
             return self.start_tail(&state, lowered, limit);
         }
         drop(state);
+        if continuous::uses_window(&plan) {
+            return Err(PlanError::NotSupported(
+                "a window (TUMBLE, HOP) in a one-off SELECT over a materialized view: windows run continuously; create a materialized view with it, or group the rows by date_bin(...)".into(),
+            ));
+        }
         let schema = Arc::new(plan.schema().as_arrow().clone());
         let batches = self.ctx.execute_logical_plan(plan).await?.collect().await?;
         Ok(Output::Rows { schema, batches })
@@ -1032,8 +1065,9 @@ impl Engine {
         let Statement::Query(query) = parsed.statement else {
             return self.execute_statement(parsed).await;
         };
-        continuous::check_supported_syntax(&query)?;
-        let plan = self.logical_plan(*query).await?.with_param_values(params)?;
+        let mut query = *query;
+        continuous::prepare(&mut query, &self.state.lock().await.catalog)?;
+        let plan = self.logical_plan(query).await?.with_param_values(params)?;
         let plan = self.ctx.state().optimize(&plan)?;
         self.run_plan(plan).await
     }

@@ -33,6 +33,7 @@ pub struct FileSourceFactory {
     follow: bool,
     follow_interval: Duration,
     dead_letter: Option<PathBuf>,
+    event_time: Option<(usize, i64)>,
 }
 
 impl FileSourceFactory {
@@ -87,7 +88,15 @@ impl FileSourceFactory {
             follow,
             follow_interval,
             dead_letter,
+            event_time: None,
         })
+    }
+
+    /// The stream's WATERMARK (event-time column index, delay): watermarks follow the
+    /// batches that advance it.
+    pub fn with_event_time(mut self, event_time: Option<(usize, i64)>) -> Self {
+        self.event_time = event_time;
+        self
     }
 }
 
@@ -132,6 +141,9 @@ struct FileCursor {
 #[async_trait]
 impl Source for FileSource {
     async fn run(&mut self, ctx: &mut SourceContext) -> Result<SourceExit> {
+        if let Some((column, delay_ms)) = self.config.event_time {
+            ctx.track_event_time(column, delay_ms);
+        }
         let mut decoder =
             BlockDecoder::new(self.config.schema.clone(), self.config.format, BATCH_ROWS);
         let mut cursors: Vec<FileCursor> = Vec::new();

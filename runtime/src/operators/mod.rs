@@ -5,3 +5,5 @@ mod project;
 
 pub use filter::FilterOperator;
 pub use project::ProjectOperator;
+mod window;
+pub use window::{GroupColumn, WindowAggregate, WindowAggregateSpec, WindowKind};

@@ -1,0 +1,803 @@
+//! [`WindowAggregate`]: `GROUP BY` over TUMBLE and HOP windows, incremental and Arrow-batched.
+//!
+//! Every record updates exactly one **pane**: the slide-aligned interval holding its event
+//! time (for TUMBLE the pane is the window). A pane's groups are interned with DataFusion's
+//! [`GroupValues`] (one hash pass per batch) and aggregated with each aggregate's
+//! [`GroupsAccumulator`] where it has one, its row [`Accumulator`] otherwise.
+//!
+//! - TUMBLE: when the watermark passes `window_end + allowed_lateness`, the pane is evaluated
+//!   and freed.
+//! - HOP: when the watermark passes a pane's end (plus lateness) the pane is frozen into its
+//!   aggregate *states*; a window is then the merge of its `size / slide` frozen panes, so a
+//!   10 s window sliding every 1 s costs one update per record, not ten. A frozen pane is
+//!   freed once the last window holding it has been emitted.
+//!
+//! A record whose pane has already closed is late: it is dropped and counted, and changes
+//! nothing. Each window's rows are emitted once. The watermark passed downstream is held back
+//! by `size + allowed_lateness`, so that every row emitted later (whose `window_start` is
+//! past it) is on time for a window downstream (a 1-minute view rolled up into hours).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, UInt32Array};
+use arrow::compute::{cast, take};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
+use arrow::record_batch::RecordBatch;
+use datafusion::common::ScalarValue;
+use datafusion::logical_expr::{Accumulator, EmitTo, GroupsAccumulator};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
+use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group_values};
+use datafusion::physical_plan::aggregates::order::GroupOrdering;
+
+use crate::error::{Error, Result};
+use crate::message::{Message, Watermark};
+use crate::operator::Operator;
+
+/// The window of a windowed aggregation, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowKind {
+    Tumble { size: i64 },
+    Hop { size: i64, slide: i64 },
+}
+
+impl WindowKind {
+    fn size(self) -> i64 {
+        match self {
+            Self::Tumble { size } | Self::Hop { size, .. } => size,
+        }
+    }
+
+    /// The pane length: the slide (for TUMBLE, the size).
+    fn slide(self) -> i64 {
+        match self {
+            Self::Tumble { size } => size,
+            Self::Hop { slide, .. } => slide,
+        }
+    }
+}
+
+/// One output column of the `GROUP BY`, in the order the plan lists them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupColumn {
+    WindowStart,
+    WindowEnd,
+    /// The i-th key expression.
+    Key(usize),
+}
+
+/// What a windowed aggregation computes (shared by every pipeline running it).
+#[derive(Debug)]
+pub struct WindowAggregateSpec {
+    pub kind: WindowKind,
+    /// The event-time column, over the input.
+    pub time: Arc<dyn PhysicalExpr>,
+    /// The `GROUP BY` expressions other than the window's columns, over the input.
+    pub keys: Vec<Arc<dyn PhysicalExpr>>,
+    pub aggregates: Vec<Arc<AggregateFunctionExpr>>,
+    /// `FILTER (WHERE ...)` of each aggregate, over the input.
+    pub filters: Vec<Option<Arc<dyn PhysicalExpr>>>,
+    /// The group columns of the output, in order; the aggregates follow them.
+    pub group_columns: Vec<GroupColumn>,
+    /// Rows emitted: the group columns, then one column per aggregate.
+    pub schema: SchemaRef,
+    pub allowed_lateness: i64,
+}
+
+/// A running windowed aggregation (one per pipeline).
+pub struct WindowAggregate {
+    spec: Arc<WindowAggregateSpec>,
+    /// The key columns' types, for [`new_group_values`]; one constant column when there are
+    /// no keys (`GROUP BY window_start` alone).
+    key_schema: SchemaRef,
+    /// Open panes by start.
+    panes: BTreeMap<i64, Pane>,
+    /// HOP: frozen panes by start.
+    frozen: BTreeMap<i64, FrozenPane>,
+    /// HOP: windows ending at or before this have been emitted.
+    emitted_until: i64,
+    watermark: Option<i64>,
+    late_dropped: u64,
+    group_ids: Vec<usize>,
+    /// Each aggregate's input expressions, followed by its `ORDER BY` expressions
+    /// (`first_value(v ORDER BY ts)` orders by what it is given), as DataFusion's own
+    /// aggregation feeds them.
+    arguments: Vec<Vec<Arc<dyn PhysicalExpr>>>,
+    late_log: crate::pipeline::RateLimitedLog,
+}
+
+struct Pane {
+    groups: Box<dyn GroupValues>,
+    accumulators: Vec<PaneAccumulator>,
+}
+
+enum PaneAccumulator {
+    Groups(Box<dyn GroupsAccumulator>),
+    /// One row accumulator per group, for aggregates without a groups accumulator.
+    Rows(Vec<Box<dyn Accumulator>>),
+}
+
+/// A closed HOP pane: its keys and each aggregate's state columns, one row per group.
+struct FrozenPane {
+    keys: Vec<ArrayRef>,
+    states: Vec<Vec<ArrayRef>>,
+}
+
+impl WindowAggregate {
+    pub fn try_new(spec: Arc<WindowAggregateSpec>, input_schema: &Schema) -> Result<Self> {
+        let mut fields = spec
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                Ok(Field::new(
+                    format!("k{i}"),
+                    k.data_type(input_schema)?,
+                    true,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if fields.is_empty() {
+            fields.push(Field::new("k", DataType::Boolean, true));
+        }
+        match spec.time.data_type(input_schema)? {
+            DataType::Timestamp(..) => {}
+            other => {
+                return Err(Error::Execution(format!(
+                    "the window's time column must be a TIMESTAMP, not {other}"
+                )));
+            }
+        }
+        let arguments = spec
+            .aggregates
+            .iter()
+            .map(|a| {
+                let mut exprs = a.expressions();
+                exprs.extend(a.order_bys().iter().map(|o| o.expr.clone()));
+                exprs
+            })
+            .collect();
+        Ok(Self {
+            late_log: crate::pipeline::RateLimitedLog::new(std::time::Duration::from_secs(10)),
+            arguments,
+            key_schema: Arc::new(Schema::new(fields)),
+            spec,
+            panes: BTreeMap::new(),
+            frozen: BTreeMap::new(),
+            emitted_until: i64::MIN,
+            watermark: None,
+            late_dropped: 0,
+            group_ids: Vec::new(),
+        })
+    }
+
+    /// Records dropped because their window had closed.
+    pub fn late_dropped(&self) -> u64 {
+        self.late_dropped
+    }
+
+    /// Open windows' groups held in state (keys × panes, summed over panes).
+    pub fn groups_in_state(&self) -> usize {
+        self.panes.values().map(|p| p.groups.len()).sum::<usize>()
+            + self
+                .frozen
+                .values()
+                .map(|f| f.keys.first().map_or(0, |k| k.len()))
+                .sum::<usize>()
+    }
+
+    fn new_pane(&self) -> Result<Pane> {
+        let groups = new_group_values(self.key_schema.clone(), &GroupOrdering::None)?;
+        let accumulators = self
+            .spec
+            .aggregates
+            .iter()
+            .map(|a| {
+                Ok(if a.groups_accumulator_supported() {
+                    PaneAccumulator::Groups(a.create_groups_accumulator()?)
+                } else {
+                    PaneAccumulator::Rows(Vec::new())
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Pane {
+            groups,
+            accumulators,
+        })
+    }
+
+    fn key_columns(&self, batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
+        if self.spec.keys.is_empty() {
+            return Ok(vec![Arc::new(BooleanArray::from(vec![
+                true;
+                batch.num_rows()
+            ]))]);
+        }
+        self.spec
+            .keys
+            .iter()
+            .map(|k| Ok(k.evaluate(batch)?.into_array(batch.num_rows())?))
+            .collect()
+    }
+
+    /// Adds rows to a pane: `keys`, each aggregate's inputs and filter, all of one length.
+    fn update_pane(
+        &mut self,
+        start: i64,
+        keys: &[ArrayRef],
+        inputs: &[Vec<ArrayRef>],
+        filters: &[Option<BooleanArray>],
+    ) -> Result<()> {
+        if !self.panes.contains_key(&start) {
+            let pane = self.new_pane()?;
+            self.panes.insert(start, pane);
+        }
+        let Some(pane) = self.panes.get_mut(&start) else {
+            return Err(Error::Internal("pane vanished".into()));
+        };
+        pane.groups.intern(keys, &mut self.group_ids)?;
+        let groups = pane.groups.len();
+        for (i, acc) in pane.accumulators.iter_mut().enumerate() {
+            match acc {
+                PaneAccumulator::Groups(acc) => {
+                    acc.update_batch(&inputs[i], &self.group_ids, filters[i].as_ref(), groups)?;
+                }
+                PaneAccumulator::Rows(accs) => {
+                    while accs.len() < groups {
+                        accs.push(self.spec.aggregates[i].create_accumulator()?);
+                    }
+                    update_rows(accs, &inputs[i], &self.group_ids, filters[i].as_ref())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Emits what the watermark `mark` closes (all of it when `mark` is `i64::MAX`).
+    fn close(&mut self, mark: i64, out: &mut Vec<Message>) -> Result<()> {
+        let kind = self.spec.kind;
+        let (size, slide) = (kind.size(), kind.slide());
+        let lateness = self.spec.allowed_lateness;
+        let closes = |end: i64| mark == i64::MAX || end.saturating_add(lateness) <= mark;
+        let closing: Vec<i64> = self
+            .panes
+            .keys()
+            .copied()
+            .take_while(|&start| closes(start + slide))
+            .collect();
+        match kind {
+            WindowKind::Tumble { .. } => {
+                for start in closing {
+                    if let Some(pane) = self.panes.remove(&start) {
+                        let batch = self.evaluate(pane, start, start + size)?;
+                        out.push(Message::Data(batch));
+                    }
+                }
+            }
+            WindowKind::Hop { .. } => {
+                for start in closing {
+                    if let Some(pane) = self.panes.remove(&start) {
+                        let frozen = freeze(pane, &self.spec.aggregates)?;
+                        self.frozen.insert(start, frozen);
+                    }
+                }
+                // Windows holding a frozen pane, ending after the last emitted one.
+                let mut ends: Vec<i64> = self
+                    .frozen
+                    .keys()
+                    .flat_map(|&p| (1..=size / slide).map(move |i| p + i * slide))
+                    .filter(|&end| end > self.emitted_until && closes(end))
+                    .collect();
+                ends.sort_unstable();
+                ends.dedup();
+                for end in ends {
+                    let batch = self.merge_window(end - size, end)?;
+                    out.push(Message::Data(batch));
+                    self.emitted_until = end;
+                }
+                // A pane is needed until the last window holding it (ending at start + size).
+                let emitted = self.emitted_until;
+                self.frozen.retain(|&start, _| start + size > emitted);
+            }
+        }
+        Ok(())
+    }
+
+    /// A tumbling window's rows, straight from its pane.
+    fn evaluate(&self, mut pane: Pane, start: i64, end: i64) -> Result<RecordBatch> {
+        let keys = pane.groups.emit(EmitTo::All)?;
+        let rows = keys.first().map_or(0, |k| k.len());
+        let values = pane
+            .accumulators
+            .iter_mut()
+            .map(|acc| match acc {
+                PaneAccumulator::Groups(acc) => Ok(acc.evaluate(EmitTo::All)?),
+                PaneAccumulator::Rows(accs) => {
+                    let values = accs
+                        .iter_mut()
+                        .map(|a| a.evaluate())
+                        .collect::<datafusion::error::Result<Vec<_>>>()?;
+                    Ok(ScalarValue::iter_to_array(values)?)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.output(keys, values, rows, start, end)
+    }
+
+    /// A hopping window's rows: its frozen panes' states merged.
+    fn merge_window(&self, start: i64, end: i64) -> Result<RecordBatch> {
+        let mut pane = self.new_pane()?;
+        let mut ids = Vec::new();
+        for frozen in self.frozen.range(start..end).map(|(_, f)| f) {
+            pane.groups.intern(&frozen.keys, &mut ids)?;
+            let groups = pane.groups.len();
+            for (i, acc) in pane.accumulators.iter_mut().enumerate() {
+                let states = &frozen.states[i];
+                match acc {
+                    PaneAccumulator::Groups(acc) => acc.merge_batch(states, &ids, groups)?,
+                    PaneAccumulator::Rows(accs) => {
+                        while accs.len() < groups {
+                            accs.push(self.spec.aggregates[i].create_accumulator()?);
+                        }
+                        merge_rows(accs, states, &ids)?;
+                    }
+                }
+            }
+        }
+        self.evaluate(pane, start, end)
+    }
+
+    /// Lays out the group columns in the plan's order, then the aggregates.
+    fn output(
+        &self,
+        keys: Vec<ArrayRef>,
+        values: Vec<ArrayRef>,
+        rows: usize,
+        start: i64,
+        end: i64,
+    ) -> Result<RecordBatch> {
+        let fields = self.spec.schema.fields();
+        let mut columns = Vec::with_capacity(fields.len());
+        for (i, column) in self.spec.group_columns.iter().enumerate() {
+            columns.push(match column {
+                GroupColumn::WindowStart => timestamps(start, rows, fields[i].data_type())?,
+                GroupColumn::WindowEnd => timestamps(end, rows, fields[i].data_type())?,
+                GroupColumn::Key(k) => keys[*k].clone(),
+            });
+        }
+        columns.extend(values);
+        // Relabel: aggregate results may differ from the plan only in nullability.
+        let columns = columns
+            .into_iter()
+            .zip(fields.iter())
+            .map(|(c, f)| {
+                if c.data_type() == f.data_type() {
+                    Ok(c)
+                } else {
+                    Ok(cast(&c, f.data_type())?)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let options = arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(rows));
+        Ok(RecordBatch::try_new_with_options(
+            self.spec.schema.clone(),
+            columns,
+            &options,
+        )?)
+    }
+}
+
+impl Operator for WindowAggregate {
+    fn name(&self) -> &'static str {
+        "window_aggregate"
+    }
+
+    fn process_batch(&mut self, batch: RecordBatch, _out: &mut Vec<Message>) -> Result<()> {
+        let rows = batch.num_rows();
+        let time = self.spec.time.evaluate(&batch)?.into_array(rows)?;
+        let time = cast(&time, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
+        let time = time.as_primitive::<TimestampMillisecondType>();
+        let slide = self.spec.kind.slide();
+        let lateness = self.spec.allowed_lateness;
+        // Rows by pane; a row whose pane has closed (or without a time) is dropped.
+        let mut by_pane: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+        let mut late = 0u64;
+        for (row, t) in time.iter().enumerate() {
+            let Some(t) = t else {
+                late += 1;
+                continue;
+            };
+            let start = t.div_euclid(slide) * slide;
+            if self
+                .watermark
+                .is_some_and(|w| (start + slide).saturating_add(lateness) <= w)
+            {
+                late += 1;
+                continue;
+            }
+            by_pane.entry(start).or_default().push(row as u32);
+        }
+        if late > 0 {
+            self.late_dropped += late;
+            let (total, watermark) = (self.late_dropped, self.watermark);
+            self.late_log.log(|suppressed| {
+                tracing::warn!(
+                    late,
+                    total,
+                    watermark,
+                    suppressed,
+                    "records for windows already closed (or without an event time) were dropped"
+                );
+            });
+        }
+        if by_pane.is_empty() {
+            return Ok(());
+        }
+        let keys = self.key_columns(&batch)?;
+        let mut inputs = Vec::with_capacity(self.spec.aggregates.len());
+        let mut filters = Vec::with_capacity(self.spec.aggregates.len());
+        for (arguments, filter) in self.arguments.iter().zip(&self.spec.filters) {
+            inputs.push(
+                arguments
+                    .iter()
+                    .map(|e| Ok(e.evaluate(&batch)?.into_array(rows)?))
+                    .collect::<Result<Vec<_>>>()?,
+            );
+            filters.push(match filter {
+                Some(f) => Some(f.evaluate(&batch)?.into_array(rows)?.as_boolean().clone()),
+                None => None,
+            });
+        }
+        for (start, indices) in by_pane {
+            if indices.len() == rows {
+                self.update_pane(start, &keys, &inputs, &filters)?;
+                continue;
+            }
+            let indices = UInt32Array::from(indices);
+            let pick = |columns: &[ArrayRef]| -> Result<Vec<ArrayRef>> {
+                columns
+                    .iter()
+                    .map(|c| Ok(take(c, &indices, None)?))
+                    .collect()
+            };
+            let keys = pick(&keys)?;
+            let inputs = inputs.iter().map(|i| pick(i)).collect::<Result<Vec<_>>>()?;
+            let filters = filters
+                .iter()
+                .map(|f| match f {
+                    Some(f) => Ok(Some(take(f, &indices, None)?.as_boolean().clone())),
+                    None => Ok(None),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            self.update_pane(start, &keys, &inputs, &filters)?;
+        }
+        Ok(())
+    }
+
+    fn on_watermark(&mut self, watermark: Watermark, out: &mut Vec<Message>) -> Result<()> {
+        if self.watermark.is_some_and(|w| watermark.0 <= w) {
+            return Ok(());
+        }
+        self.watermark = Some(watermark.0);
+        self.close(watermark.0, out)?;
+        // Rows emitted later have window_start > mark - lateness - size.
+        let held = watermark
+            .0
+            .saturating_sub(self.spec.allowed_lateness)
+            .saturating_sub(self.spec.kind.size());
+        out.push(Message::Watermark(Watermark(held)));
+        Ok(())
+    }
+
+    fn on_end(&mut self, out: &mut Vec<Message>) -> Result<()> {
+        // A bounded input is complete: every open window closes.
+        self.close(i64::MAX, out)
+    }
+}
+
+/// `value` (ms since the epoch) repeated `rows` times, as `data_type` (a TIMESTAMP).
+fn timestamps(value: i64, rows: usize, data_type: &DataType) -> Result<ArrayRef> {
+    let millis = ScalarValue::TimestampMillisecond(Some(value), None).to_array_of_size(rows)?;
+    Ok(cast(&millis, data_type)?)
+}
+
+/// Updates one row accumulator per group with that group's rows.
+fn update_rows(
+    accs: &mut [Box<dyn Accumulator>],
+    values: &[ArrayRef],
+    group_ids: &[usize],
+    filter: Option<&BooleanArray>,
+) -> Result<()> {
+    for_each_group(values, group_ids, filter, |group, rows| {
+        Ok(accs[group].update_batch(rows)?)
+    })
+}
+
+/// Merges state rows into one row accumulator per group.
+fn merge_rows(
+    accs: &mut [Box<dyn Accumulator>],
+    states: &[ArrayRef],
+    group_ids: &[usize],
+) -> Result<()> {
+    for_each_group(states, group_ids, None, |group, rows| {
+        Ok(accs[group].merge_batch(rows)?)
+    })
+}
+
+/// Calls `f` with each group's rows of `columns`.
+fn for_each_group(
+    columns: &[ArrayRef],
+    group_ids: &[usize],
+    filter: Option<&BooleanArray>,
+    mut f: impl FnMut(usize, &[ArrayRef]) -> Result<()>,
+) -> Result<()> {
+    for (group, rows) in rows_by_group(group_ids, filter) {
+        let indices = UInt32Array::from(rows);
+        let taken = columns
+            .iter()
+            .map(|c| take(c, &indices, None))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        f(group, &taken)?;
+    }
+    Ok(())
+}
+
+/// Row indices per group id (rows the filter rejects left out).
+fn rows_by_group(group_ids: &[usize], filter: Option<&BooleanArray>) -> BTreeMap<usize, Vec<u32>> {
+    let mut by_group: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
+    for (row, &group) in group_ids.iter().enumerate() {
+        if filter.is_some_and(|f| !f.is_valid(row) || !f.value(row)) {
+            continue;
+        }
+        by_group.entry(group).or_default().push(row as u32);
+    }
+    by_group
+}
+
+/// A closed pane's keys and each aggregate's state columns.
+fn freeze(mut pane: Pane, aggregates: &[Arc<AggregateFunctionExpr>]) -> Result<FrozenPane> {
+    let keys = pane.groups.emit(EmitTo::All)?;
+    let states = pane
+        .accumulators
+        .iter_mut()
+        .zip(aggregates)
+        .map(|(acc, aggregate)| match acc {
+            PaneAccumulator::Groups(acc) => Ok(acc.state(EmitTo::All)?),
+            PaneAccumulator::Rows(accs) => {
+                let fields = aggregate.state_fields()?.len();
+                let mut columns: Vec<Vec<ScalarValue>> =
+                    vec![Vec::with_capacity(accs.len()); fields];
+                for acc in accs.iter_mut() {
+                    for (column, value) in columns.iter_mut().zip(acc.state()?) {
+                        column.push(value);
+                    }
+                }
+                columns
+                    .into_iter()
+                    .map(|c| Ok(ScalarValue::iter_to_array(c)?))
+                    .collect::<Result<Vec<_>>>()
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(FrozenPane { keys, states })
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{Float64Array, Int64Array, TimestampMillisecondArray};
+    use arrow::util::pretty::pretty_format_batches;
+    use datafusion::functions_aggregate::count::count_udaf;
+    use datafusion::functions_aggregate::sum::sum_udaf;
+    use datafusion::physical_expr::aggregate::AggregateExprBuilder;
+    use datafusion::physical_expr::expressions::col;
+
+    use super::*;
+
+    fn input_schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Float64, true),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Millisecond, None),
+                false,
+            ),
+        ]))
+    }
+
+    /// `SELECT window_start, window_end, k, count(v), sum(v) ... GROUP BY window_start, window_end, k`.
+    fn operator(kind: WindowKind, allowed_lateness: i64) -> WindowAggregate {
+        let input = input_schema();
+        let aggregate = |udaf, name: &str| {
+            Arc::new(
+                AggregateExprBuilder::new(udaf, vec![col("v", &input).expect("v")])
+                    .schema(input.clone())
+                    .alias(name)
+                    .build()
+                    .expect("aggregate"),
+            )
+        };
+        let ts = DataType::Timestamp(TimeUnit::Millisecond, None);
+        let spec = WindowAggregateSpec {
+            kind,
+            time: col("ts", &input).expect("ts"),
+            keys: vec![col("k", &input).expect("k")],
+            aggregates: vec![aggregate(count_udaf(), "n"), aggregate(sum_udaf(), "total")],
+            filters: vec![None, None],
+            group_columns: vec![
+                GroupColumn::WindowStart,
+                GroupColumn::WindowEnd,
+                GroupColumn::Key(0),
+            ],
+            schema: Arc::new(Schema::new(vec![
+                Field::new("window_start", ts.clone(), false),
+                Field::new("window_end", ts, false),
+                Field::new("k", DataType::Int64, false),
+                Field::new("n", DataType::Int64, false),
+                Field::new("total", DataType::Float64, true),
+            ])),
+            allowed_lateness,
+        };
+        WindowAggregate::try_new(Arc::new(spec), &input).expect("operator")
+    }
+
+    fn batch(rows: &[(i64, f64, i64)]) -> RecordBatch {
+        RecordBatch::try_new(
+            input_schema(),
+            vec![
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.1))),
+                Arc::new(TimestampMillisecondArray::from_iter_values(
+                    rows.iter().map(|r| r.2),
+                )),
+            ],
+        )
+        .expect("batch")
+    }
+
+    /// The data rows in `out` as a table (sorted), and the watermarks passed on.
+    fn drain(out: &mut Vec<Message>) -> (String, Vec<i64>) {
+        let mut batches = Vec::new();
+        let mut marks = Vec::new();
+        for m in out.drain(..) {
+            match m {
+                Message::Data(b) => batches.push(b),
+                Message::Watermark(w) => marks.push(w.0),
+                _ => {}
+            }
+        }
+        if batches.is_empty() {
+            return (String::new(), marks);
+        }
+        let table = pretty_format_batches(&batches).expect("format").to_string();
+        let mut lines: Vec<&str> = table.lines().collect();
+        if lines.len() > 4 {
+            let body = lines.len() - 1;
+            lines[3..body].sort_unstable();
+        }
+        (lines.join("\n"), marks)
+    }
+
+    #[test]
+    fn tumbling_windows_close_when_the_watermark_passes_their_end_and_late_records_are_dropped() {
+        let mut op = operator(WindowKind::Tumble { size: 1000 }, 0);
+        let mut out = Vec::new();
+        op.process_batch(
+            batch(&[(1, 1.0, 100), (2, 2.0, 200), (1, 3.0, 1100), (1, 4.0, 900)]),
+            &mut out,
+        )
+        .expect("batch");
+        assert!(out.is_empty(), "nothing is emitted before the watermark");
+        op.on_watermark(Watermark(999), &mut out)
+            .expect("watermark");
+        let (rows, marks) = drain(&mut out);
+        assert_eq!(rows, "", "window [0, 1000) is still open at 999");
+        assert_eq!(
+            marks,
+            vec![-1],
+            "the watermark passed on is held back by the size"
+        );
+        op.on_watermark(Watermark(1000), &mut out)
+            .expect("watermark");
+        let (rows, _) = drain(&mut out);
+        assert_eq!(
+            rows,
+            "\
++---------------------+---------------------+---+---+-------+
+| window_start        | window_end          | k | n | total |
++---------------------+---------------------+---+---+-------+
+| 1970-01-01T00:00:00 | 1970-01-01T00:00:01 | 1 | 2 | 5.0   |
+| 1970-01-01T00:00:00 | 1970-01-01T00:00:01 | 2 | 1 | 2.0   |
++---------------------+---------------------+---+---+-------+"
+        );
+        // 500 belongs to the closed window: dropped and counted; 1500 is on time.
+        op.process_batch(batch(&[(1, 10.0, 500), (1, 20.0, 1500)]), &mut out)
+            .expect("batch");
+        assert_eq!(op.late_dropped(), 1);
+        op.on_end(&mut out).expect("end");
+        let (rows, _) = drain(&mut out);
+        assert!(
+            rows.contains("| 1970-01-01T00:00:01 | 1970-01-01T00:00:02 | 1 | 2 | 23.0  |"),
+            "{rows}"
+        );
+        assert!(!rows.contains("10.0"), "{rows}");
+        assert_eq!(op.groups_in_state(), 0, "emitted windows are freed");
+    }
+
+    #[test]
+    fn hopping_windows_merge_panes_and_free_them_after_their_last_window() {
+        // 3 s windows every 1 s: each record is in three windows.
+        let mut op = operator(
+            WindowKind::Hop {
+                size: 3000,
+                slide: 1000,
+            },
+            0,
+        );
+        let mut out = Vec::new();
+        op.process_batch(
+            batch(&[
+                (1, 1.0, 500),
+                (1, 2.0, 1500),
+                (1, 4.0, 2500),
+                (1, 8.0, 3500),
+            ]),
+            &mut out,
+        )
+        .expect("batch");
+        assert_eq!(
+            op.groups_in_state(),
+            4,
+            "one group per pane: one update per record"
+        );
+        op.on_watermark(Watermark(3000), &mut out)
+            .expect("watermark");
+        let (rows, marks) = drain(&mut out);
+        let windows: Vec<&str> = rows.lines().filter(|l| l.starts_with("| 19")).collect();
+        assert_eq!(
+            windows,
+            vec![
+                "| 1969-12-31T23:59:58 | 1970-01-01T00:00:01 | 1 | 1 | 1.0   |",
+                "| 1969-12-31T23:59:59 | 1970-01-01T00:00:02 | 1 | 2 | 3.0   |",
+                "| 1970-01-01T00:00:00 | 1970-01-01T00:00:03 | 1 | 3 | 7.0   |",
+            ]
+        );
+        assert_eq!(marks, vec![0]);
+        // Pane [0, 1000) is in no window still open; panes 1, 2 (frozen) and 3 (open) are.
+        assert_eq!(op.groups_in_state(), 3);
+        op.on_end(&mut out).expect("end");
+        let (rows, _) = drain(&mut out);
+        let windows: Vec<&str> = rows.lines().filter(|l| l.starts_with("| 19")).collect();
+        assert_eq!(
+            windows,
+            vec![
+                "| 1970-01-01T00:00:01 | 1970-01-01T00:00:04 | 1 | 3 | 14.0  |",
+                "| 1970-01-01T00:00:02 | 1970-01-01T00:00:05 | 1 | 2 | 12.0  |",
+                "| 1970-01-01T00:00:03 | 1970-01-01T00:00:06 | 1 | 1 | 8.0   |",
+            ]
+        );
+        assert_eq!(op.groups_in_state(), 0);
+    }
+
+    #[test]
+    fn allowed_lateness_keeps_a_window_open_past_its_end() {
+        let mut op = operator(WindowKind::Tumble { size: 1000 }, 500);
+        let mut out = Vec::new();
+        op.process_batch(batch(&[(1, 1.0, 100)]), &mut out)
+            .expect("batch");
+        op.on_watermark(Watermark(1200), &mut out)
+            .expect("watermark");
+        op.process_batch(batch(&[(1, 2.0, 900)]), &mut out)
+            .expect("batch");
+        assert_eq!(op.late_dropped(), 0, "within the allowed lateness");
+        op.on_watermark(Watermark(1500), &mut out)
+            .expect("watermark");
+        let (rows, marks) = drain(&mut out);
+        assert!(rows.contains("| 1 | 2 | 3.0   |"), "{rows}");
+        assert_eq!(marks, vec![-300, 0]);
+        op.process_batch(batch(&[(1, 5.0, 999)]), &mut out)
+            .expect("batch");
+        assert_eq!(op.late_dropped(), 1);
+    }
+}
