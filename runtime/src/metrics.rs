@@ -24,6 +24,7 @@ pub struct Metrics {
     sink_rows: Family<Labels, Counter>,
     sink_errors: Family<Labels, Counter>,
     pipelines: Family<Labels, Gauge>,
+    state: StateFamilies,
     source: SourceFamilies,
 }
 
@@ -65,8 +66,39 @@ impl Metrics {
             sink_rows: Family::default(),
             sink_errors: Family::default(),
             pipelines: Family::default(),
+            state: StateFamilies::default(),
             source: SourceFamilies::default(),
         };
+        let st = &metrics.state;
+        for (name, help, family) in [
+            (
+                "operator_open_windows",
+                "Windows open in a window operator's state, per pipeline and operator",
+                &st.open_windows,
+            ),
+            (
+                "operator_keys_in_state",
+                "Groups (window panes x keys) held in a window operator's state, per pipeline and operator",
+                &st.keys,
+            ),
+            (
+                "operator_state_bytes",
+                "Estimated bytes of a window operator's state, per pipeline and operator",
+                &st.bytes,
+            ),
+            (
+                "operator_emit_lag_ms",
+                "Event time from a window's end to the watermark that emitted it (the last emission), per pipeline and operator",
+                &st.emit_lag,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
+        registry.register(
+            "late_records_dropped",
+            "Records dropped because their window had closed (or they had no event time), per pipeline and operator",
+            st.late.clone(),
+        );
         let f = &metrics.source;
         for (name, help, family) in [
             (
@@ -160,7 +192,14 @@ impl Metrics {
         metrics
     }
 
-    pub fn operator(&self, pipeline: &str, operator: &str, index: usize) -> OperatorMetrics {
+    /// An operator's counters; `stateful` ones (windows) also get the state gauges.
+    pub fn operator(
+        &self,
+        pipeline: &str,
+        operator: &str,
+        index: usize,
+        stateful: bool,
+    ) -> OperatorMetrics {
         let labels = vec![
             ("pipeline".to_string(), pipeline.to_string()),
             ("operator".to_string(), format!("{index}_{operator}")),
@@ -169,6 +208,13 @@ impl Metrics {
             records_in: self.records_in.get_or_create(&labels).clone(),
             records_out: self.records_out.get_or_create(&labels).clone(),
             errors: self.operator_errors.get_or_create(&labels).clone(),
+            state: stateful.then(|| StateMetrics {
+                open_windows: self.state.open_windows.get_or_create(&labels).clone(),
+                keys: self.state.keys.get_or_create(&labels).clone(),
+                bytes: self.state.bytes.get_or_create(&labels).clone(),
+                emit_lag: self.state.emit_lag.get_or_create(&labels).clone(),
+                late: self.state.late.get_or_create(&labels).clone(),
+            }),
         }
     }
 
@@ -219,6 +265,43 @@ pub struct OperatorMetrics {
     pub records_in: Counter,
     pub records_out: Counter,
     pub errors: Counter,
+    /// Present for stateful operators only.
+    pub state: Option<StateMetrics>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct StateFamilies {
+    open_windows: Family<Labels, Gauge>,
+    keys: Family<Labels, Gauge>,
+    bytes: Family<Labels, Gauge>,
+    emit_lag: Family<Labels, Gauge>,
+    late: Family<Labels, Counter>,
+}
+
+/// The state of one stateful operator, as [`crate::operator::StateReport`] tells it.
+#[derive(Clone, Debug)]
+pub struct StateMetrics {
+    open_windows: Gauge,
+    keys: Gauge,
+    bytes: Gauge,
+    emit_lag: Gauge,
+    late: Counter,
+}
+
+impl StateMetrics {
+    pub fn record(&self, report: &crate::operator::StateReport) {
+        let gauge = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.open_windows.set(gauge(report.open_windows));
+        self.keys.set(gauge(report.keys));
+        self.bytes.set(gauge(report.bytes));
+        if let Some(lag) = report.emit_lag_ms {
+            self.emit_lag.set(lag);
+        }
+        let counted = self.late.get();
+        if report.late_dropped > counted {
+            self.late.inc_by(report.late_dropped - counted);
+        }
+    }
 }
 
 /// Counters of one source.
@@ -328,7 +411,10 @@ mod tests {
     #[test]
     fn counters_appear_in_the_text_format() {
         let metrics = Metrics::new();
-        metrics.operator("p1", "filter", 0).records_in.inc_by(3);
+        metrics
+            .operator("p1", "filter", 0, false)
+            .records_in
+            .inc_by(3);
         metrics.source("p1", "file").decode_errors("json", 2);
         let text = metrics.encode();
         assert!(

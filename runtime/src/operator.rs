@@ -40,6 +40,25 @@ pub trait Operator: Send {
     fn on_end(&mut self, _out: &mut Vec<Message>) -> Result<()> {
         Ok(())
     }
+
+    /// What a stateful operator holds, for metrics; read after each watermark and at the end.
+    fn state_report(&self) -> Option<StateReport> {
+        None
+    }
+}
+
+/// The state of a stateful operator (a window aggregation), as exported to `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateReport {
+    pub open_windows: usize,
+    /// Groups held: keys per pane, summed over panes.
+    pub keys: usize,
+    /// Estimated bytes of the state.
+    pub bytes: usize,
+    /// Records dropped so far because their window had closed.
+    pub late_dropped: u64,
+    /// Event time from the end of the last window emitted to the watermark that emitted it.
+    pub emit_lag_ms: Option<i64>,
 }
 
 /// How a source's `run` ended.

@@ -164,7 +164,7 @@ pub fn spawn_chain(
     let op_metrics: Vec<OperatorMetrics> = operators
         .iter()
         .enumerate()
-        .map(|(i, op)| metrics.operator(pipeline, op.name(), i))
+        .map(|(i, op)| metrics.operator(pipeline, op.name(), i, op.state_report().is_some()))
         .collect();
     let pipeline = pipeline.to_string();
     tokio::spawn(async move {
@@ -181,10 +181,19 @@ pub fn spawn_chain(
                             m.records_in.inc_by(batch.num_rows() as u64);
                             op.process_batch(batch, &mut next)
                         }
-                        Message::Watermark(w) => op.on_watermark(w, &mut next),
+                        Message::Watermark(w) => {
+                            let r = op.on_watermark(w, &mut next);
+                            if let (Some(state), Some(report)) = (&m.state, op.state_report()) {
+                                state.record(&report);
+                            }
+                            r
+                        }
                         Message::Barrier(b) => op.on_barrier(b, &mut next),
                         Message::End => {
                             let r = op.on_end(&mut next);
+                            if let (Some(state), Some(report)) = (&m.state, op.state_report()) {
+                                state.record(&report);
+                            }
                             next.push(Message::End);
                             r
                         }

@@ -311,7 +311,23 @@ async fn run_to_end(
     let cpu_before = cpu_seconds();
     let started = Instant::now();
     engine.start_all().await.map_err(|e| e.to_string())?;
-    engine.wait_finished().await;
+    // Window state, sampled while the job runs: the largest seen, and its bytes per group.
+    let mut peak = (0u64, 0u64);
+    let finished = engine.wait_finished();
+    tokio::pin!(finished);
+    loop {
+        tokio::select! {
+            () = &mut finished => break,
+            () = tokio::time::sleep(std::time::Duration::from_millis(20)) => {
+                let metrics = engine.metrics().encode();
+                let bytes = counter(&metrics, "weir_operator_state_bytes{");
+                let groups = counter(&metrics, "weir_operator_keys_in_state{");
+                if bytes > peak.0 {
+                    peak = (bytes, groups);
+                }
+            }
+        }
+    }
     let wall = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu_before;
     let events = args.events as f64;
@@ -322,6 +338,14 @@ async fn run_to_end(
     println!("events/s:              {:.0}", events / wall);
     println!("events per cpu-second: {:.0}", events / cpu.max(1e-9));
     println!("peak RSS:              {} MiB", peak_rss_kib() / 1024);
+    if peak.1 > 0 {
+        println!(
+            "window state at peak:  {:.1} MiB, {} groups (window panes x keys), {} bytes per group",
+            peak.0 as f64 / (1 << 20) as f64,
+            peak.1,
+            peak.0 / peak.1
+        );
+    }
     let metrics = engine.metrics().encode();
     println!(
         "source records read:   {}",

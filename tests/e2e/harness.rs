@@ -217,7 +217,8 @@ pub fn duckdb_python() -> PathBuf {
 
 /// Runs a DuckDB SQL query, returning rows as tab-separated lines.
 pub fn duckdb(sql: &str) -> Vec<String> {
-    let script = "import duckdb, sys\nfor row in duckdb.sql(sys.argv[1]).fetchall():\n    print('\\t'.join('NULL' if v is None else str(v) for v in row))\n";
+    // No progress bar: DuckDB draws it on stdout for queries that run over a second.
+    let script = "import duckdb, sys\ncon = duckdb.connect()\ncon.execute('SET enable_progress_bar = false')\nfor row in con.sql(sys.argv[1]).fetchall():\n    print('\\t'.join('NULL' if v is None else str(v) for v in row))\n";
     let out = Command::new(duckdb_python())
         .arg("-c")
         .arg(script)

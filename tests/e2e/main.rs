@@ -12,3 +12,4 @@ mod lake;
 mod run_and_check;
 mod tail;
 mod types;
+mod windows;

@@ -33,7 +33,7 @@ use datafusion::physical_plan::aggregates::order::GroupOrdering;
 
 use crate::error::{Error, Result};
 use crate::message::{Message, Watermark};
-use crate::operator::Operator;
+use crate::operator::{Operator, StateReport};
 
 /// The window of a windowed aggregation, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +105,8 @@ pub struct WindowAggregate {
     /// aggregation feeds them.
     arguments: Vec<Vec<Arc<dyn PhysicalExpr>>>,
     late_log: crate::pipeline::RateLimitedLog,
+    /// Watermark minus the end of the last window emitted, when it was emitted.
+    last_emit_lag: Option<i64>,
 }
 
 struct Pane {
@@ -159,6 +161,7 @@ impl WindowAggregate {
             })
             .collect();
         Ok(Self {
+            last_emit_lag: None,
             late_log: crate::pipeline::RateLimitedLog::new(std::time::Duration::from_secs(10)),
             arguments,
             key_schema: Arc::new(Schema::new(fields)),
@@ -175,6 +178,46 @@ impl WindowAggregate {
     /// Records dropped because their window had closed.
     pub fn late_dropped(&self) -> u64 {
         self.late_dropped
+    }
+
+    /// Estimated bytes held: interned keys, accumulators, frozen pane states.
+    pub fn state_bytes(&self) -> usize {
+        let open: usize = self
+            .panes
+            .values()
+            .map(|p| {
+                p.groups.size()
+                    + p.accumulators
+                        .iter()
+                        .map(|a| match a {
+                            PaneAccumulator::Groups(a) => a.size(),
+                            PaneAccumulator::Rows(accs) => accs.iter().map(|a| a.size()).sum(),
+                        })
+                        .sum::<usize>()
+            })
+            .sum();
+        let frozen: usize = self
+            .frozen
+            .values()
+            .flat_map(|f| f.keys.iter().chain(f.states.iter().flatten()))
+            .map(|a| a.get_array_memory_size())
+            .sum();
+        open + frozen
+    }
+
+    /// Windows holding rows that have not been emitted yet.
+    fn open_windows(&self) -> usize {
+        let (size, slide) = (self.spec.kind.size(), self.spec.kind.slide());
+        let mut ends: Vec<i64> = self
+            .panes
+            .keys()
+            .chain(self.frozen.keys())
+            .flat_map(|&p| (1..=size / slide).map(move |i| p + i * slide))
+            .filter(|&end| end > self.emitted_until)
+            .collect();
+        ends.sort_unstable();
+        ends.dedup();
+        ends.len()
     }
 
     /// Open windows' groups held in state (keys × panes, summed over panes).
@@ -272,6 +315,7 @@ impl WindowAggregate {
                     if let Some(pane) = self.panes.remove(&start) {
                         let batch = self.evaluate(pane, start, start + size)?;
                         out.push(Message::Data(batch));
+                        self.last_emit_lag = Some(mark.saturating_sub(start + size));
                     }
                 }
             }
@@ -295,6 +339,7 @@ impl WindowAggregate {
                     let batch = self.merge_window(end - size, end)?;
                     out.push(Message::Data(batch));
                     self.emitted_until = end;
+                    self.last_emit_lag = Some(mark.saturating_sub(end));
                 }
                 // A pane is needed until the last window holding it (ending at start + size).
                 let emitted = self.emitted_until;
@@ -491,8 +536,20 @@ impl Operator for WindowAggregate {
     }
 
     fn on_end(&mut self, out: &mut Vec<Message>) -> Result<()> {
-        // A bounded input is complete: every open window closes.
-        self.close(i64::MAX, out)
+        // A bounded input is complete: every open window closes (no lag to speak of).
+        self.close(i64::MAX, out)?;
+        self.last_emit_lag = None;
+        Ok(())
+    }
+
+    fn state_report(&self) -> Option<StateReport> {
+        Some(StateReport {
+            open_windows: self.open_windows(),
+            keys: self.groups_in_state(),
+            bytes: self.state_bytes(),
+            late_dropped: self.late_dropped,
+            emit_lag_ms: self.last_emit_lag,
+        })
     }
 }
 
@@ -715,6 +772,18 @@ mod tests {
         op.process_batch(batch(&[(1, 10.0, 500), (1, 20.0, 1500)]), &mut out)
             .expect("batch");
         assert_eq!(op.late_dropped(), 1);
+        let report = op.state_report().expect("a window reports its state");
+        assert_eq!(
+            (
+                report.open_windows,
+                report.keys,
+                report.late_dropped,
+                report.emit_lag_ms
+            ),
+            (1, 1, 1, Some(0)),
+            "window [1000, 2000) with key 1 is open; [0, 1000) was emitted at watermark 1000"
+        );
+        assert!(report.bytes > 0);
         op.on_end(&mut out).expect("end");
         let (rows, _) = drain(&mut out);
         assert!(
