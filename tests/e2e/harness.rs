@@ -23,6 +23,20 @@ pub fn weir_bin() -> PathBuf {
     bin
 }
 
+/// `weir run FILE`, which must exit 0.
+pub fn weir_run(sql: &Path) {
+    let out = Command::new(weir_bin())
+        .arg("run")
+        .arg(sql)
+        .output()
+        .expect("weir run");
+    assert!(
+        out.status.success(),
+        "weir run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -2,21 +2,7 @@
 
 use std::process::Command;
 
-use crate::harness::{duckdb, repo_root, weir_bin};
-
-/// `weir run FILE`, which must exit 0.
-fn weir_run(sql: &std::path::Path) {
-    let out = Command::new(weir_bin())
-        .arg("run")
-        .arg(sql)
-        .output()
-        .expect("weir run");
-    assert!(
-        out.status.success(),
-        "weir run: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use crate::harness::{duckdb, repo_root, weir_bin, weir_run};
 
 fn bounded_job(lake: &std::path::Path) -> String {
     format!(

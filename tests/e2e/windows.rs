@@ -1,11 +1,9 @@
 //! Windowed GROUP BY end to end: 1 M events from a file through TUMBLE and HOP with
 //! `weir run`, the Parquet output compared with DuckDB's batch answer over the same input.
 
+use crate::harness::{duckdb, weir_run};
 use std::io::Write;
 use std::path::Path;
-use std::process::Command;
-
-use crate::harness::{duckdb, weir_bin};
 
 const EVENTS: u64 = 1_000_000;
 const BASE_MS: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
@@ -74,16 +72,7 @@ fn tumble_and_hop_over_a_file_equal_duckdbs_batch_answer() {
         ),
     )
     .expect("job");
-    let out = Command::new(weir_bin())
-        .arg("run")
-        .arg(&job)
-        .output()
-        .expect("weir run");
-    assert!(
-        out.status.success(),
-        "weir run: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    weir_run(&job);
 
     // DuckDB's answer: the on-time records, assigned to windows by epoch arithmetic.
     let on_time = format!(
