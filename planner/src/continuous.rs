@@ -87,6 +87,29 @@ impl ContinuousPlan {
             .collect()
     }
 
+    /// Lets records arrive up to `lateness` after their window's end (the window is emitted
+    /// that much later). Only for a query with a window.
+    pub fn with_allowed_lateness(mut self, lateness: std::time::Duration) -> Result<Self> {
+        let millis = i64::try_from(lateness.as_millis()).unwrap_or(i64::MAX);
+        let mut windows = 0;
+        for step in &mut self.steps {
+            if let Step::Window { spec, text, .. } = step {
+                let mut changed = spec.as_ref().clone();
+                changed.allowed_lateness = millis;
+                *spec = Arc::new(changed);
+                text.push_str(&format!(" allowed lateness {}", fmt_millis(millis)));
+                windows += 1;
+            }
+        }
+        if windows == 0 {
+            return Err(PlanError::InvalidOption {
+                key: "window.allowed_lateness".into(),
+                message: "option 'window.allowed_lateness' applies to a query with a window (TUMBLE, HOP)".into(),
+            });
+        }
+        Ok(self)
+    }
+
     /// The operator graph, one line per operator, source first.
     pub fn explain(&self, source: &str) -> Vec<String> {
         let mut lines = vec![format!(

@@ -30,6 +30,9 @@ use weir_sql::{
     parse_sql_with_positions,
 };
 
+/// A view's or sink's option: how long after its end a window still takes records.
+const ALLOWED_LATENESS: &str = "window.allowed_lateness";
+
 use crate::introspection;
 
 /// The catalog name psql sees (`current_database()`).
@@ -498,8 +501,12 @@ impl Engine {
             .u64("max_rows")?
             .map(|n| n as usize)
             .unwrap_or(DEFAULT_MAX_ROWS);
+        let lateness = reader.duration(ALLOWED_LATENESS)?;
         reader.finish()?;
-        let plan = self.plan_continuous(&state.catalog, *create.query).await?;
+        let mut plan = self.plan_continuous(&state.catalog, *create.query).await?;
+        if let Some(lateness) = lateness {
+            plan = plan.with_allowed_lateness(lateness)?;
+        }
         let store = MvStore::new(plan.schema.clone(), retention, max_rows);
         self.ctx.register_table(
             create.name.as_str(),
@@ -537,8 +544,18 @@ impl Engine {
             return Ok(Output::Command("CREATE SINK".into()));
         }
         state.catalog.check_free(&create.name)?;
+        // Read here, not by the connector: it belongs to the sink's query.
+        let lateness = create.options.reader().duration(ALLOWED_LATENESS)?;
         let (schema, depends_on, plan) = match create.input {
             SinkInput::From(from) => {
+                if lateness.is_some() {
+                    return Err(PlanError::InvalidOption {
+                        key: ALLOWED_LATENESS.into(),
+                        message: format!(
+                            "option '{ALLOWED_LATENESS}' applies to a sink whose query has a window (TUMBLE, HOP), not to a sink FROM a relation"
+                        ),
+                    });
+                }
                 let entry = state
                     .catalog
                     .get(&from)
@@ -566,7 +583,10 @@ impl Engine {
                 }
             }
             SinkInput::Query(query) => {
-                let plan = self.plan_continuous(&state.catalog, *query).await?;
+                let mut plan = self.plan_continuous(&state.catalog, *query).await?;
+                if let Some(lateness) = lateness {
+                    plan = plan.with_allowed_lateness(lateness)?;
+                }
                 (
                     plan.schema.clone(),
                     vec![plan.input.clone()],
@@ -579,7 +599,9 @@ impl Engine {
             schema: schema.clone(),
             restoring: self.restoring.load(Ordering::Relaxed),
         };
-        let factory = self.connectors.sink(&spec, &create.options)?;
+        let factory = self
+            .connectors
+            .sink(&spec, &create.options.without(ALLOWED_LATENESS))?;
         let entry = CatalogEntry {
             name: create.name.clone(),
             kind: ObjectKind::Sink,

@@ -68,7 +68,7 @@ pub enum GroupColumn {
 }
 
 /// What a windowed aggregation computes (shared by every pipeline running it).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct WindowAggregateSpec {
     pub kind: WindowKind,
     /// The event-time column, over the input.
