@@ -505,7 +505,7 @@ impl Lowering {
             }
             LogicalPlan::Aggregate(a) => {
                 self.visit(&a.input, state, catalog)?;
-                self.lower_window_aggregate(a, state)
+                self.lower_window_aggregate(a, state, catalog)
             }
             LogicalPlan::Join(_) => Err(PlanError::NotSupported(
                 "joins over streams (lookup JOIN)".into(),
@@ -564,7 +564,12 @@ impl Lowering {
     }
 
     /// `GROUP BY window_start, window_end, keys...` over a window's rows.
-    fn lower_window_aggregate(&mut self, a: &Aggregate, state: &SessionState) -> Result<()> {
+    fn lower_window_aggregate(
+        &mut self,
+        a: &Aggregate,
+        state: &SessionState,
+        catalog: &Catalog,
+    ) -> Result<()> {
         let not_windowed = || {
             PlanError::NotSupported(
                 "aggregation over a stream without a window (GROUP BY window_start, window_end of TUMBLE or HOP)".into(),
@@ -651,6 +656,18 @@ impl Lowering {
             group_columns,
             schema,
             allowed_lateness: 0,
+            // A stream without WATERMARK: processing time (views carry their input's time).
+            processing_time: self.input.as_ref().is_some_and(|(name, kind, _)| {
+                *kind == ObjectKind::Stream
+                    && catalog
+                        .get(name)
+                        .is_some_and(|e| e.watermark_column.is_none())
+            }),
+        };
+        let text = if spec.processing_time {
+            format!("{text} on processing time (the stream has no WATERMARK)")
+        } else {
+            text
         };
         let spec = Arc::new(spec);
         // Checked here, not first at run time.

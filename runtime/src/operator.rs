@@ -41,6 +41,16 @@ pub trait Operator: Send {
         Ok(())
     }
 
+    /// How often [`Operator::on_tick`] should be called, if at all (processing-time windows
+    /// close on the wall clock, whether or not records arrive).
+    fn tick_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    fn on_tick(&mut self, _out: &mut Vec<Message>) -> Result<()> {
+        Ok(())
+    }
+
     /// What a stateful operator holds, for metrics; read after each watermark and at the end.
     fn state_report(&self) -> Option<StateReport> {
         None

@@ -153,10 +153,11 @@ pub fn spawn_source(
 
 /// Runs `operators` in order on every message of `input`, sending the result to `output`.
 /// A batch an operator fails on is counted, logged and dropped: one bad batch (say, a cast
-/// that fails on some value) never stops the pipeline.
+/// that fails on some value) never stops the pipeline. Operators that ask for a tick
+/// (processing-time windows) get one at their interval, input or not.
 pub fn spawn_chain(
     mut input: mpsc::Receiver<Message>,
-    mut operators: Vec<Box<dyn Operator>>,
+    operators: Vec<Box<dyn Operator>>,
     output: Arc<Fanout>,
     metrics: &Metrics,
     pipeline: &str,
@@ -166,63 +167,114 @@ pub fn spawn_chain(
         .enumerate()
         .map(|(i, op)| metrics.operator(pipeline, op.name(), i, op.state_report().is_some()))
         .collect();
-    let pipeline = pipeline.to_string();
+    let mut chain = Chain {
+        tick_every: operators.iter().filter_map(|op| op.tick_interval()).min(),
+        operators,
+        metrics: op_metrics,
+        pipeline: pipeline.to_string(),
+        error_log: RateLimitedLog::new(Duration::from_secs(10)),
+    };
     tokio::spawn(async move {
-        let mut current = Vec::new();
-        let mut next = Vec::new();
-        let mut error_log = RateLimitedLog::new(Duration::from_secs(10));
-        while let Some(message) = input.recv().await {
+        let mut ticks = chain.tick_every.map(|every| {
+            let mut interval = tokio::time::interval(every);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            interval
+        });
+        loop {
+            let message = match ticks.as_mut() {
+                Some(ticks) => tokio::select! {
+                    message = input.recv() => message,
+                    _ = ticks.tick() => {
+                        for message in chain.run(None) {
+                            output.send(message).await;
+                        }
+                        continue;
+                    }
+                },
+                None => input.recv().await,
+            };
+            let Some(message) = message else { break };
             let end = matches!(message, Message::End);
-            current.push(message);
-            for (i, (op, m)) in operators.iter_mut().zip(&op_metrics).enumerate() {
-                for message in current.drain(..) {
-                    let result = match message {
-                        Message::Data(batch) => {
-                            m.records_in.inc_by(batch.num_rows() as u64);
-                            op.process_batch(batch, &mut next)
-                        }
-                        Message::Watermark(w) => {
-                            let r = op.on_watermark(w, &mut next);
-                            if let (Some(state), Some(report)) = (&m.state, op.state_report()) {
-                                state.record(&report);
-                            }
-                            r
-                        }
-                        Message::Barrier(b) => op.on_barrier(b, &mut next),
-                        Message::End => {
-                            let r = op.on_end(&mut next);
-                            if let (Some(state), Some(report)) = (&m.state, op.state_report()) {
-                                state.record(&report);
-                            }
-                            next.push(Message::End);
-                            r
-                        }
-                    };
-                    if let Err(e) = result {
-                        m.errors.inc();
-                        error_log.log(|suppressed| {
-                            tracing::warn!(pipeline = %pipeline, operator = i, error = %e,
-                                suppressed, "operator failed on a batch; batch dropped");
-                        });
-                    }
-                }
-                for message in &next {
-                    if let Message::Data(b) = message {
-                        m.records_out.inc_by(b.num_rows() as u64);
-                    }
-                }
-                std::mem::swap(&mut current, &mut next);
-            }
-            for message in current.drain(..) {
+            for message in chain.run(Some(message)) {
                 output.send(message).await;
             }
             if end {
-                break;
+                return;
             }
         }
         // The input closed without End (upstream task died): still end the output.
         output.send(Message::End).await;
     })
+}
+
+/// A pipeline's operators and their counters.
+struct Chain {
+    operators: Vec<Box<dyn Operator>>,
+    metrics: Vec<OperatorMetrics>,
+    pipeline: String,
+    error_log: RateLimitedLog,
+    tick_every: Option<Duration>,
+}
+
+impl Chain {
+    /// Passes `message` through every operator; `None` is a tick, which every operator
+    /// that asks for ticks receives before its input.
+    fn run(&mut self, message: Option<Message>) -> Vec<Message> {
+        let tick = message.is_none();
+        let mut current: Vec<Message> = message.into_iter().collect();
+        let mut next = Vec::new();
+        for (i, (op, m)) in self.operators.iter_mut().zip(&self.metrics).enumerate() {
+            if tick
+                && op.tick_interval().is_some()
+                && let Err(e) = op.on_tick(&mut next)
+            {
+                m.errors.inc();
+                let pipeline = &self.pipeline;
+                self.error_log.log(|suppressed| {
+                    tracing::warn!(pipeline = %pipeline, operator = i, error = %e,
+                        suppressed, "operator failed on a tick");
+                });
+            }
+            // State is reported after watermarks, ticks and the end, not after every batch.
+            let report = tick || current.iter().any(|m| !matches!(m, Message::Data(_)));
+            for message in current.drain(..) {
+                let result = match message {
+                    Message::Data(batch) => {
+                        m.records_in.inc_by(batch.num_rows() as u64);
+                        op.process_batch(batch, &mut next)
+                    }
+                    Message::Watermark(w) => op.on_watermark(w, &mut next),
+                    Message::Barrier(b) => op.on_barrier(b, &mut next),
+                    Message::End => {
+                        let r = op.on_end(&mut next);
+                        next.push(Message::End);
+                        r
+                    }
+                };
+                if let Err(e) = result {
+                    m.errors.inc();
+                    let pipeline = &self.pipeline;
+                    self.error_log.log(|suppressed| {
+                        tracing::warn!(pipeline = %pipeline, operator = i, error = %e,
+                            suppressed, "operator failed on a batch; batch dropped");
+                    });
+                }
+            }
+            if report
+                && let Some(state) = &m.state
+                && let Some(report) = op.state_report()
+            {
+                state.record(&report);
+            }
+            for message in &next {
+                if let Message::Data(b) = message {
+                    m.records_out.inc_by(b.num_rows() as u64);
+                }
+            }
+            std::mem::swap(&mut current, &mut next);
+        }
+        current
+    }
 }
 
 /// Feeds `input` to `sink` until `End`, then finishes it. Failures are logged, counted and

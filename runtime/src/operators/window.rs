@@ -83,6 +83,9 @@ pub struct WindowAggregateSpec {
     /// Rows emitted: the group columns, then one column per aggregate.
     pub schema: SchemaRef,
     pub allowed_lateness: i64,
+    /// The stream has no WATERMARK: rows fall in the window of their arrival on the wall
+    /// clock, and windows close on the wall clock (ticks), not on watermarks.
+    pub processing_time: bool,
 }
 
 /// A running windowed aggregation (one per pipeline).
@@ -440,7 +443,11 @@ impl Operator for WindowAggregate {
 
     fn process_batch(&mut self, batch: RecordBatch, _out: &mut Vec<Message>) -> Result<()> {
         let rows = batch.num_rows();
-        let time = self.spec.time.evaluate(&batch)?.into_array(rows)?;
+        let time = if self.spec.processing_time {
+            ScalarValue::TimestampMillisecond(Some(now_ms()), None).to_array_of_size(rows)?
+        } else {
+            self.spec.time.evaluate(&batch)?.into_array(rows)?
+        };
         let time = cast(&time, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
         let time = time.as_primitive::<TimestampMillisecondType>();
         let slide = self.spec.kind.slide();
@@ -521,6 +528,9 @@ impl Operator for WindowAggregate {
     }
 
     fn on_watermark(&mut self, watermark: Watermark, out: &mut Vec<Message>) -> Result<()> {
+        if self.spec.processing_time {
+            return Ok(()); // closed by the wall clock
+        }
         if self.watermark.is_some_and(|w| watermark.0 <= w) {
             return Ok(());
         }
@@ -542,6 +552,16 @@ impl Operator for WindowAggregate {
         Ok(())
     }
 
+    fn tick_interval(&self) -> Option<std::time::Duration> {
+        self.spec.processing_time.then_some(TICK)
+    }
+
+    fn on_tick(&mut self, out: &mut Vec<Message>) -> Result<()> {
+        let now = now_ms();
+        self.watermark = Some(now);
+        self.close(now, out)
+    }
+
     fn state_report(&self) -> Option<StateReport> {
         Some(StateReport {
             open_windows: self.open_windows(),
@@ -551,6 +571,16 @@ impl Operator for WindowAggregate {
             emit_lag_ms: self.last_emit_lag,
         })
     }
+}
+
+/// How often processing-time windows look at the wall clock.
+const TICK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The wall clock, ms since the Unix epoch.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// `value` (ms since the epoch) repeated `rows` times, as `data_type` (a TIMESTAMP).
@@ -695,6 +725,7 @@ mod tests {
                 Field::new("total", DataType::Float64, true),
             ])),
             allowed_lateness,
+            processing_time: false,
         };
         WindowAggregate::try_new(Arc::new(spec), &input).expect("operator")
     }
