@@ -604,6 +604,12 @@ impl ConsumerLoop {
     /// resume, from the next undelivered offset, once there is room. False if the pipeline
     /// is gone.
     fn send(&mut self, message: Message) -> bool {
+        // Room at once (the usual case): no timer.
+        let message = match self.out.try_send(message) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(message)) => message,
+        };
         let mut paused: Option<TopicPartitionList> = None;
         let sent = loop {
             {

@@ -112,6 +112,9 @@ pub struct WindowAggregate {
     last_emit_lag: Option<i64>,
 }
 
+/// A pane's start and its rows of a batch (`None`: all of them).
+type PaneRows = (i64, Option<Vec<u32>>);
+
 struct Pane {
     groups: Box<dyn GroupValues>,
     accumulators: Vec<PaneAccumulator>,
@@ -396,6 +399,48 @@ impl WindowAggregate {
         self.evaluate(pane, start, end)
     }
 
+    /// Each pane's rows, `None` meaning the whole batch (the common case: no index list is
+    /// built), and the number of rows dropped: late ones, and those without a time.
+    fn assign_panes(&self, time: &arrow::array::TimestampMillisecondArray) -> (Vec<PaneRows>, u64) {
+        let slide = self.spec.kind.slide();
+        let lateness = self.spec.allowed_lateness;
+        let pane = |t: Option<i64>| {
+            let start = t?.div_euclid(slide) * slide;
+            let late = self
+                .watermark
+                .is_some_and(|w| (start + slide).saturating_add(lateness) <= w);
+            (!late).then_some(start)
+        };
+        let mut late = 0u64;
+        let mut only: Option<i64> = None;
+        let mut one_pane = true;
+        for t in time.iter() {
+            match pane(t) {
+                None => late += 1,
+                Some(start) => {
+                    one_pane &= only.is_none_or(|o| o == start);
+                    only = Some(start);
+                }
+            }
+        }
+        if late == 0 && one_pane {
+            return (only.map(|start| (start, None)).into_iter().collect(), 0);
+        }
+        let mut by_pane: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+        for (row, t) in time.iter().enumerate() {
+            if let Some(start) = pane(t) {
+                by_pane.entry(start).or_default().push(row as u32);
+            }
+        }
+        (
+            by_pane
+                .into_iter()
+                .map(|(start, rows)| (start, Some(rows)))
+                .collect(),
+            late,
+        )
+    }
+
     /// Lays out the group columns in the plan's order, then the aggregates.
     fn output(
         &self,
@@ -450,26 +495,7 @@ impl Operator for WindowAggregate {
         };
         let time = cast(&time, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
         let time = time.as_primitive::<TimestampMillisecondType>();
-        let slide = self.spec.kind.slide();
-        let lateness = self.spec.allowed_lateness;
-        // Rows by pane; a row whose pane has closed (or without a time) is dropped.
-        let mut by_pane: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
-        let mut late = 0u64;
-        for (row, t) in time.iter().enumerate() {
-            let Some(t) = t else {
-                late += 1;
-                continue;
-            };
-            let start = t.div_euclid(slide) * slide;
-            if self
-                .watermark
-                .is_some_and(|w| (start + slide).saturating_add(lateness) <= w)
-            {
-                late += 1;
-                continue;
-            }
-            by_pane.entry(start).or_default().push(row as u32);
-        }
+        let (panes, late) = self.assign_panes(time);
         if late > 0 {
             self.late_dropped += late;
             let (total, watermark) = (self.late_dropped, self.watermark);
@@ -483,7 +509,7 @@ impl Operator for WindowAggregate {
                 );
             });
         }
-        if by_pane.is_empty() {
+        if panes.is_empty() {
             return Ok(());
         }
         let keys = self.key_columns(&batch)?;
@@ -501,11 +527,11 @@ impl Operator for WindowAggregate {
                 None => None,
             });
         }
-        for (start, indices) in by_pane {
-            if indices.len() == rows {
+        for (start, indices) in panes {
+            let Some(indices) = indices else {
                 self.update_pane(start, &keys, &inputs, &filters)?;
                 continue;
-            }
+            };
             let indices = UInt32Array::from(indices);
             let pick = |columns: &[ArrayRef]| -> Result<Vec<ArrayRef>> {
                 columns
