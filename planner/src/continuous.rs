@@ -24,7 +24,7 @@ use sqlparser::ast::{
 };
 use weir_runtime::Operator;
 use weir_runtime::operators::{
-    FilterOperator, GroupColumn, ProjectOperator, WindowAggregate, WindowAggregateSpec, WindowKind,
+    FilterOperator, GroupColumn, ProjectOperator, WindowAggregateSpec, WindowKind, window_operator,
 };
 use weir_sql::ObjectKind;
 
@@ -81,7 +81,7 @@ impl ContinuousPlan {
                     }
                     Step::Window {
                         spec, input_schema, ..
-                    } => Box::new(WindowAggregate::try_new(spec.clone(), input_schema)?),
+                    } => window_operator(spec.clone(), input_schema)?,
                 })
             })
             .collect()
@@ -104,7 +104,7 @@ impl ContinuousPlan {
         if windows == 0 {
             return Err(PlanError::InvalidOption {
                 key: "window.allowed_lateness".into(),
-                message: "option 'window.allowed_lateness' applies to a query with a window (TUMBLE, HOP)".into(),
+                message: "option 'window.allowed_lateness' applies to a query with a window (TUMBLE, HOP, SESSION)".into(),
             });
         }
         Ok(self)
@@ -317,7 +317,7 @@ pub fn lower(
     lowering.visit(plan, state, catalog)?;
     if !lowering.window_columns.is_empty() {
         return Err(PlanError::NotSupported(
-            "a window (TUMBLE, HOP) without GROUP BY window_start, window_end: window results are aggregates per window".into(),
+            "a window (TUMBLE, HOP, SESSION) without GROUP BY window_start, window_end: window results are aggregates per window".into(),
         ));
     }
     let Some((input, input_kind, input_schema)) = lowering.input else {
@@ -572,7 +572,7 @@ impl Lowering {
     ) -> Result<()> {
         let not_windowed = || {
             PlanError::NotSupported(
-                "aggregation over a stream without a window (GROUP BY window_start, window_end of TUMBLE or HOP)".into(),
+                "aggregation over a stream without a window (GROUP BY window_start, window_end of TUMBLE, HOP or SESSION)".into(),
             )
         };
         let input_schema = Arc::new(a.input.schema().as_arrow().clone());
@@ -633,6 +633,7 @@ impl Lowering {
                 WindowKind::Tumble { size } => format!("TUMBLE size {}", fmt_millis(size)),
                 WindowKind::Hop { size, slide } =>
                     format!("HOP size {} slide {}", fmt_millis(size), fmt_millis(slide)),
+                WindowKind::Session { gap } => format!("SESSION gap {}", fmt_millis(gap)),
             },
             a.group_expr
                 .iter()
@@ -671,7 +672,7 @@ impl Lowering {
         };
         let spec = Arc::new(spec);
         // Checked here, not first at run time.
-        WindowAggregate::try_new(spec.clone(), &input_schema)?;
+        window_operator(spec.clone(), &input_schema)?;
         self.steps.push(Step::Window {
             spec,
             input_schema,

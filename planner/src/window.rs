@@ -1,11 +1,13 @@
-//! Window table-valued functions: `TUMBLE(stream, ts, size)`, `HOP(stream, ts, slide, size)`
-//! and the Flink spelling `TABLE(TUMBLE(TABLE stream, DESCRIPTOR(ts), size))`.
+//! Window table-valued functions: `TUMBLE(stream, ts, size)`, `HOP(stream, ts, slide, size)`,
+//! `SESSION(stream, ts, gap)` and the Flink spelling
+//! `TABLE(TUMBLE(TABLE stream, DESCRIPTOR(ts), size))`.
 //!
 //! Before DataFusion plans a query, each window call in `FROM` is rewritten into a subquery
 //! over its stream that adds `window_start` and `window_end` as placeholder functions of the
 //! time column (`__weir_window_start(ts, size_ms, slide_ms)`, which evaluates to `ts` itself).
 //! The `GROUP BY` that consumes them is lowered to a
-//! [`weir_runtime::operators::WindowAggregate`], which computes the real bounds from the time
+//! [`weir_runtime::operators::WindowAggregate`] (a `SessionAggregate` for SESSION), which
+//! computes the real bounds from the time
 //! column and the window read from the placeholder's arguments.
 
 use arrow::datatypes::DataType;
@@ -112,15 +114,14 @@ fn rewrite_factor(
     if !matches!(function.as_str(), "TUMBLE" | "HOP" | "SESSION") {
         return Ok(());
     }
-    if function == "SESSION" {
-        return Err(PlanError::NotSupported("SESSION windows".into()));
-    }
     let window = parse_window(&function, &args)?;
     let stream_ident = sqlparser::ast::Ident::with_quote('"', window.stream.clone());
     let time = sqlparser::ast::Ident::with_quote('"', window.time_column.clone());
+    // A slide of 0 marks a session window, whose gap stands in the size's place.
     let (size, slide) = match window.kind {
         WindowKind::Tumble { size } => (size, size),
         WindowKind::Hop { size, slide } => (size, slide),
+        WindowKind::Session { gap } => (gap, 0),
     };
     let replaced: Vec<&str> = catalog
         .get(&window.stream)
@@ -171,11 +172,13 @@ fn last_name(name: &ObjectName) -> Option<String> {
         .map(|i| i.value.clone())
 }
 
-/// `(stream, time, size)` for TUMBLE, `(stream, time, slide, size)` for HOP.
+/// `(stream, time, size)` for TUMBLE, `(stream, time, slide, size)` for HOP,
+/// `(stream, time, gap)` for SESSION.
 fn parse_window(function: &str, args: &[FunctionArg]) -> Result<WindowTvf> {
     let usage = || {
         bad_window(match function {
             "TUMBLE" => "TUMBLE takes (stream, time_column, INTERVAL size)".to_string(),
+            "SESSION" => "SESSION takes (stream, time_column, INTERVAL gap)".to_string(),
             _ => "HOP takes (stream, time_column, INTERVAL slide, INTERVAL size)".to_string(),
         })
     };
@@ -187,7 +190,7 @@ fn parse_window(function: &str, args: &[FunctionArg]) -> Result<WindowTvf> {
         })
         .collect::<Option<_>>()
         .ok_or_else(usage)?;
-    let expected = if function == "TUMBLE" { 3 } else { 4 };
+    let expected = if function == "HOP" { 4 } else { 3 };
     if exprs.len() != expected {
         return Err(usage());
     }
@@ -242,6 +245,10 @@ fn parse_window(function: &str, args: &[FunctionArg]) -> Result<WindowTvf> {
         WindowKind::Tumble {
             size: millis(exprs[2])?,
         }
+    } else if function == "SESSION" {
+        WindowKind::Session {
+            gap: millis(exprs[2])?,
+        }
     } else {
         let (slide, size) = (millis(exprs[2])?, millis(exprs[3])?);
         if size % slide != 0 {
@@ -289,7 +296,7 @@ pub fn placeholder_udfs() -> Vec<ScalarUDF> {
 }
 
 /// `__weir_window_start(ts, size_ms, slide_ms)`: evaluates to `ts`; the window operator reads it as the
-/// record's event time.
+/// record's event time. A session window is `(ts, gap_ms, 0)`.
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct WindowPlaceholder {
     name: &'static str,
@@ -326,7 +333,9 @@ pub fn placeholder_window(args: &[datafusion::logical_expr::Expr]) -> Option<Win
         _ => None,
     };
     let (size, slide) = (millis(1)?, millis(2)?);
-    Some(if size == slide {
+    Some(if slide == 0 {
+        WindowKind::Session { gap: size }
+    } else if size == slide {
         WindowKind::Tumble { size }
     } else {
         WindowKind::Hop { size, slide }

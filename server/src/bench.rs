@@ -41,6 +41,9 @@ enum Which {
     Tumble,
     /// The same through `HOP(2 seconds, 10 seconds)`.
     Hop,
+    /// The same through `SESSION(10 ms)`: a key's events are about 10 ms apart, so sessions
+    /// both run on and split.
+    Session,
 }
 
 pub async fn run(args: BenchArgs) -> Result<ExitCode, String> {
@@ -55,6 +58,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, String> {
             )
             .await
         }
+        Which::Session => window(&args, "SESSION(events, ts, INTERVAL '10' MILLISECOND)").await,
     }
 }
 

@@ -552,7 +552,7 @@ impl Engine {
                     return Err(PlanError::InvalidOption {
                         key: ALLOWED_LATENESS.into(),
                         message: format!(
-                            "option '{ALLOWED_LATENESS}' applies to a sink whose query has a window (TUMBLE, HOP), not to a sink FROM a relation"
+                            "option '{ALLOWED_LATENESS}' applies to a sink whose query has a window (TUMBLE, HOP, SESSION), not to a sink FROM a relation"
                         ),
                     });
                 }
@@ -910,7 +910,7 @@ impl Engine {
         drop(state);
         if continuous::uses_window(&plan) {
             return Err(PlanError::NotSupported(
-                "a window (TUMBLE, HOP) in a one-off SELECT over a materialized view: windows run continuously; create a materialized view with it, or group the rows by date_bin(...)".into(),
+                "a window (TUMBLE, HOP, SESSION) in a one-off SELECT over a materialized view: windows run continuously; create a materialized view with it, or group the rows by date_bin(...)".into(),
             ));
         }
         let schema = Arc::new(plan.schema().as_arrow().clone());

@@ -357,8 +357,51 @@ impl Tansu {
     }
 }
 
+/// A record for [`produce`]: partitioned by key (or round robin) unless a partition is given.
+#[derive(Default)]
+pub struct Record {
+    pub partition: Option<i32>,
+    pub key: Option<String>,
+    pub payload: String,
+}
+
 impl Drop for Tansu {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Produces `records` to `topic` on the broker at `bootstrap`, waiting for the broker to
+/// have every one.
+pub fn produce(bootstrap: &str, topic: &str, records: impl IntoIterator<Item = Record>) {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "200000")
+        // One request in flight: a partition keeps the order records were sent in (with
+        // several, the broker may append concurrent batches in another order).
+        .set("max.in.flight.requests.per.connection", "1")
+        .create()
+        .expect("producer");
+    for r in records {
+        let mut record = BaseRecord::<str, str>::to(topic).payload(&r.payload);
+        if let Some(key) = &r.key {
+            record = record.key(key);
+        }
+        if let Some(partition) = r.partition {
+            record = record.partition(partition);
+        }
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(120)).expect("flush");
 }

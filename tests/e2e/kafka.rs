@@ -7,10 +7,9 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-use crate::harness::{Tansu, Weir, duckdb, eventually};
+use crate::harness::{Record, Tansu, Weir, duckdb, eventually, produce};
 
 /// Event `i`: `{"id", "device", "v", "ts"}`, partitioned by id.
 fn event(i: u64) -> String {
@@ -22,33 +21,13 @@ fn event(i: u64) -> String {
     )
 }
 
-fn producer(bootstrap: &str) -> ThreadedProducer<DefaultProducerContext> {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "200000")
-        .create()
-        .expect("producer")
-}
-
-/// Produces `payloads`, waiting for the broker to have every one.
-fn produce(bootstrap: &str, topic: &str, payloads: impl IntoIterator<Item = (u64, String)>) {
-    let producer = producer(bootstrap);
-    for (key, payload) in payloads {
-        let key = key.to_string();
-        let mut record = BaseRecord::to(topic).key(&key).payload(&payload);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    record = back;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }
-        }
+/// A record keyed by `key`.
+fn keyed(key: u64, payload: String) -> Record {
+    Record {
+        key: Some(key.to_string()),
+        payload,
+        ..Record::default()
     }
-    producer.flush(Duration::from_secs(120)).expect("flush");
 }
 
 fn create_stream_and_lake(weir: &Weir, bootstrap: &str, lake: &Path, extra: &str) {
@@ -92,7 +71,7 @@ fn a_million_events_arrive_once_each_with_their_sums() {
     let dir = tempfile::tempdir().expect("tempdir");
     let tansu = Tansu::start(dir.path());
     tansu.create_topic("ev", 4);
-    produce(&tansu.bootstrap(), "ev", (0..N).map(|i| (i, event(i))));
+    produce(&tansu.bootstrap(), "ev", (0..N).map(|i| keyed(i, event(i))));
 
     let weir = Weir::start(dir.path(), None);
     let lake = dir.path().join("lake");
@@ -138,7 +117,7 @@ fn malformed_messages_go_to_the_dead_letter_topic_and_the_rest_arrives() {
                 (true, 1) => format!(r#"{{"id":{i},"v":"fast","ts":1}}"#),
                 (true, _) => r#"{"device":"x","ts":1}"#.to_string(),
             };
-            (i, payload)
+            keyed(i, payload)
         }),
     );
     let weir = Weir::start(dir.path(), None);
@@ -217,7 +196,11 @@ fn the_pipeline_rides_out_a_broker_restart_and_loses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut tansu = Tansu::start(dir.path());
     tansu.create_topic("ev", 4);
-    produce(&tansu.bootstrap(), "ev", (0..50_000).map(|i| (i, event(i))));
+    produce(
+        &tansu.bootstrap(),
+        "ev",
+        (0..50_000).map(|i| keyed(i, event(i))),
+    );
     let mut weir = Weir::start(dir.path(), None);
     let lake = dir.path().join("lake");
     create_stream_and_lake(&weir, &tansu.bootstrap(), &lake, "");
@@ -237,7 +220,7 @@ fn the_pipeline_rides_out_a_broker_restart_and_loses_nothing() {
     produce(
         &tansu.bootstrap(),
         "ev",
-        (50_000..100_000).map(|i| (i, event(i))),
+        (50_000..100_000).map(|i| keyed(i, event(i))),
     );
     let totals = eventually(Duration::from_secs(180), || {
         lake_totals(&lake).filter(|t| t.1 >= 100_000)
@@ -260,7 +243,11 @@ fn a_psql_live_tail_over_a_kafka_stream_returns_fresh_records() {
     let tansu = Tansu::start(dir.path());
     tansu.create_topic("ev", 4);
     // Old records: a tail must not return these.
-    produce(&tansu.bootstrap(), "ev", (0..1000).map(|i| (i, event(i))));
+    produce(
+        &tansu.bootstrap(),
+        "ev",
+        (0..1000).map(|i| keyed(i, event(i))),
+    );
     let weir = Weir::start(dir.path(), None);
     let (ok, out, err) = weir.psql_c(&format!(
         "CREATE STREAM ev (id BIGINT NOT NULL, device TEXT, v DOUBLE, ts TIMESTAMP(3)) \
@@ -275,7 +262,7 @@ fn a_psql_live_tail_over_a_kafka_stream_returns_fresh_records() {
         std::thread::spawn(move || {
             let mut i = 1_000_000;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                produce(&bootstrap, "ev", (i..i + 50).map(|i| (i, event(i))));
+                produce(&bootstrap, "ev", (i..i + 50).map(|i| keyed(i, event(i))));
                 i += 50;
                 std::thread::sleep(Duration::from_millis(100));
             }

@@ -1,9 +1,12 @@
-//! Windowed GROUP BY end to end: 1 M events from a file through TUMBLE and HOP with
-//! `weir run`, the Parquet output compared with DuckDB's batch answer over the same input.
+//! Windowed GROUP BY end to end: 1 M events through TUMBLE, HOP and SESSION, from a file
+//! with `weir run` and from Kafka (tansu) with `weir serve`; the Parquet output compared with
+//! DuckDB's batch answer over the same input.
 
-use crate::harness::{duckdb, weir_run};
 use std::io::Write;
 use std::path::Path;
+use std::time::Duration;
+
+use crate::harness::{Record, Tansu, Weir, duckdb, eventually, produce, weir_run};
 
 const EVENTS: u64 = 1_000_000;
 const BASE_MS: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
@@ -49,67 +52,190 @@ fn write_input(path: &Path) -> u64 {
     late
 }
 
+const AGGREGATES: &str =
+    "count(*) AS n, sum(v) AS s, min(v) AS mn, max(v) AS mx, avg(v) AS a, count(DISTINCT v) AS d";
+const DUCK_AGGREGATES: &str = "count(*), sum(v), min(v), max(v), avg(v), count(DISTINCT v)";
+/// Sessions per (k, v % 10): about 20 records each over the 100 s of input, so that a 2 s gap
+/// splits them into many sessions.
+const SESSION_GAP_MS: i64 = 2000;
+
+/// The three windowed sinks over stream `ev`, into `lake/{tumble,hop,session}`.
+fn window_sinks(lake: &Path) -> String {
+    let lake = lake.display();
+    let gap = SESSION_GAP_MS;
+    format!(
+        "CREATE SINK tumble WITH (connector = 'parquet', path = '{lake}/tumble', 'rollover.interval' = '1s') AS
+           SELECT window_start, k, {AGGREGATES} FROM TUMBLE(ev, ts, INTERVAL '10' SECOND) GROUP BY window_start, window_end, k;
+         CREATE SINK hop WITH (connector = 'parquet', path = '{lake}/hop', 'rollover.interval' = '1s') AS
+           SELECT window_start, k, {AGGREGATES} FROM HOP(ev, ts, INTERVAL '2' SECOND, INTERVAL '10' SECOND) GROUP BY window_start, window_end, k;
+         CREATE SINK session WITH (connector = 'parquet', path = '{lake}/session', 'rollover.interval' = '1s') AS
+           SELECT window_start, window_end, k, v % 10 AS b, {AGGREGATES} FROM SESSION(ev, ts, INTERVAL '{gap}' MILLISECOND) GROUP BY window_start, window_end, k, v % 10;"
+    )
+}
+
+/// DuckDB's answer per sink, over the on-time records of `input`: windows by epoch
+/// arithmetic; sessions by gaps between a group's consecutive records.
+fn expected(input: &Path) -> [(&'static str, String); 3] {
+    let on_time = format!(
+        "(SELECT k, v, ts, epoch_ms(ts) AS ms FROM read_json('{}', columns = {{k: 'BIGINT', v: 'DOUBLE', ts: 'TIMESTAMP', late: 'BOOLEAN'}}) WHERE late IS NULL)",
+        input.display()
+    );
+    let tumble = format!(
+        "SELECT make_timestamp((ms // 10000) * 10000 * 1000) AS window_start, NULL, k, NULL, {DUCK_AGGREGATES} FROM {on_time} GROUP BY ALL"
+    );
+    let hop = format!(
+        "SELECT make_timestamp(((ms // 2000) - i) * 2000 * 1000) AS window_start, NULL, k, NULL, {DUCK_AGGREGATES} \
+         FROM {on_time}, range(0, 5) AS r(i) GROUP BY ALL"
+    );
+    let gap = SESSION_GAP_MS;
+    let session = format!(
+        "WITH o AS (SELECT k, v, v % 10 AS b, ms FROM {on_time}), \
+              g AS (SELECT *, CASE WHEN ms - lag(ms) OVER (PARTITION BY k, b ORDER BY ms) < {gap} THEN 0 ELSE 1 END AS new FROM o), \
+              s AS (SELECT *, sum(new) OVER (PARTITION BY k, b ORDER BY ms ROWS UNBOUNDED PRECEDING) AS sid FROM g) \
+         SELECT make_timestamp(min(ms) * 1000), make_timestamp((max(ms) + {gap}) * 1000), k, b, {DUCK_AGGREGATES} FROM s GROUP BY k, b, sid"
+    );
+    [("tumble", tumble), ("hop", hop), ("session", session)]
+}
+
+/// Weir's rows of sink `name` (NULL for the columns it does not have).
+fn weir_rows(lake: &Path, name: &str) -> String {
+    let (end, b) = if name == "session" {
+        ("CAST(window_end AS TIMESTAMP)", "b")
+    } else {
+        ("NULL", "NULL")
+    };
+    format!(
+        "SELECT CAST(window_start AS TIMESTAMP), {end}, k, {b}, n, s, mn, mx, a, d FROM '{}/{name}/*.parquet' WHERE k >= 0",
+        lake.display()
+    )
+}
+
+/// `[weir rows, expected rows, weir-only rows, expected-only rows, weir records, expected
+/// records]` for one sink.
+fn compare(lake: &Path, name: &str, expected: &str) -> Vec<u64> {
+    let weir = weir_rows(lake, name);
+    let result = duckdb(&format!(
+        "SELECT (SELECT count(*) FROM ({weir})), (SELECT count(*) FROM ({expected})), \
+                (SELECT count(*) FROM (SELECT * FROM ({weir}) EXCEPT ALL SELECT * FROM ({expected}))), \
+                (SELECT count(*) FROM (SELECT * FROM ({expected}) EXCEPT ALL SELECT * FROM ({weir}))), \
+                (SELECT sum(n) FROM ({weir}) AS w(s, e, k, b, n)), \
+                (SELECT sum(n) FROM ({expected}) AS x(s, e, k, b, n))"
+    ));
+    result[0]
+        .split('\t')
+        .map(|f| f.parse().unwrap_or(u64::MAX))
+        .collect()
+}
+
+/// `context` is shown on failure.
+fn assert_equal(name: &str, counts: &[u64], context: &str) {
+    assert!(counts[0] > 10_000, "{name}: {counts:?}");
+    assert_eq!(
+        counts[0], counts[1],
+        "{name}: as many window rows as DuckDB's answer\n{context}"
+    );
+    assert_eq!(
+        &counts[2..6],
+        [0, 0, counts[5], counts[5]],
+        "{name}: every row equals DuckDB's (weir-only rows, duckdb-only rows, weir records, duckdb records)\n{context}"
+    );
+}
+
 #[test]
-fn tumble_and_hop_over_a_file_equal_duckdbs_batch_answer() {
+fn windows_over_a_file_equal_duckdbs_batch_answer() {
     let dir = tempfile::tempdir().expect("tempdir");
     let input = dir.path().join("events.ndjson");
     let late = write_input(&input);
     assert!(late > 0);
     let lake = dir.path().join("lake");
     let job = dir.path().join("job.sql");
-    let aggregates = "count(*) AS n, sum(v) AS s, min(v) AS mn, max(v) AS mx, avg(v) AS a, count(DISTINCT v) AS d";
     std::fs::write(
         &job,
         format!(
             "CREATE STREAM ev (k BIGINT NOT NULL, v DOUBLE, ts TIMESTAMP(3) NOT NULL, WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)
-               WITH (connector = 'file', path = '{input}', format = 'json');
-             CREATE SINK tumble WITH (connector = 'parquet', path = '{lake}/tumble') AS
-               SELECT window_start, k, {aggregates} FROM TUMBLE(ev, ts, INTERVAL '10' SECOND) GROUP BY window_start, window_end, k;
-             CREATE SINK hop WITH (connector = 'parquet', path = '{lake}/hop') AS
-               SELECT window_start, k, {aggregates} FROM HOP(ev, ts, INTERVAL '2' SECOND, INTERVAL '10' SECOND) GROUP BY window_start, window_end, k;",
-            input = input.display(),
-            lake = lake.display(),
+               WITH (connector = 'file', path = '{}', format = 'json');
+             {}",
+            input.display(),
+            window_sinks(&lake)
         ),
     )
     .expect("job");
     weir_run(&job);
+    for (name, expected) in expected(&input) {
+        assert_equal(name, &compare(&lake, name, &expected), "");
+    }
+}
 
-    // DuckDB's answer: the on-time records, assigned to windows by epoch arithmetic.
-    let on_time = format!(
-        "(SELECT k, v, ts, epoch_ms(ts) AS ms FROM read_json('{}', columns = {{k: 'BIGINT', v: 'DOUBLE', ts: 'TIMESTAMP', late: 'BOOLEAN'}}) WHERE late IS NULL)",
-        input.display()
+/// The same events from Kafka: partition `i % 4` for the i-th on-time record (a partition
+/// holds them in the file's order, so each is out of order by less than the watermark
+/// delay), and a last record an hour later in every partition that closes every window.
+/// The late records are left out: with four partitions, whether one is late depends on how
+/// far the partitions' reading runs apart.
+#[test]
+fn windows_over_kafka_equal_duckdbs_batch_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("events.ndjson");
+    write_input(&input);
+    let tansu = Tansu::start(dir.path());
+    tansu.create_topic("ev", 4);
+    let text = std::fs::read_to_string(&input).expect("input");
+    let on_time = text.lines().filter(|l| !l.contains(r#""late""#));
+    let closing = chrono::DateTime::from_timestamp_millis(BASE_MS + 3_600_000)
+        .expect("time")
+        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string();
+    let on_time = on_time
+        .enumerate()
+        .map(|(i, line)| (i as i32 % 4, line.to_string()));
+    let closers = (0..4).map(|p| (p, format!(r#"{{"k":-1,"v":0.0,"ts":"{closing}"}}"#)));
+    produce(
+        &tansu.bootstrap(),
+        "ev",
+        on_time.chain(closers).map(|(p, payload)| Record {
+            partition: Some(p),
+            payload,
+            ..Record::default()
+        }),
     );
-    let duck_aggregates = "count(*), sum(v), min(v), max(v), avg(v), count(DISTINCT v)";
-    let tumble = format!(
-        "SELECT make_timestamp((ms // 10000) * 10000 * 1000) AS window_start, k, {duck_aggregates} FROM {on_time} GROUP BY ALL"
+
+    let weir = Weir::start(dir.path(), None);
+    let lake = dir.path().join("lake");
+    let sql = format!(
+        "CREATE STREAM ev (k BIGINT NOT NULL, v DOUBLE, ts TIMESTAMP(3) NOT NULL, WATERMARK FOR ts AS ts - INTERVAL '1' SECOND) \
+           WITH (connector = 'kafka', topic = 'ev', 'bootstrap.servers' = '{}', 'scan.startup.mode' = 'earliest'); {}",
+        tansu.bootstrap(),
+        window_sinks(&lake)
     );
-    let hop = format!(
-        "SELECT make_timestamp(((ms // 2000) - i) * 2000 * 1000) AS window_start, k, {duck_aggregates} \
-         FROM {on_time}, range(0, 5) AS r(i) GROUP BY ALL"
-    );
-    for (name, expected) in [("tumble", tumble), ("hop", hop)] {
-        let weir = format!(
-            "SELECT CAST(window_start AS TIMESTAMP), k, n, s, mn, mx, a, d FROM '{}/{name}/*.parquet'",
-            lake.display()
-        );
-        let result = duckdb(&format!(
-            "SELECT (SELECT count(*) FROM ({weir})), (SELECT count(*) FROM ({expected})), \
-                    (SELECT count(*) FROM ({weir} EXCEPT ALL {expected})), \
-                    (SELECT count(*) FROM ({expected} EXCEPT ALL {weir}))"
-        ));
-        let fields: Vec<&str> = result[0].split('\t').collect();
-        assert!(
-            fields[0].parse::<u64>().unwrap_or(0) > 10_000,
-            "{name}: {fields:?}"
-        );
-        assert_eq!(
-            fields[0], fields[1],
-            "{name}: as many window rows as DuckDB's answer"
-        );
-        assert_eq!(
-            &fields[2..4],
-            ["0", "0"],
-            "{name}: every row equals DuckDB's (weir-only, duckdb-only rows)"
-        );
+    let (ok, out, err) = weir.psql_c(&sql);
+    assert!(ok, "{out}{err}\n{}", weir.log_text());
+    for (name, expected) in expected(&input) {
+        // Files appear as windows close; wait for all of them.
+        let counts = eventually(Duration::from_secs(300), || {
+            let dir = lake.join(name);
+            let has_files = std::fs::read_dir(&dir)
+                .ok()?
+                .flatten()
+                .any(|e| e.path().extension().is_some_and(|x| x == "parquet"));
+            let counts = has_files.then(|| compare(&lake, name, &expected))?;
+            (counts[0] >= counts[1]).then_some(counts)
+        });
+        let counts = counts.unwrap_or_else(|| panic!("{name}: incomplete\n{}", weir.log_text()));
+        let metrics = weir.http_get("/metrics");
+        let context: Vec<&str> = metrics
+            .lines()
+            .filter(|l| {
+                [
+                    "late",
+                    "rebalance",
+                    "commits",
+                    "client_errors",
+                    "partition_records",
+                    "watermark",
+                ]
+                .iter()
+                .any(|m| l.contains(m))
+            })
+            .collect();
+        assert_equal(name, &counts, &context.join("\n"));
     }
 }

@@ -34,6 +34,8 @@ pub struct FileSourceFactory {
     follow_interval: Duration,
     dead_letter: Option<PathBuf>,
     event_time: Option<(usize, i64)>,
+    /// Rows per batch (a watermark follows each batch that advances it).
+    batch_rows: usize,
 }
 
 impl FileSourceFactory {
@@ -73,6 +75,16 @@ impl FileSourceFactory {
         let dead_letter = reader
             .string("dead_letter.path")
             .map(|p| PathBuf::from(strip_file_scheme(p)));
+        let batch_rows = match reader.u64("batch.rows")? {
+            None => BATCH_ROWS,
+            Some(n @ 1..=1_048_576) => n as usize,
+            Some(n) => {
+                return Err(ConnectorError::Option(weir_sql::options::OptionError::new(
+                    "batch.rows",
+                    format!("invalid value '{n}' for option 'batch.rows': expected 1 to 1048576"),
+                )));
+            }
+        };
         reader.finish()?;
         if !path.exists() {
             return Err(ConnectorError::MissingFile(format!(
@@ -89,6 +101,7 @@ impl FileSourceFactory {
             follow_interval,
             dead_letter,
             event_time: None,
+            batch_rows,
         })
     }
 
@@ -144,8 +157,11 @@ impl Source for FileSource {
         if let Some((column, delay_ms)) = self.config.event_time {
             ctx.track_event_time(column, delay_ms);
         }
-        let mut decoder =
-            BlockDecoder::new(self.config.schema.clone(), self.config.format, BATCH_ROWS);
+        let mut decoder = BlockDecoder::new(
+            self.config.schema.clone(),
+            self.config.format,
+            self.config.batch_rows,
+        );
         let mut cursors: Vec<FileCursor> = Vec::new();
         let mut buf = vec![0u8; BLOCK_BYTES];
         loop {

@@ -154,6 +154,9 @@ struct Callbacks {
     metrics: SourceMetrics,
     rebalances: Mutex<Vec<RebalanceEvent>>,
     error_log: Mutex<RateLimitedLog>,
+    /// Per partition, whether the last statistics showed nothing left to read: the broker's
+    /// high watermark known and fetched up to, and no fetched record waiting.
+    caught_up: Mutex<HashMap<i32, bool>>,
 }
 
 enum RebalanceEvent {
@@ -177,6 +180,11 @@ impl ClientContext for Callbacks {
                 if *id >= 0 && partition.consumer_lag >= 0 {
                     self.metrics.partition(*id).lag.set(partition.consumer_lag);
                 }
+            }
+            let mut caught_up = self.caught_up.lock().unwrap_or_else(|e| e.into_inner());
+            for (&id, p) in topic.partitions.iter().filter(|(id, _)| **id >= 0) {
+                let done = p.hi_offset >= 0 && p.next_offset >= p.hi_offset && p.fetchq_cnt == 0;
+                caught_up.insert(id, done);
             }
         }
     }
@@ -372,6 +380,7 @@ impl ConsumerLoop {
             metrics: metrics.clone(),
             rebalances: Mutex::new(Vec::new()),
             error_log: Mutex::new(RateLimitedLog::new(Duration::from_secs(10))),
+            caught_up: Mutex::new(HashMap::new()),
         };
         let consumer: BaseConsumer<Callbacks> = config
             .client
@@ -381,7 +390,8 @@ impl ConsumerLoop {
                 ("enable.auto.offset.store", "false"),
                 ("enable.partition.eof", "false"),
                 ("auto.offset.reset", reset),
-                ("statistics.interval.ms", "5000"),
+                // Lag metrics, and whether a partition has anything left to read (idleness).
+                ("statistics.interval.ms", "1000"),
                 // librdkafka waits this long to fetch again for a partition whose prefetched
                 // records reach `queued.min.messages`; its default, 1 s, starves a consumer
                 // that decodes a full fetch in less (measured: 0.17 M instead of 1.3 M
@@ -709,22 +719,40 @@ impl ConsumerLoop {
 
     /// The minimum over non-idle partitions of (max event time - delay); when every
     /// partition is idle, the maximum. Sent when it advances.
+    ///
+    /// A partition is idle when it has given no record for `idle_timeout` *and* has nothing
+    /// left to read. The second half matters when the broker serves one partition's backlog
+    /// before another's: the waiting partition is not idle, and its records are not late.
     fn advance_watermark(&mut self) -> bool {
         let Some(et) = self.config.event_time else {
             return true;
         };
-        let idle = self.config.idle_timeout;
+        let timeout = self.config.idle_timeout;
+        let quiet = |s: &PartitionState| s.last_record.elapsed() >= timeout;
+        // Statistics are read only when some partition has been quiet that long.
+        let caught_up = if self.partitions.values().any(quiet) {
+            let callbacks = self.consumer.context();
+            let map = callbacks
+                .caught_up
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            map.clone()
+        } else {
+            HashMap::new()
+        };
+        let is_idle =
+            |id: &i32, state: &PartitionState| quiet(state) && caught_up.get(id) == Some(&true);
         let mut active_min: Option<i64> = None;
         let mut any_active = false;
         let mut blocked = false;
         let mut all_max: Option<i64> = None;
-        for state in self.partitions.values() {
+        for (id, state) in &self.partitions {
             let mark = state.max_event_ms.map(|m| m.saturating_sub(et.delay_ms));
             if let Some(mark) = mark {
                 state.metrics.watermark_ms.set(mark);
                 all_max = Some(all_max.map_or(mark, |m| m.max(mark)));
             }
-            if state.last_record.elapsed() < idle {
+            if !is_idle(id, state) {
                 any_active = true;
                 match mark {
                     Some(mark) => active_min = Some(active_min.map_or(mark, |m| m.min(mark))),

@@ -5,5 +5,9 @@ mod project;
 
 pub use filter::FilterOperator;
 pub use project::ProjectOperator;
+mod session;
+#[cfg(test)]
+mod test_support;
 mod window;
-pub use window::{GroupColumn, WindowAggregate, WindowAggregateSpec, WindowKind};
+pub use session::SessionAggregate;
+pub use window::{GroupColumn, WindowAggregate, WindowAggregateSpec, WindowKind, window_operator};

@@ -31,6 +31,7 @@ use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group_values};
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
 
+use super::session::SessionAggregate;
 use crate::error::{Error, Result};
 use crate::message::{Message, Watermark};
 use crate::operator::{Operator, StateReport};
@@ -38,14 +39,25 @@ use crate::operator::{Operator, StateReport};
 /// The window of a windowed aggregation, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WindowKind {
-    Tumble { size: i64 },
-    Hop { size: i64, slide: i64 },
+    Tumble {
+        size: i64,
+    },
+    Hop {
+        size: i64,
+        slide: i64,
+    },
+    /// One session per key: records less than `gap` apart belong to one window.
+    Session {
+        gap: i64,
+    },
 }
 
 impl WindowKind {
+    /// The window length; for a session, the gap (a session is at least that long).
     fn size(self) -> i64 {
         match self {
             Self::Tumble { size } | Self::Hop { size, .. } => size,
+            Self::Session { gap } => gap,
         }
     }
 
@@ -54,8 +66,124 @@ impl WindowKind {
         match self {
             Self::Tumble { size } => size,
             Self::Hop { slide, .. } => slide,
+            Self::Session { gap } => gap,
         }
     }
+}
+
+/// The operator computing `spec`: panes for TUMBLE and HOP, sessions for SESSION.
+pub fn window_operator(
+    spec: Arc<WindowAggregateSpec>,
+    input_schema: &Schema,
+) -> Result<Box<dyn Operator>> {
+    Ok(match spec.kind {
+        WindowKind::Session { .. } => Box::new(SessionAggregate::try_new(spec, input_schema)?),
+        _ => Box::new(WindowAggregate::try_new(spec, input_schema)?),
+    })
+}
+
+/// The window's time column as millisecond timestamps: the event time, or the wall clock
+/// for processing-time windows.
+pub(super) fn event_times(
+    spec: &WindowAggregateSpec,
+    batch: &RecordBatch,
+) -> Result<arrow::array::TimestampMillisecondArray> {
+    let rows = batch.num_rows();
+    let time = if spec.processing_time {
+        ScalarValue::TimestampMillisecond(Some(now_ms()), None).to_array_of_size(rows)?
+    } else {
+        spec.time.evaluate(batch)?.into_array(rows)?
+    };
+    let time = cast(&time, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
+    Ok(time.as_primitive::<TimestampMillisecondType>().clone())
+}
+
+/// Each aggregate's input expressions.
+pub(super) type AggregateArguments = Vec<Vec<Arc<dyn PhysicalExpr>>>;
+
+/// Checks the time column's type; the key columns' schema (one constant column when there
+/// are no keys); each aggregate's arguments followed by its `ORDER BY` expressions
+/// (`first_value(v ORDER BY ts)` orders by what it is given), as DataFusion feeds them.
+pub(super) fn prepare(
+    spec: &WindowAggregateSpec,
+    input_schema: &Schema,
+) -> Result<(SchemaRef, AggregateArguments)> {
+    let mut fields = spec
+        .keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            Ok(Field::new(
+                format!("k{i}"),
+                k.data_type(input_schema)?,
+                true,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if fields.is_empty() {
+        fields.push(Field::new("k", DataType::Boolean, true));
+    }
+    match spec.time.data_type(input_schema)? {
+        DataType::Timestamp(..) => {}
+        other => {
+            return Err(Error::Execution(format!(
+                "the window's time column must be a TIMESTAMP, not {other}"
+            )));
+        }
+    }
+    let arguments = spec
+        .aggregates
+        .iter()
+        .map(|a| {
+            let mut exprs = a.expressions();
+            exprs.extend(a.order_bys().iter().map(|o| o.expr.clone()));
+            exprs
+        })
+        .collect();
+    Ok((Arc::new(Schema::new(fields)), arguments))
+}
+
+/// The key columns of `batch` (one constant column when there are no keys).
+pub(super) fn key_columns(
+    spec: &WindowAggregateSpec,
+    batch: &RecordBatch,
+) -> Result<Vec<ArrayRef>> {
+    if spec.keys.is_empty() {
+        return Ok(vec![Arc::new(BooleanArray::from(vec![
+            true;
+            batch.num_rows()
+        ]))]);
+    }
+    spec.keys
+        .iter()
+        .map(|k| Ok(k.evaluate(batch)?.into_array(batch.num_rows())?))
+        .collect()
+}
+
+/// Each aggregate's input columns and `FILTER` over `batch`.
+pub(super) type AggregateInputs = (Vec<Vec<ArrayRef>>, Vec<Option<BooleanArray>>);
+
+pub(super) fn aggregate_inputs(
+    spec: &WindowAggregateSpec,
+    arguments: &[Vec<Arc<dyn PhysicalExpr>>],
+    batch: &RecordBatch,
+) -> Result<AggregateInputs> {
+    let rows = batch.num_rows();
+    let mut inputs = Vec::with_capacity(spec.aggregates.len());
+    let mut filters = Vec::with_capacity(spec.aggregates.len());
+    for (arguments, filter) in arguments.iter().zip(&spec.filters) {
+        inputs.push(
+            arguments
+                .iter()
+                .map(|e| Ok(e.evaluate(batch)?.into_array(rows)?))
+                .collect::<Result<Vec<_>>>()?,
+        );
+        filters.push(match filter {
+            Some(f) => Some(f.evaluate(batch)?.into_array(rows)?.as_boolean().clone()),
+            None => None,
+        });
+    }
+    Ok((inputs, filters))
 }
 
 /// One output column of the `GROUP BY`, in the order the plan lists them.
@@ -101,15 +229,49 @@ pub struct WindowAggregate {
     /// HOP: windows ending at or before this have been emitted.
     emitted_until: i64,
     watermark: Option<i64>,
-    late_dropped: u64,
+    late: LateRecords,
     group_ids: Vec<usize>,
     /// Each aggregate's input expressions, followed by its `ORDER BY` expressions
     /// (`first_value(v ORDER BY ts)` orders by what it is given), as DataFusion's own
     /// aggregation feeds them.
-    arguments: Vec<Vec<Arc<dyn PhysicalExpr>>>,
-    late_log: crate::pipeline::RateLimitedLog,
+    arguments: AggregateArguments,
     /// Watermark minus the end of the last window emitted, when it was emitted.
     last_emit_lag: Option<i64>,
+}
+
+/// Records dropped because their window had closed (or they had no event time): counted,
+/// and logged at a bounded rate.
+pub(super) struct LateRecords {
+    pub(super) count: u64,
+    log: crate::pipeline::RateLimitedLog,
+}
+
+impl Default for LateRecords {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            log: crate::pipeline::RateLimitedLog::new(std::time::Duration::from_secs(10)),
+        }
+    }
+}
+
+impl LateRecords {
+    pub(super) fn dropped(&mut self, late: u64, watermark: Option<i64>) {
+        if late == 0 {
+            return;
+        }
+        self.count += late;
+        let total = self.count;
+        self.log.log(|suppressed| {
+            tracing::warn!(
+                late,
+                total,
+                watermark,
+                suppressed,
+                "records for windows already closed (or without an event time) were dropped"
+            );
+        });
+    }
 }
 
 /// A pane's start and its rows of a batch (`None`: all of them).
@@ -134,56 +296,29 @@ struct FrozenPane {
 
 impl WindowAggregate {
     pub fn try_new(spec: Arc<WindowAggregateSpec>, input_schema: &Schema) -> Result<Self> {
-        let mut fields = spec
-            .keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| {
-                Ok(Field::new(
-                    format!("k{i}"),
-                    k.data_type(input_schema)?,
-                    true,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        if fields.is_empty() {
-            fields.push(Field::new("k", DataType::Boolean, true));
+        if matches!(spec.kind, WindowKind::Session { .. }) {
+            return Err(Error::Internal(
+                "session windows are computed by SessionAggregate".into(),
+            ));
         }
-        match spec.time.data_type(input_schema)? {
-            DataType::Timestamp(..) => {}
-            other => {
-                return Err(Error::Execution(format!(
-                    "the window's time column must be a TIMESTAMP, not {other}"
-                )));
-            }
-        }
-        let arguments = spec
-            .aggregates
-            .iter()
-            .map(|a| {
-                let mut exprs = a.expressions();
-                exprs.extend(a.order_bys().iter().map(|o| o.expr.clone()));
-                exprs
-            })
-            .collect();
+        let (key_schema, arguments) = prepare(&spec, input_schema)?;
         Ok(Self {
             last_emit_lag: None,
-            late_log: crate::pipeline::RateLimitedLog::new(std::time::Duration::from_secs(10)),
+            late: LateRecords::default(),
             arguments,
-            key_schema: Arc::new(Schema::new(fields)),
+            key_schema,
             spec,
             panes: BTreeMap::new(),
             frozen: BTreeMap::new(),
             emitted_until: i64::MIN,
             watermark: None,
-            late_dropped: 0,
             group_ids: Vec::new(),
         })
     }
 
     /// Records dropped because their window had closed.
     pub fn late_dropped(&self) -> u64 {
-        self.late_dropped
+        self.late.count
     }
 
     /// Estimated bytes held: interned keys, accumulators, frozen pane states.
@@ -256,20 +391,6 @@ impl WindowAggregate {
         })
     }
 
-    fn key_columns(&self, batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
-        if self.spec.keys.is_empty() {
-            return Ok(vec![Arc::new(BooleanArray::from(vec![
-                true;
-                batch.num_rows()
-            ]))]);
-        }
-        self.spec
-            .keys
-            .iter()
-            .map(|k| Ok(k.evaluate(batch)?.into_array(batch.num_rows())?))
-            .collect()
-    }
-
     /// Adds rows to a pane: `keys`, each aggregate's inputs and filter, all of one length.
     fn update_pane(
         &mut self,
@@ -316,7 +437,8 @@ impl WindowAggregate {
             .take_while(|&start| closes(start + slide))
             .collect();
         match kind {
-            WindowKind::Tumble { .. } => {
+            // (SESSION never gets here: `try_new` refuses it.)
+            WindowKind::Tumble { .. } | WindowKind::Session { .. } => {
                 for start in closing {
                     if let Some(pane) = self.panes.remove(&start) {
                         let batch = self.evaluate(pane, start, start + size)?;
@@ -373,7 +495,8 @@ impl WindowAggregate {
                 }
             })
             .collect::<Result<Vec<_>>>()?;
-        self.output(keys, values, rows, start, end)
+        let bounds = |ms| ScalarValue::TimestampMillisecond(Some(ms), None).to_array_of_size(rows);
+        lay_out(&self.spec, keys, values, rows, bounds(start)?, bounds(end)?)
     }
 
     /// A hopping window's rows: its frozen panes' states merged.
@@ -440,45 +563,6 @@ impl WindowAggregate {
             late,
         )
     }
-
-    /// Lays out the group columns in the plan's order, then the aggregates.
-    fn output(
-        &self,
-        keys: Vec<ArrayRef>,
-        values: Vec<ArrayRef>,
-        rows: usize,
-        start: i64,
-        end: i64,
-    ) -> Result<RecordBatch> {
-        let fields = self.spec.schema.fields();
-        let mut columns = Vec::with_capacity(fields.len());
-        for (i, column) in self.spec.group_columns.iter().enumerate() {
-            columns.push(match column {
-                GroupColumn::WindowStart => timestamps(start, rows, fields[i].data_type())?,
-                GroupColumn::WindowEnd => timestamps(end, rows, fields[i].data_type())?,
-                GroupColumn::Key(k) => keys[*k].clone(),
-            });
-        }
-        columns.extend(values);
-        // Relabel: aggregate results may differ from the plan only in nullability.
-        let columns = columns
-            .into_iter()
-            .zip(fields.iter())
-            .map(|(c, f)| {
-                if c.data_type() == f.data_type() {
-                    Ok(c)
-                } else {
-                    Ok(cast(&c, f.data_type())?)
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let options = arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(rows));
-        Ok(RecordBatch::try_new_with_options(
-            self.spec.schema.clone(),
-            columns,
-            &options,
-        )?)
-    }
 }
 
 impl Operator for WindowAggregate {
@@ -487,46 +571,14 @@ impl Operator for WindowAggregate {
     }
 
     fn process_batch(&mut self, batch: RecordBatch, _out: &mut Vec<Message>) -> Result<()> {
-        let rows = batch.num_rows();
-        let time = if self.spec.processing_time {
-            ScalarValue::TimestampMillisecond(Some(now_ms()), None).to_array_of_size(rows)?
-        } else {
-            self.spec.time.evaluate(&batch)?.into_array(rows)?
-        };
-        let time = cast(&time, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
-        let time = time.as_primitive::<TimestampMillisecondType>();
-        let (panes, late) = self.assign_panes(time);
-        if late > 0 {
-            self.late_dropped += late;
-            let (total, watermark) = (self.late_dropped, self.watermark);
-            self.late_log.log(|suppressed| {
-                tracing::warn!(
-                    late,
-                    total,
-                    watermark,
-                    suppressed,
-                    "records for windows already closed (or without an event time) were dropped"
-                );
-            });
-        }
+        let time = event_times(&self.spec, &batch)?;
+        let (panes, late) = self.assign_panes(&time);
+        self.late.dropped(late, self.watermark);
         if panes.is_empty() {
             return Ok(());
         }
-        let keys = self.key_columns(&batch)?;
-        let mut inputs = Vec::with_capacity(self.spec.aggregates.len());
-        let mut filters = Vec::with_capacity(self.spec.aggregates.len());
-        for (arguments, filter) in self.arguments.iter().zip(&self.spec.filters) {
-            inputs.push(
-                arguments
-                    .iter()
-                    .map(|e| Ok(e.evaluate(&batch)?.into_array(rows)?))
-                    .collect::<Result<Vec<_>>>()?,
-            );
-            filters.push(match filter {
-                Some(f) => Some(f.evaluate(&batch)?.into_array(rows)?.as_boolean().clone()),
-                None => None,
-            });
-        }
+        let keys = key_columns(&self.spec, &batch)?;
+        let (inputs, filters) = aggregate_inputs(&self.spec, &self.arguments, &batch)?;
         for (start, indices) in panes {
             let Some(indices) = indices else {
                 self.update_pane(start, &keys, &inputs, &filters)?;
@@ -554,13 +606,9 @@ impl Operator for WindowAggregate {
     }
 
     fn on_watermark(&mut self, watermark: Watermark, out: &mut Vec<Message>) -> Result<()> {
-        if self.spec.processing_time {
-            return Ok(()); // closed by the wall clock
-        }
-        if self.watermark.is_some_and(|w| watermark.0 <= w) {
+        if !advance(&mut self.watermark, &self.spec, watermark) {
             return Ok(());
         }
-        self.watermark = Some(watermark.0);
         self.close(watermark.0, out)?;
         // Rows emitted later have window_start > mark - lateness - size.
         let held = watermark
@@ -593,26 +641,75 @@ impl Operator for WindowAggregate {
             open_windows: self.open_windows(),
             keys: self.groups_in_state(),
             bytes: self.state_bytes(),
-            late_dropped: self.late_dropped,
+            late_dropped: self.late.count,
             emit_lag_ms: self.last_emit_lag,
         })
     }
 }
 
+/// Takes `watermark` as the operator's mark if it moves the mark on. Processing-time
+/// windows ignore watermarks: the wall clock closes them.
+pub(super) fn advance(
+    mark: &mut Option<i64>,
+    spec: &WindowAggregateSpec,
+    watermark: Watermark,
+) -> bool {
+    if spec.processing_time || mark.is_some_and(|w| watermark.0 <= w) {
+        return false;
+    }
+    *mark = Some(watermark.0);
+    true
+}
+
 /// How often processing-time windows look at the wall clock.
-const TICK: std::time::Duration = std::time::Duration::from_millis(100);
+pub(super) const TICK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The wall clock, ms since the Unix epoch.
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// `value` (ms since the epoch) repeated `rows` times, as `data_type` (a TIMESTAMP).
-fn timestamps(value: i64, rows: usize, data_type: &DataType) -> Result<ArrayRef> {
-    let millis = ScalarValue::TimestampMillisecond(Some(value), None).to_array_of_size(rows)?;
-    Ok(cast(&millis, data_type)?)
+/// A window's rows as the plan lays them out: the group columns in order (`start` and `end`
+/// are the bounds of each row's window, as millisecond timestamps), then the aggregates.
+pub(super) fn lay_out(
+    spec: &WindowAggregateSpec,
+    keys: Vec<ArrayRef>,
+    values: Vec<ArrayRef>,
+    rows: usize,
+    start: ArrayRef,
+    end: ArrayRef,
+) -> Result<RecordBatch> {
+    let fields = spec.schema.fields();
+    let mut columns = Vec::with_capacity(fields.len());
+    for column in &spec.group_columns {
+        columns.push(match column {
+            GroupColumn::WindowStart => start.clone(),
+            GroupColumn::WindowEnd => end.clone(),
+            GroupColumn::Key(k) => keys[*k].clone(),
+        });
+    }
+    columns.extend(values);
+    // The plan's types: the bounds' precision, and aggregate results that differ only in
+    // nullability.
+    let columns = columns
+        .into_iter()
+        .zip(fields.iter())
+        .map(|(c, f)| {
+            if c.data_type() == f.data_type() {
+                Ok(c)
+            } else {
+                Ok(cast(&c, f.data_type())?)
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let options = arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(rows));
+    Ok(RecordBatch::try_new_with_options(
+        spec.schema.clone(),
+        columns,
+        &options,
+    )?)
 }
 
 /// Updates one row accumulator per group with that group's rows.
@@ -698,99 +795,11 @@ fn freeze(mut pane: Pane, aggregates: &[Arc<AggregateFunctionExpr>]) -> Result<F
 
 #[cfg(test)]
 mod tests {
-    use arrow::array::{Float64Array, Int64Array, TimestampMillisecondArray};
-    use arrow::util::pretty::pretty_format_batches;
-    use datafusion::functions_aggregate::count::count_udaf;
-    use datafusion::functions_aggregate::sum::sum_udaf;
-    use datafusion::physical_expr::aggregate::AggregateExprBuilder;
-    use datafusion::physical_expr::expressions::col;
-
+    use super::super::test_support::{batch, drain, input_schema, spec};
     use super::*;
 
-    fn input_schema() -> SchemaRef {
-        Arc::new(Schema::new(vec![
-            Field::new("k", DataType::Int64, false),
-            Field::new("v", DataType::Float64, true),
-            Field::new(
-                "ts",
-                DataType::Timestamp(TimeUnit::Millisecond, None),
-                false,
-            ),
-        ]))
-    }
-
-    /// `SELECT window_start, window_end, k, count(v), sum(v) ... GROUP BY window_start, window_end, k`.
     fn operator(kind: WindowKind, allowed_lateness: i64) -> WindowAggregate {
-        let input = input_schema();
-        let aggregate = |udaf, name: &str| {
-            Arc::new(
-                AggregateExprBuilder::new(udaf, vec![col("v", &input).expect("v")])
-                    .schema(input.clone())
-                    .alias(name)
-                    .build()
-                    .expect("aggregate"),
-            )
-        };
-        let ts = DataType::Timestamp(TimeUnit::Millisecond, None);
-        let spec = WindowAggregateSpec {
-            kind,
-            time: col("ts", &input).expect("ts"),
-            keys: vec![col("k", &input).expect("k")],
-            aggregates: vec![aggregate(count_udaf(), "n"), aggregate(sum_udaf(), "total")],
-            filters: vec![None, None],
-            group_columns: vec![
-                GroupColumn::WindowStart,
-                GroupColumn::WindowEnd,
-                GroupColumn::Key(0),
-            ],
-            schema: Arc::new(Schema::new(vec![
-                Field::new("window_start", ts.clone(), false),
-                Field::new("window_end", ts, false),
-                Field::new("k", DataType::Int64, false),
-                Field::new("n", DataType::Int64, false),
-                Field::new("total", DataType::Float64, true),
-            ])),
-            allowed_lateness,
-            processing_time: false,
-        };
-        WindowAggregate::try_new(Arc::new(spec), &input).expect("operator")
-    }
-
-    fn batch(rows: &[(i64, f64, i64)]) -> RecordBatch {
-        RecordBatch::try_new(
-            input_schema(),
-            vec![
-                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
-                Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.1))),
-                Arc::new(TimestampMillisecondArray::from_iter_values(
-                    rows.iter().map(|r| r.2),
-                )),
-            ],
-        )
-        .expect("batch")
-    }
-
-    /// The data rows in `out` as a table (sorted), and the watermarks passed on.
-    fn drain(out: &mut Vec<Message>) -> (String, Vec<i64>) {
-        let mut batches = Vec::new();
-        let mut marks = Vec::new();
-        for m in out.drain(..) {
-            match m {
-                Message::Data(b) => batches.push(b),
-                Message::Watermark(w) => marks.push(w.0),
-                _ => {}
-            }
-        }
-        if batches.is_empty() {
-            return (String::new(), marks);
-        }
-        let table = pretty_format_batches(&batches).expect("format").to_string();
-        let mut lines: Vec<&str> = table.lines().collect();
-        if lines.len() > 4 {
-            let body = lines.len() - 1;
-            lines[3..body].sort_unstable();
-        }
-        (lines.join("\n"), marks)
+        WindowAggregate::try_new(spec(kind, allowed_lateness), &input_schema()).expect("operator")
     }
 
     #[test]
