@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what the tests need, idempotently: psql (real client), and DuckDB in a venv
-# (an independent reader of the Parquet lake), and the tansu broker in .tools. Safe to run on a fresh machine or again.
+# Installs what the tests need, idempotently: psql (real client), Prometheus (Debian's 2.42, the
+# remote-write receiver for the sink's end-to-end tests), DuckDB in a venv (an independent reader
+# of the Parquet lake), and the tansu broker in .tools. Safe to run on a fresh machine or again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,7 @@ apt_install() {
 
 missing=()
 command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
@@ -30,4 +32,4 @@ if ! .tools/bin/tansu --version >/dev/null 2>&1; then
     echo "installing tansu 0.6.0 into .tools (a Kafka-compatible broker; ~15 min the first time)"
     cargo install --quiet --locked tansu --version 0.6.0 --features dynostore,libsql --root .tools
 fi
-echo "test dependencies ready: $(psql --version), duckdb $(.venv/bin/python -c 'import duckdb; print(duckdb.__version__)'), $(.tools/bin/tansu --version)"
+echo "test dependencies ready: $(psql --version), $(prometheus --version 2>&1 | head -1), duckdb $(.venv/bin/python -c 'import duckdb; print(duckdb.__version__)'), $(.tools/bin/tansu --version)"

@@ -23,7 +23,7 @@ impl SinkFactory for BlackholeFactory {
         "blackhole"
     }
 
-    fn create(&self) -> Result<Box<dyn Sink>> {
+    fn create(&self, _metrics: &weir_runtime::Metrics) -> Result<Box<dyn Sink>> {
         Ok(Box::new(BlackholeSink))
     }
 }

@@ -11,6 +11,7 @@
 //!   sink has the rows, dead-letter topic) and the Kafka sink.
 //! - [`decode`]: JSON/CSV records to Arrow batches, isolating the records that do not decode.
 //! - [`parquet`]: the local Parquet lake sink, one zstd file per rollover interval.
+//! - [`prometheus`]: the Prometheus remote-write sink (sharded, ordered, retried).
 //! - [`blackhole`]: counts and discards (benchmarks).
 
 pub mod blackhole;
@@ -19,6 +20,7 @@ pub mod decode;
 pub mod file;
 pub mod kafka;
 pub mod parquet;
+pub mod prometheus;
 
 use std::sync::Arc;
 
@@ -33,8 +35,6 @@ pub struct Connectors;
 
 /// Source connectors a later version implements.
 const LATER_SOURCES: &[&str] = &["postgres"];
-/// Sink connectors a later version implements.
-const LATER_SINKS: &[&str] = &["prometheus_remote_write"];
 
 fn connector_name(options: &Options) -> Result<String, ConnectorError> {
     let reader = options.reader();
@@ -88,13 +88,15 @@ impl ConnectorRegistry for Connectors {
                 options,
             )?)),
             "kafka" => Ok(Arc::new(kafka::KafkaSinkFactory::try_new(spec, options)?)),
+            "prometheus_remote_write" => Ok(Arc::new(prometheus::PrometheusSinkFactory::try_new(
+                spec, options,
+            )?)),
             "blackhole" => Ok(Arc::new(blackhole::BlackholeFactory::try_new(options)?)),
-            later if LATER_SINKS.contains(&later) => Err(ConnectorError::NotSupported(format!(
-                "the '{later}' sink connector"
-            ))),
             other => Err(ConnectorError::Option(weir_sql::options::OptionError::new(
                 "connector",
-                format!("unknown sink connector '{other}': expected parquet, kafka or blackhole"),
+                format!(
+                    "unknown sink connector '{other}': expected parquet, kafka, prometheus_remote_write or blackhole"
+                ),
             ))),
         }
     }

@@ -94,7 +94,7 @@ impl SinkFactory for ParquetSinkFactory {
         "parquet"
     }
 
-    fn create(&self) -> Result<Box<dyn Sink>> {
+    fn create(&self, _metrics: &weir_runtime::Metrics) -> Result<Box<dyn Sink>> {
         Ok(Box::new(ParquetSink {
             config: self.clone(),
             open: None,
@@ -239,7 +239,7 @@ mod tests {
         ])
         .expect("options");
         let factory = ParquetSinkFactory::try_new("lake", schema.clone(), &options).expect("valid");
-        let mut sink = factory.create().expect("sink");
+        let mut sink = factory.create(&weir_runtime::Metrics::new()).expect("sink");
         for chunk in [vec![1, 2], vec![3]] {
             let batch =
                 RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(chunk))])

@@ -98,7 +98,8 @@ pub struct SinkSpec {
 /// A validated sink configuration.
 pub trait SinkFactory: Send + Sync + Debug {
     fn connector(&self) -> &'static str;
-    fn create(&self) -> Result<Box<dyn Sink>>;
+    /// A sink for the pipeline; `metrics` is where it may register its own metrics.
+    fn create(&self, metrics: &crate::Metrics) -> Result<Box<dyn Sink>>;
 }
 
 /// Turns `WITH` options into factories. Implemented by `weir-connectors`, injected by the

@@ -6,9 +6,10 @@
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::Counter;
+pub use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 pub use prometheus_client::metrics::gauge::Gauge;
+pub use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(String, String)>;
@@ -26,6 +27,39 @@ pub struct Metrics {
     pipelines: Family<Labels, Gauge>,
     state: StateFamilies,
     source: SourceFamilies,
+    remote_write: RemoteWriteFamilies,
+}
+
+/// Families of the Prometheus remote-write sink.
+#[derive(Clone, Debug)]
+struct RemoteWriteFamilies {
+    samples_sent: Family<Labels, Counter>,
+    samples_retried: Family<Labels, Counter>,
+    samples_dropped: Family<Labels, Counter>,
+    requests: Family<Labels, Counter>,
+    request_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    queue_samples: Family<Labels, Gauge>,
+    highest_sent_ms: Family<Labels, Gauge>,
+}
+
+impl Default for RemoteWriteFamilies {
+    fn default() -> Self {
+        fn request_histogram() -> Histogram {
+            // 1 ms to ~16 s.
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.001, 2.0, 15,
+            ))
+        }
+        Self {
+            samples_sent: Family::default(),
+            samples_retried: Family::default(),
+            samples_dropped: Family::default(),
+            requests: Family::default(),
+            request_seconds: Family::new_with_constructor(request_histogram),
+            queue_samples: Family::default(),
+            highest_sent_ms: Family::default(),
+        }
+    }
 }
 
 /// Per-source families: partitions, watermarks, commits (Kafka fills all of them).
@@ -68,6 +102,7 @@ impl Metrics {
             pipelines: Family::default(),
             state: StateFamilies::default(),
             source: SourceFamilies::default(),
+            remote_write: RemoteWriteFamilies::default(),
         };
         let st = &metrics.state;
         for (name, help, family) in [
@@ -188,6 +223,46 @@ impl Metrics {
             "Pipelines currently running, per kind",
             metrics.pipelines.clone(),
         );
+        let rw = &metrics.remote_write;
+        for (name, help, family) in [
+            (
+                "remote_write_samples_sent",
+                "Samples a remote-write receiver accepted, per sink",
+                &rw.samples_sent,
+            ),
+            (
+                "remote_write_samples_retried",
+                "Samples sent again after a retryable failure (5xx, 429, connection error), per sink",
+                &rw.samples_retried,
+            ),
+            (
+                "remote_write_samples_dropped",
+                "Samples not written, per sink and reason (bad_request: 400; client_error: other 4xx; retry_timeout: max_retry_duration passed; unmappable: the row had no usable timestamp or metric name)",
+                &rw.samples_dropped,
+            ),
+            (
+                "remote_write_requests",
+                "Remote-write requests, per sink and HTTP status code (or 'error' when no response came)",
+                &rw.requests,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
+        registry.register(
+            "remote_write_request_seconds",
+            "Remote-write request latency, per sink",
+            rw.request_seconds.clone(),
+        );
+        registry.register(
+            "remote_write_queue_samples",
+            "Samples waiting to be sent (queued or being retried), per sink",
+            rw.queue_samples.clone(),
+        );
+        registry.register(
+            "remote_write_shard_highest_timestamp_ms",
+            "Highest sample timestamp a receiver accepted, per sink and shard (ms since the epoch)",
+            rw.highest_sent_ms.clone(),
+        );
         *metrics.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         metrics
     }
@@ -239,6 +314,14 @@ impl Metrics {
         SinkMetrics {
             rows_written: self.sink_rows.get_or_create(&labels).clone(),
             errors: self.sink_errors.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// The remote-write sink `sink`'s metrics.
+    pub fn remote_write(&self, sink: &str) -> RemoteWriteMetrics {
+        RemoteWriteMetrics {
+            sink: sink.to_string(),
+            families: self.remote_write.clone(),
         }
     }
 
@@ -394,6 +477,75 @@ impl SourceMetrics {
             ("reason".to_string(), reason.to_string()),
         ];
         self.decode_errors.get_or_create(&labels).inc_by(n);
+    }
+}
+
+/// Metrics of one Prometheus remote-write sink.
+#[derive(Clone, Debug)]
+pub struct RemoteWriteMetrics {
+    sink: String,
+    families: RemoteWriteFamilies,
+}
+
+impl RemoteWriteMetrics {
+    /// Metrics that no registry reports (tests, benchmarks).
+    pub fn detached() -> Self {
+        Self {
+            sink: String::new(),
+            families: RemoteWriteFamilies::default(),
+        }
+    }
+
+    fn labels(&self, extra: Option<(&str, &str)>) -> Labels {
+        let mut labels = vec![("sink".to_string(), self.sink.clone())];
+        if let Some((k, v)) = extra {
+            labels.push((k.to_string(), v.to_string()));
+        }
+        labels
+    }
+
+    pub fn samples_sent(&self) -> Counter {
+        self.families
+            .samples_sent
+            .get_or_create(&self.labels(None))
+            .clone()
+    }
+
+    pub fn samples_retried(&self) -> Counter {
+        self.families
+            .samples_retried
+            .get_or_create(&self.labels(None))
+            .clone()
+    }
+
+    pub fn samples_dropped(&self, reason: &str) -> Counter {
+        let labels = self.labels(Some(("reason", reason)));
+        self.families.samples_dropped.get_or_create(&labels).clone()
+    }
+
+    /// Requests answered with `code` (an HTTP status, or `error`).
+    pub fn requests(&self, code: &str) -> Counter {
+        let labels = self.labels(Some(("code", code)));
+        self.families.requests.get_or_create(&labels).clone()
+    }
+
+    pub fn request_seconds(&self) -> Histogram {
+        self.families
+            .request_seconds
+            .get_or_create(&self.labels(None))
+            .clone()
+    }
+
+    pub fn queue_samples(&self) -> Gauge {
+        self.families
+            .queue_samples
+            .get_or_create(&self.labels(None))
+            .clone()
+    }
+
+    pub fn highest_sent_ms(&self, shard: usize) -> Gauge {
+        let labels = self.labels(Some(("shard", &shard.to_string())));
+        self.families.highest_sent_ms.get_or_create(&labels).clone()
     }
 }
 

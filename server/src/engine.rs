@@ -662,7 +662,7 @@ impl Engine {
                     .sink
                     .clone()
                     .ok_or_else(|| PlanError::Internal(format!("sink {name} has no factory")))?;
-                (factory.create()?, factory.connector())
+                (factory.create(&self.metrics)?, factory.connector())
             }
             other => return Err(PlanError::Internal(format!("a {other} has no pipeline"))),
         };
@@ -844,23 +844,29 @@ impl Engine {
         if last_reader && let Some(shared) = state.shared.remove(&running.input) {
             shared.stop.cancel();
             for task in shared.tasks {
+                let abort = task.abort_handle();
                 if tokio::time::timeout(Duration::from_secs(30), task)
                     .await
                     .is_err()
                 {
-                    tracing::warn!(stream = %running.input, "source did not stop within 30 s");
+                    tracing::warn!(stream = %running.input, "source did not stop within 30 s; aborted");
+                    abort.abort();
                 }
             }
         }
         self.metrics
             .pipelines_running(&running.kind.to_string())
             .dec();
+        // A sink still flushing to an unreachable endpoint is aborted: what it had not written
+        // is after the last checkpoint, so a restarted pipeline reads it again.
         for task in running.tasks {
+            let abort = task.abort_handle();
             if tokio::time::timeout(Duration::from_secs(10), task)
                 .await
                 .is_err()
             {
-                tracing::warn!(pipeline = %name, "pipeline did not stop within 10 s");
+                tracing::warn!(pipeline = %name, "pipeline did not stop within 10 s; aborted");
+                abort.abort();
             }
         }
     }

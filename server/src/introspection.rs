@@ -131,11 +131,15 @@ pub fn show_create_schema() -> SchemaRef {
     utf8_schema(&["name", "create_statement"])
 }
 
-/// `SHOW CREATE <kind> name`: the statement as written.
+/// `SHOW CREATE <kind> name`: the statement as written, with secret option values (passwords,
+/// tokens, header values) shown as `'***'`.
 pub fn show_create(entry: &CatalogEntry) -> Result<Output> {
     text_rows(
         show_create_schema(),
-        vec![vec![entry.name.clone(), entry.sql.clone()]],
+        vec![vec![
+            entry.name.clone(),
+            weir_sql::redact_secrets(&entry.sql),
+        ]],
     )
 }
 

@@ -10,18 +10,22 @@
 //!   no text pre-processing), so queries and expressions stay sqlparser's.
 //! - [`options`]: [`Options`], the `WITH (...)` map, with typed accessors for durations,
 //!   sizes, booleans and numbers, and detection of unknown keys.
+//! - [`redact`]: [`redact_secrets`], statement text with secret option values hidden, for
+//!   `SHOW CREATE`.
 //! - [`error`]: [`SqlError`], a message with the statement position it refers to.
 
 pub mod dialect;
 pub mod error;
 pub mod options;
 pub mod parser;
+pub mod redact;
 pub mod statement;
 
 pub use dialect::WeirDialect;
 pub use error::{Position, SqlError};
 pub use options::Options;
 pub use parser::{parse_sql, parse_sql_with_positions};
+pub use redact::redact_secrets;
 pub use sqlparser;
 pub use statement::{
     CreateMaterializedView, CreateSink, CreateSource, ObjectKind, ShowKind, SinkInput, Statement,

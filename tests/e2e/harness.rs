@@ -192,18 +192,30 @@ impl Weir {
     }
 
     pub fn http_get(&self, path: &str) -> String {
-        use std::io::{Read, Write};
-        let mut stream =
-            std::net::TcpStream::connect(("127.0.0.1", self.http_port)).expect("http connect");
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-        )
-        .expect("send");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("read");
-        response
+        http_get(self.http_port, path).expect("weir answers HTTP")
     }
+
+    /// The process's resident set size in bytes (Linux).
+    pub fn rss_bytes(&self) -> u64 {
+        let pid = self.child.as_ref().map(Child::id).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+}
+
+/// `GET path` on 127.0.0.1:`port` (HTTP/1.0: the whole response, never chunked); the
+/// status line, headers and body as one string.
+pub fn http_get(port: u16, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
 }
 
 impl Drop for Weir {
@@ -404,4 +416,119 @@ pub fn produce(bootstrap: &str, topic: &str, records: impl IntoIterator<Item = R
         }
     }
     producer.flush(Duration::from_secs(120)).expect("flush");
+}
+
+/// A Prometheus server (Debian's 2.42) with the remote-write receiver, on a free port, its
+/// TSDB under its own directory so that it can be stopped and started again on it.
+pub struct Prometheus {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl Prometheus {
+    pub fn start(dir: &Path) -> Prometheus {
+        let dir = dir.join("prometheus");
+        std::fs::create_dir_all(&dir).expect("prometheus dir");
+        std::fs::write(
+            dir.join("prometheus.yml"),
+            "global: {scrape_interval: 15s}\nscrape_configs: []\n",
+        )
+        .expect("prometheus config");
+        let mut prometheus = Prometheus {
+            child: None,
+            port: free_port(),
+            dir,
+        };
+        prometheus.restart();
+        prometheus
+    }
+
+    /// The remote-write endpoint.
+    pub fn write_url(&self) -> String {
+        format!("http://127.0.0.1:{}/api/v1/write", self.port)
+    }
+
+    /// Starts (again) on the same port and TSDB; waits until `/-/ready` answers 200.
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("prometheus.log"))
+            .expect("prometheus log");
+        let child = Command::new("prometheus")
+            .current_dir(&self.dir)
+            .arg(format!(
+                "--config.file={}",
+                self.dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                self.dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{}", self.port))
+            .arg("--web.enable-remote-write-receiver")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn prometheus (scripts/install-test-deps.sh installs it)");
+        self.child = Some(child);
+        let ready = eventually(Duration::from_secs(60), || {
+            http_get(self.port, "/-/ready")
+                .ok()
+                .filter(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"))
+        });
+        assert!(
+            ready.is_some(),
+            "prometheus did not start: {}",
+            self.log_text()
+        );
+    }
+
+    /// Stops it the way a service manager does (SIGTERM), waiting for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let _ = child.wait();
+        }
+    }
+
+    /// The JSON `data.result` of an instant query at `time` (seconds since the epoch).
+    pub fn query(&self, query: &str, time: f64) -> Vec<serde_json::Value> {
+        let encoded: String = query
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let response = http_get(
+            self.port,
+            &format!("/api/v1/query?query={encoded}&time={time}"),
+        )
+        .expect("prometheus answers");
+        let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let json: serde_json::Value = serde_json::from_str(body)
+            .unwrap_or_else(|e| panic!("prometheus answered {response}: {e}"));
+        assert_eq!(json["status"], "success", "{json}");
+        json["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

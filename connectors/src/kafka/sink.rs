@@ -86,7 +86,7 @@ impl SinkFactory for KafkaSinkFactory {
         "kafka"
     }
 
-    fn create(&self) -> Result<Box<dyn Sink>> {
+    fn create(&self, _metrics: &weir_runtime::Metrics) -> Result<Box<dyn Sink>> {
         let acks = Acks::default();
         let producer: ThreadedProducer<Acks> = self
             .client

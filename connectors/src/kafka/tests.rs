@@ -483,7 +483,7 @@ async fn the_kafka_sink_writes_json_rows_keyed_by_columns_before_releasing_a_bar
         .map(|(k, v)| (k.to_string(), v.to_string())),
     );
     let factory = super::KafkaSinkFactory::try_new(&spec, &options).expect("sink factory");
-    let mut sink = factory.create().expect("sink");
+    let mut sink = factory.create(&weir_runtime::Metrics::new()).expect("sink");
     let batch = RecordBatch::try_new(
         schema,
         vec![

@@ -1,0 +1,593 @@
+//! Rows → remote-write samples.
+//!
+//! Decided once, at CREATE, from the sink's schema and options ([`Mapping::try_new`]):
+//!
+//! - every numeric column (integers, floats, decimals) not used as the timestamp is a value:
+//!   a series `<metric_prefix>_<column>` per row;
+//! - a text column `__name__` names the metric instead (`<__name__>` when there is one value
+//!   column, `<__name__>_<column>` when there are several);
+//! - every other column except timestamps is a label (text as is, booleans and dates as
+//!   text); `labels.<name> = '<value>'` adds constant labels;
+//! - the sample time is the `timestamp` column (default `window_end`, else the wall clock).
+//!
+//! Names are sanitized to the spec's character sets (`[a-zA-Z_:][a-zA-Z0-9_:]*` for metrics,
+//! `[a-zA-Z_][a-zA-Z0-9_]*` for labels); names that collide once sanitized are refused at
+//! CREATE. Labels are written sorted by name, NULL or empty label values left out, and NULL
+//! values give no sample.
+
+use arrow::array::{Array, AsArray, Float64Array, StringArray, TimestampMillisecondArray};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use weir_runtime::Result;
+use weir_runtime::connector::ConnectorError;
+
+use super::proto::SeriesWriter;
+
+/// Where a sample's time comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Time {
+    Column(usize),
+    /// The wall clock when the row is written.
+    Processing,
+}
+
+/// Where a label's value comes from.
+#[derive(Debug, Clone)]
+enum LabelSource {
+    /// The metric name (`__name__`).
+    MetricName,
+    /// A column, as text.
+    Column(usize),
+    Constant(String),
+}
+
+#[derive(Debug, Clone)]
+struct LabelSlot {
+    name: String,
+    source: LabelSource,
+}
+
+/// A numeric column written as samples.
+#[derive(Debug, Clone)]
+struct ValueColumn {
+    index: usize,
+    /// The metric name, or (with a `__name__` column) the suffix after it, if any.
+    name: String,
+}
+
+/// How rows of one schema become samples.
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    time: Time,
+    /// The `__name__` column, if the rows name their metrics.
+    name_column: Option<usize>,
+    values: Vec<ValueColumn>,
+    /// Sorted by name.
+    labels: Vec<LabelSlot>,
+}
+
+/// Why rows' samples were not written, for the `samples_dropped` metric.
+pub const UNMAPPABLE: &str = "unmappable";
+
+/// One batch's samples, handed out one at a time to a callback.
+pub struct Sample<'a> {
+    /// The encoded `TimeSeries` message (labels and the one sample).
+    pub series: &'a [u8],
+    /// Hash of the label set (the series identity), for sharding.
+    pub hash: u64,
+    pub timestamp_ms: i64,
+}
+
+impl Mapping {
+    pub fn try_new(
+        schema: &SchemaRef,
+        metric_prefix: &str,
+        timestamp: Option<&str>,
+        constant_labels: Vec<(String, String)>,
+    ) -> Result<Self, ConnectorError> {
+        let invalid = |m: String| ConnectorError::Invalid(m);
+        let time = match timestamp {
+            Some(name) => {
+                let name = name.to_lowercase();
+                let index = schema.index_of(&name).map_err(|_| {
+                    invalid(format!(
+                        "option 'timestamp' names no column: '{name}' is not among {}",
+                        column_list(schema)
+                    ))
+                })?;
+                if !matches!(schema.field(index).data_type(), DataType::Timestamp(..)) {
+                    return Err(invalid(format!(
+                        "option 'timestamp': column '{name}' is {}, not a TIMESTAMP",
+                        schema.field(index).data_type()
+                    )));
+                }
+                Time::Column(index)
+            }
+            None => match schema.index_of("window_end") {
+                Ok(i) if matches!(schema.field(i).data_type(), DataType::Timestamp(..)) => {
+                    Time::Column(i)
+                }
+                _ => Time::Processing,
+            },
+        };
+        let name_column = schema.index_of("__name__").ok();
+        if let Some(i) = name_column
+            && !is_text(schema.field(i).data_type())
+        {
+            return Err(invalid(format!(
+                "column '__name__' names the metric and must be text, not {}",
+                schema.field(i).data_type()
+            )));
+        }
+        let mut values = Vec::new();
+        let mut labels = vec![LabelSlot {
+            name: "__name__".into(),
+            source: LabelSource::MetricName,
+        }];
+        for (index, field) in schema.fields().iter().enumerate() {
+            let data_type = field.data_type();
+            if Some(index) == name_column || matches!(data_type, DataType::Timestamp(..)) {
+                continue;
+            }
+            if is_numeric(data_type) {
+                values.push(ValueColumn {
+                    index,
+                    name: field.name().clone(),
+                });
+            } else if is_labelable(data_type) {
+                let name = sanitize_label_name(field.name()).ok_or_else(|| {
+                    invalid(format!(
+                        "column '{}' cannot be a label name: rename it",
+                        field.name()
+                    ))
+                })?;
+                labels.push(LabelSlot {
+                    name,
+                    source: LabelSource::Column(index),
+                });
+            } else {
+                return Err(invalid(format!(
+                    "column '{}' is {data_type}: neither a number (a sample) nor text (a label); cast it or leave it out",
+                    field.name()
+                )));
+            }
+        }
+        if values.is_empty() {
+            return Err(invalid(format!(
+                "a Prometheus sink needs at least one numeric column to write as samples; the rows have {}",
+                column_list(schema)
+            )));
+        }
+        for (name, value) in constant_labels {
+            let sanitized = sanitize_label_name(&name)
+                .filter(|n| *n == name && n != "__name__")
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "option 'labels.{name}': not a valid label name ([a-zA-Z_][a-zA-Z0-9_]*, not __name__)"
+                    ))
+                })?;
+            labels.push(LabelSlot {
+                name: sanitized,
+                source: LabelSource::Constant(value),
+            });
+        }
+        labels.sort_by(|a, b| a.name.cmp(&b.name));
+        if let Some(pair) = labels.windows(2).find(|w| w[0].name == w[1].name) {
+            return Err(invalid(format!(
+                "two labels would both be named '{}' (after sanitizing to [a-zA-Z0-9_]): {} and {}",
+                pair[0].name,
+                describe(&pair[0], schema),
+                describe(&pair[1], schema)
+            )));
+        }
+        // Metric names of the value columns (without a __name__ column: fixed now).
+        match name_column {
+            None => {
+                let prefix = metric_prefix.trim_end_matches('_');
+                for v in &mut values {
+                    let full = if prefix.is_empty() {
+                        v.name.clone()
+                    } else {
+                        format!("{prefix}_{}", v.name)
+                    };
+                    v.name = sanitize_metric_name(&full)
+                        .ok_or_else(|| invalid(format!("'{full}' cannot be made a metric name")))?;
+                }
+            }
+            Some(_) if values.len() == 1 => values[0].name.clear(),
+            Some(_) => {
+                for v in &mut values {
+                    v.name = format!("_{}", v.name);
+                }
+            }
+        }
+        let mut names: Vec<&str> = values.iter().map(|v| v.name.as_str()).collect();
+        names.sort_unstable();
+        if let Some(pair) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(invalid(format!(
+                "two value columns would both be the metric '{}' after sanitizing",
+                pair[0]
+            )));
+        }
+        Ok(Self {
+            time,
+            name_column,
+            values,
+            labels,
+        })
+    }
+
+    pub fn time(&self) -> Time {
+        self.time
+    }
+
+    /// Encodes every sample of `batch`, calling `emit` for each; returns how many samples
+    /// were dropped because their row had no time or no usable metric name.
+    pub fn encode(
+        &self,
+        batch: &RecordBatch,
+        now_ms: i64,
+        mut emit: impl FnMut(Sample<'_>),
+    ) -> Result<u64> {
+        let rows = batch.num_rows();
+        let times: Option<TimestampMillisecondArray> = match self.time {
+            Time::Column(i) => Some(
+                cast(
+                    batch.column(i),
+                    &DataType::Timestamp(TimeUnit::Millisecond, None),
+                )?
+                .as_primitive()
+                .clone(),
+            ),
+            Time::Processing => None,
+        };
+        let values: Vec<Float64Array> = self
+            .values
+            .iter()
+            .map(|v| {
+                Ok(cast(batch.column(v.index), &DataType::Float64)?
+                    .as_primitive()
+                    .clone())
+            })
+            .collect::<Result<_>>()?;
+        let label_columns: Vec<Option<StringArray>> = self
+            .labels
+            .iter()
+            .map(|l| match l.source {
+                LabelSource::Column(i) => Ok(Some(
+                    cast(batch.column(i), &DataType::Utf8)?
+                        .as_string::<i32>()
+                        .clone(),
+                )),
+                _ => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        let names: Option<StringArray> = match self.name_column {
+            Some(i) => Some(
+                cast(batch.column(i), &DataType::Utf8)?
+                    .as_string::<i32>()
+                    .clone(),
+            ),
+            None => None,
+        };
+        let hasher = Hasher;
+        let mut dropped = 0;
+        let mut series = Vec::with_capacity(256);
+        let mut metric = String::new();
+        for row in 0..rows {
+            let timestamp_ms = match &times {
+                Some(t) if t.is_null(row) => {
+                    dropped += values.iter().filter(|v| v.is_valid(row)).count() as u64;
+                    continue;
+                }
+                Some(t) => t.value(row),
+                None => now_ms,
+            };
+            for (v, column) in self.values.iter().zip(&values) {
+                if column.is_null(row) {
+                    continue;
+                }
+                metric.clear();
+                match &names {
+                    None => metric.push_str(&v.name),
+                    Some(names) => {
+                        let base = if names.is_null(row) {
+                            ""
+                        } else {
+                            names.value(row)
+                        };
+                        let Some(base) = sanitize_metric_name(base) else {
+                            dropped += 1;
+                            continue;
+                        };
+                        metric.push_str(&base);
+                        metric.push_str(&v.name);
+                    }
+                }
+                series.clear();
+                let mut writer = SeriesWriter::new(&mut series);
+                for (slot, column) in self.labels.iter().zip(&label_columns) {
+                    let value = match (&slot.source, column) {
+                        (LabelSource::MetricName, _) => metric.as_str(),
+                        (LabelSource::Constant(c), _) => c.as_str(),
+                        (LabelSource::Column(_), Some(c)) if c.is_valid(row) => c.value(row),
+                        (LabelSource::Column(_), _) => continue,
+                    };
+                    if !value.is_empty() {
+                        writer.label(slot.name.as_bytes(), value.as_bytes());
+                    }
+                }
+                let labels_end = series.len();
+                let hash = hasher.hash(&series[..labels_end]);
+                let writer = SeriesWriter::new(&mut series);
+                writer.finish(column.value(row), timestamp_ms);
+                emit(Sample {
+                    series: &series,
+                    hash,
+                    timestamp_ms,
+                });
+            }
+        }
+        Ok(dropped)
+    }
+}
+
+/// FNV-1a over the encoded labels: stable across runs and processes, so a series always
+/// lands on the same shard.
+struct Hasher;
+
+impl Hasher {
+    fn hash(&self, bytes: &[u8]) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h
+    }
+}
+
+fn describe(slot: &LabelSlot, schema: &SchemaRef) -> String {
+    match &slot.source {
+        LabelSource::Column(i) => format!("column '{}'", schema.field(*i).name()),
+        LabelSource::Constant(_) => format!("option 'labels.{}'", slot.name),
+        LabelSource::MetricName => "the metric name".into(),
+    }
+}
+
+fn column_list(schema: &SchemaRef) -> String {
+    let names: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| format!("{} {}", f.name(), f.data_type()))
+        .collect();
+    format!("({})", names.join(", "))
+}
+
+fn is_numeric(t: &DataType) -> bool {
+    t.is_integer()
+        || t.is_floating()
+        || matches!(t, DataType::Decimal128(..) | DataType::Decimal256(..))
+}
+
+fn is_text(t: &DataType) -> bool {
+    matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+}
+
+fn is_labelable(t: &DataType) -> bool {
+    is_text(t) || matches!(t, DataType::Boolean | DataType::Date32 | DataType::Date64)
+}
+
+/// `[a-zA-Z_:][a-zA-Z0-9_:]*`: other characters become `_`, a leading digit gets a `_`
+/// before it. None for an empty name.
+pub fn sanitize_metric_name(name: &str) -> Option<String> {
+    sanitize(name, true)
+}
+
+/// `[a-zA-Z_][a-zA-Z0-9_]*`, the same way.
+pub fn sanitize_label_name(name: &str) -> Option<String> {
+    sanitize(name, false)
+}
+
+fn sanitize(name: &str, colon: bool) -> Option<String> {
+    if name.is_empty() {
+        return None;
+    }
+    let mut out = String::with_capacity(name.len() + 1);
+    if name.starts_with(|c: char| c.is_ascii_digit()) {
+        out.push('_');
+    }
+    out.extend(name.chars().map(|c| {
+        if c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':') {
+            c
+        } else {
+            '_'
+        }
+    }));
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{BooleanArray, Int64Array, TimestampMillisecondArray};
+    use arrow::datatypes::{Field, Schema};
+
+    use super::super::proto::{WriteRequest, append_series};
+    use super::*;
+
+    fn schema(fields: Vec<Field>) -> SchemaRef {
+        Arc::new(Schema::new(fields))
+    }
+
+    fn ts(name: &str) -> Field {
+        Field::new(name, DataType::Timestamp(TimeUnit::Millisecond, None), true)
+    }
+
+    /// A sample as (labels, value, time).
+    type Decoded = (Vec<(String, String)>, f64, i64);
+
+    /// Every sample of `batch`, and how many were dropped.
+    fn samples(mapping: &Mapping, batch: &RecordBatch) -> (Vec<Decoded>, u64) {
+        let mut body = Vec::new();
+        let dropped = mapping
+            .encode(batch, 42, |s| append_series(s.series, &mut body))
+            .expect("encode");
+        let request: WriteRequest = prost::Message::decode(body.as_slice()).expect("decode");
+        let samples = request
+            .timeseries
+            .into_iter()
+            .map(|t| {
+                let labels = t.labels.into_iter().map(|l| (l.name, l.value)).collect();
+                (labels, t.samples[0].value, t.samples[0].timestamp)
+            })
+            .collect();
+        (samples, dropped)
+    }
+
+    fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+        p.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn numbers_become_series_text_becomes_sorted_labels_and_window_end_the_time() {
+        let s = schema(vec![
+            ts("window_start"),
+            ts("window_end"),
+            Field::new("region", DataType::Utf8, true),
+            Field::new("Zone-Name", DataType::Utf8, true),
+            Field::new("up", DataType::Boolean, true),
+            Field::new("events", DataType::Int64, true),
+            Field::new("avg speed", DataType::Float64, true),
+        ]);
+        let mapping =
+            Mapping::try_new(&s, "vehicle", None, pairs(&[("env", "prod")])).expect("mapping");
+        let batch = RecordBatch::try_new(
+            s.clone(),
+            vec![
+                Arc::new(TimestampMillisecondArray::from(vec![0, 0])),
+                Arc::new(TimestampMillisecondArray::from(vec![60_000, 120_000])),
+                Arc::new(StringArray::from(vec![Some("north"), None])),
+                Arc::new(StringArray::from(vec!["a", ""])),
+                Arc::new(BooleanArray::from(vec![true, false])),
+                Arc::new(Int64Array::from(vec![Some(3), None])),
+                Arc::new(Float64Array::from(vec![1.5, 2.5])),
+            ],
+        )
+        .expect("batch");
+        let (samples, dropped) = samples(&mapping, &batch);
+        assert_eq!(dropped, 0);
+        assert_eq!(
+            samples,
+            vec![
+                (
+                    pairs(&[
+                        ("Zone_Name", "a"),
+                        ("__name__", "vehicle_events"),
+                        ("env", "prod"),
+                        ("region", "north"),
+                        ("up", "true")
+                    ]),
+                    3.0,
+                    60_000
+                ),
+                (
+                    pairs(&[
+                        ("Zone_Name", "a"),
+                        ("__name__", "vehicle_avg_speed"),
+                        ("env", "prod"),
+                        ("region", "north"),
+                        ("up", "true")
+                    ]),
+                    1.5,
+                    60_000
+                ),
+                // NULL events: no sample; NULL and empty labels left out.
+                (
+                    pairs(&[
+                        ("__name__", "vehicle_avg_speed"),
+                        ("env", "prod"),
+                        ("up", "false")
+                    ]),
+                    2.5,
+                    120_000
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_name_column_names_the_metric_and_bad_rows_are_counted() {
+        let s = schema(vec![
+            ts("t"),
+            Field::new("__name__", DataType::Utf8, true),
+            Field::new("v", DataType::Float64, true),
+        ]);
+        let mapping = Mapping::try_new(&s, "ignored", Some("T"), vec![]).expect("mapping");
+        let batch = RecordBatch::try_new(
+            s.clone(),
+            vec![
+                Arc::new(TimestampMillisecondArray::from(vec![
+                    Some(5),
+                    None,
+                    Some(6),
+                ])),
+                Arc::new(StringArray::from(vec![
+                    Some("http.requests"),
+                    Some("x"),
+                    None,
+                ])),
+                Arc::new(Float64Array::from(vec![1.0, 2.0, 3.0])),
+            ],
+        )
+        .expect("batch");
+        let (samples, dropped) = samples(&mapping, &batch);
+        assert_eq!(
+            samples,
+            vec![(pairs(&[("__name__", "http_requests")]), 1.0, 5)]
+        );
+        assert_eq!(dropped, 2, "a NULL time and a NULL name");
+    }
+
+    #[test]
+    fn mapping_errors_are_found_at_create() {
+        let text_only = schema(vec![Field::new("a", DataType::Utf8, true)]);
+        let err = Mapping::try_new(&text_only, "p", None, vec![]).expect_err("no numeric column");
+        assert!(
+            err.to_string().contains("at least one numeric column"),
+            "{err}"
+        );
+        let s = schema(vec![ts("t"), Field::new("v", DataType::Int64, true)]);
+        let err = Mapping::try_new(&s, "p", Some("nope"), vec![]).expect_err("unknown column");
+        assert!(err.to_string().contains("'nope'"), "{err}");
+        let err = Mapping::try_new(&s, "p", Some("v"), vec![]).expect_err("not a timestamp");
+        assert!(err.to_string().contains("not a TIMESTAMP"), "{err}");
+        let clash = schema(vec![
+            Field::new("a-b", DataType::Utf8, true),
+            Field::new("a_b", DataType::Utf8, true),
+            Field::new("v", DataType::Int64, true),
+        ]);
+        let err = Mapping::try_new(&clash, "p", None, vec![]).expect_err("collision");
+        assert!(err.to_string().contains("'a_b'"), "{err}");
+        let err = Mapping::try_new(&s, "p", None, pairs(&[("v", "x"), ("bad-name", "y")]))
+            .expect_err("bad constant label");
+        assert!(err.to_string().contains("labels.bad-name"), "{err}");
+        let s = schema(vec![Field::new("v", DataType::Int64, true)]);
+        assert_eq!(
+            Mapping::try_new(&s, "p", None, vec![]).expect("ok").time(),
+            Time::Processing
+        );
+    }
+
+    #[test]
+    fn names_are_sanitized_to_the_spec() {
+        assert_eq!(sanitize_metric_name("a.b:c-d").as_deref(), Some("a_b:c_d"));
+        assert_eq!(sanitize_metric_name("9lives").as_deref(), Some("_9lives"));
+        assert_eq!(sanitize_label_name("a:b").as_deref(), Some("a_b"));
+        assert_eq!(sanitize_label_name(""), None);
+    }
+}

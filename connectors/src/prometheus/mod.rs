@@ -1,0 +1,306 @@
+//! The `prometheus_remote_write` sink: rows as samples, sent with the remote-write 1.0
+//! protocol (protobuf `WriteRequest`, snappy block format) to Prometheus or any compatible
+//! receiver.
+//!
+//! - [`mapping`]: which columns are samples, labels and the time (decided at CREATE).
+//! - [`proto`]: the wire format; series are encoded straight into request bodies.
+//! - [`sender`]: `max_shards` ordered senders, batching, retries, back-pressure.
+//! - [`auth`]: basic auth and bearer tokens from values, `${ENV}` or files.
+//!
+//! Delivery is at-least-once with the rest of the pipeline: at a checkpoint barrier the sink
+//! waits until every sample written before it is accepted by the receiver (or dropped by the
+//! spec's rules and counted), so a source commits offsets only past rows Prometheus has.
+
+pub mod auth;
+pub mod mapping;
+pub mod proto;
+pub mod sender;
+
+#[cfg(test)]
+mod tests;
+
+use std::time::Duration;
+
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use weir_runtime::connector::{ConnectorError, SinkFactory, SinkSpec};
+use weir_runtime::metrics::{Counter, RemoteWriteMetrics};
+use weir_runtime::{CheckpointBarrier, Metrics, Result, Sink};
+use weir_sql::Options;
+use weir_sql::options::OptionError;
+
+use self::auth::{Auth, expand_env};
+use self::mapping::{Mapping, UNMAPPABLE};
+use self::sender::{SenderConfig, Shards};
+
+/// What Weir sends as `User-Agent`.
+const USER_AGENT: &str = concat!("weir/", env!("CARGO_PKG_VERSION"));
+
+/// A validated `prometheus_remote_write` sink.
+#[derive(Debug)]
+pub struct PrometheusSinkFactory {
+    name: String,
+    mapping: Mapping,
+    config: SenderConfig,
+}
+
+fn option_error(key: &str, message: String) -> ConnectorError {
+    ConnectorError::Option(OptionError::new(key, message))
+}
+
+/// A positive count option within `1..=max`.
+fn count(
+    reader: &weir_sql::options::OptionReader<'_>,
+    key: &str,
+    default: u64,
+    max: u64,
+) -> Result<usize, ConnectorError> {
+    let value = reader.u64(key)?.unwrap_or(default);
+    if value == 0 || value > max {
+        return Err(option_error(
+            key,
+            format!("invalid value '{value}' for option '{key}': expected 1 to {max}"),
+        ));
+    }
+    Ok(value as usize)
+}
+
+impl PrometheusSinkFactory {
+    pub fn try_new(spec: &SinkSpec, options: &Options) -> Result<Self, ConnectorError> {
+        let reader = options.reader();
+        reader.string("connector");
+        let url_text = reader.required("url")?;
+        let url = reqwest::Url::parse(url_text)
+            .map_err(|e| option_error("url", format!("invalid value for option 'url': {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(option_error(
+                "url",
+                format!(
+                    "option 'url' must be http:// or https://, not {}://",
+                    url.scheme()
+                ),
+            ));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(option_error(
+                "url",
+                "option 'url' must not carry credentials: use basic_auth.username and basic_auth.password".into(),
+            ));
+        }
+        let metric_prefix = reader
+            .string("metric_prefix")
+            .unwrap_or(&spec.name)
+            .to_string();
+        let timestamp = reader.string("timestamp");
+        let labels = reader
+            .prefixed("labels.")
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let max_shards = count(&reader, "max_shards", 4, 256)?;
+        let max_samples_per_send = count(&reader, "max_samples_per_send", 2000, 1_000_000)?;
+        let capacity = count(
+            &reader,
+            "capacity",
+            (max_samples_per_send as u64 * 5).max(10_000),
+            100_000_000,
+        )?;
+        let positive = |key: &str, default: Duration| -> Result<Duration, ConnectorError> {
+            let value = reader.duration(key)?.unwrap_or(default);
+            if value.is_zero() {
+                return Err(option_error(
+                    key,
+                    format!("invalid value for option '{key}': must be above zero"),
+                ));
+            }
+            Ok(value)
+        };
+        let batch_send_deadline = positive("batch_send_deadline", Duration::from_secs(1))?;
+        let min_backoff = positive("min_backoff", Duration::from_millis(30))?;
+        let max_backoff = positive("max_backoff", Duration::from_secs(5))?.max(min_backoff);
+        let remote_timeout = positive("remote_timeout", Duration::from_secs(30))?;
+        let max_retry_duration = reader.duration("max_retry_duration")?;
+        let auth = Auth::read(&reader)?;
+        let headers = headers(&reader)?;
+        let client = client(&reader, remote_timeout)?;
+        reader.finish()?;
+        let mapping = Mapping::try_new(&spec.schema, &metric_prefix, timestamp, labels)?;
+        Ok(Self {
+            name: spec.name.clone(),
+            mapping,
+            config: SenderConfig {
+                url,
+                client,
+                headers,
+                auth,
+                max_shards,
+                max_samples_per_send,
+                batch_send_deadline,
+                capacity,
+                min_backoff,
+                max_backoff,
+                max_retry_duration,
+            },
+        })
+    }
+}
+
+/// `headers.<name> = '<value>'` (values may use `${ENV}`); marked sensitive so that they
+/// never print.
+fn headers(reader: &weir_sql::options::OptionReader<'_>) -> Result<HeaderMap, ConnectorError> {
+    let mut headers = HeaderMap::new();
+    for (name, value) in reader.prefixed("headers.") {
+        let key = format!("headers.{name}");
+        let header = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| option_error(&key, format!("option '{key}': not a valid header name")))?;
+        let reserved = [
+            "content-type",
+            "content-encoding",
+            "x-prometheus-remote-write-version",
+        ];
+        if reserved.contains(&header.as_str()) {
+            return Err(option_error(
+                &key,
+                format!("option '{key}': the remote-write protocol sets this header"),
+            ));
+        }
+        let mut value = HeaderValue::from_str(&expand_env(&key, value)?)
+            .map_err(|_| option_error(&key, format!("option '{key}': not a valid header value")))?;
+        value.set_sensitive(true);
+        headers.insert(header, value);
+    }
+    Ok(headers)
+}
+
+/// The HTTP client: timeouts, User-Agent, and TLS (`tls.ca_file`, `tls.cert_file` +
+/// `tls.key_file`).
+fn client(
+    reader: &weir_sql::options::OptionReader<'_>,
+    timeout: Duration,
+) -> Result<reqwest::Client, ConnectorError> {
+    let read = |key: &str| -> Result<Option<Vec<u8>>, ConnectorError> {
+        reader
+            .string(key)
+            .map(|path| {
+                std::fs::read(path).map_err(|e| {
+                    ConnectorError::MissingFile(format!(
+                        "option '{key}': cannot read '{path}': {e}"
+                    ))
+                })
+            })
+            .transpose()
+    };
+    let mut builder = reqwest::Client::builder()
+        .user_agent(USER_AGENT)
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .pool_idle_timeout(Duration::from_secs(90));
+    if let Some(pem) = read("tls.ca_file")? {
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            option_error(
+                "tls.ca_file",
+                format!("option 'tls.ca_file': no PEM certificates: {e}"),
+            )
+        })?;
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    match (read("tls.cert_file")?, read("tls.key_file")?) {
+        (Some(mut cert), Some(key)) => {
+            cert.push(b'\n');
+            cert.extend_from_slice(&key);
+            let identity = reqwest::Identity::from_pem(&cert).map_err(|e| {
+                option_error(
+                    "tls.cert_file",
+                    format!("options 'tls.cert_file' and 'tls.key_file': not a PEM certificate and key: {e}"),
+                )
+            })?;
+            builder = builder.identity(identity);
+        }
+        (None, None) => {}
+        _ => {
+            return Err(option_error(
+                "tls.cert_file",
+                "options 'tls.cert_file' and 'tls.key_file' go together".into(),
+            ));
+        }
+    }
+    builder
+        .build()
+        .map_err(|e| ConnectorError::Invalid(format!("cannot build the HTTP client: {e}")))
+}
+
+impl SinkFactory for PrometheusSinkFactory {
+    fn connector(&self) -> &'static str {
+        "prometheus_remote_write"
+    }
+
+    fn create(&self, metrics: &Metrics) -> Result<Box<dyn Sink>> {
+        Ok(Box::new(PrometheusSink::new(
+            self.mapping.clone(),
+            self.config.clone(),
+            metrics.remote_write(&self.name),
+        )))
+    }
+}
+
+/// Writes rows as samples through [`Shards`].
+pub struct PrometheusSink {
+    mapping: Mapping,
+    shards: Shards,
+    deadline: Duration,
+    unmappable: Counter,
+}
+
+impl PrometheusSink {
+    pub fn new(mapping: Mapping, config: SenderConfig, metrics: RemoteWriteMetrics) -> Self {
+        let deadline = config.batch_send_deadline;
+        Self {
+            mapping,
+            unmappable: metrics.samples_dropped(UNMAPPABLE),
+            shards: Shards::start(config, metrics),
+            deadline,
+        }
+    }
+}
+
+#[async_trait]
+impl Sink for PrometheusSink {
+    async fn write(&mut self, batch: RecordBatch) -> Result<()> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let shards = &mut self.shards;
+        let dropped = self.mapping.encode(&batch, now, |s| {
+            shards.push(s.series, s.hash, s.timestamp_ms)
+        })?;
+        if dropped > 0 {
+            self.unmappable.inc_by(dropped);
+        }
+        self.shards.send_ready().await
+    }
+
+    fn tick_interval(&self) -> Option<Duration> {
+        Some((self.deadline / 4).max(Duration::from_millis(10)))
+    }
+
+    async fn on_tick(&mut self) -> Result<()> {
+        self.shards.send_partial(false).await
+    }
+
+    async fn pre_commit(&mut self, barrier: CheckpointBarrier) -> Result<()> {
+        self.shards.flush().await?;
+        drop(barrier);
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> Result<()> {
+        self.shards.close().await
+    }
+}
+
+impl std::fmt::Debug for PrometheusSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PrometheusSink")
+    }
+}
