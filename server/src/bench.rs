@@ -10,6 +10,8 @@ use clap::{Args, ValueEnum};
 use weir_connectors::Connectors;
 use weir_server::engine::{Engine, EngineConfig};
 
+mod remote_write;
+
 #[derive(Args)]
 pub struct BenchArgs {
     /// Which benchmark.
@@ -25,10 +27,18 @@ pub struct BenchArgs {
     /// in-process mock cluster.
     #[arg(long)]
     bootstrap: Option<String>,
-    /// kafka: an extra option of the stream's WITH clause, `key=value` (repeatable), e.g.
-    /// `properties.fetch.queue.backoff.ms=10`.
+    /// kafka, remote-write: an extra option of the stream's or sink's WITH clause,
+    /// `key=value` (repeatable), e.g. `properties.fetch.queue.backoff.ms=10` or `max_shards=8`.
     #[arg(long = "with", value_name = "KEY=VALUE")]
     with: Vec<String>,
+    /// remote-write: send to this remote-write URL (e.g. a Prometheus started with
+    /// `--web.enable-remote-write-receiver`) instead of a child process that decodes and counts.
+    #[arg(long)]
+    url: Option<String>,
+    /// remote-write: consecutive 1-minute windows of the same `--events` series (the first
+    /// creates the series in the receiver, the later ones append to them).
+    #[arg(long, default_value_t = 1)]
+    windows: u32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -44,6 +54,12 @@ enum Which {
     /// The same through `SESSION(10 ms)`: a key's events are about 10 ms apart, so sessions
     /// both run on and split.
     Session,
+    /// `--events` distinct series in one window's rows -> Prometheus remote-write sink -> a
+    /// receiver (child process) that decodes and counts; `--url` for a real one.
+    RemoteWrite,
+    /// The receiver `remote-write` starts.
+    #[value(hide = true)]
+    RemoteWriteReceiver,
 }
 
 pub async fn run(args: BenchArgs) -> Result<ExitCode, String> {
@@ -59,6 +75,8 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, String> {
             .await
         }
         Which::Session => window(&args, "SESSION(events, ts, INTERVAL '10' MILLISECOND)").await,
+        Which::RemoteWrite => remote_write::run(&args).await,
+        Which::RemoteWriteReceiver => remote_write::receiver().await,
     }
 }
 

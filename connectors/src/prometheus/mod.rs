@@ -18,6 +18,8 @@ pub mod sender;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod transport_tests;
 
 use std::time::Duration;
 
@@ -26,6 +28,7 @@ use async_trait::async_trait;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use weir_runtime::connector::{ConnectorError, SinkFactory, SinkSpec};
 use weir_runtime::metrics::{Counter, RemoteWriteMetrics};
+use weir_runtime::pipeline::RateLimitedLog;
 use weir_runtime::{CheckpointBarrier, Metrics, Result, Sink};
 use weir_sql::Options;
 use weir_sql::options::OptionError;
@@ -197,12 +200,21 @@ fn client(
         .connect_timeout(timeout.min(Duration::from_secs(10)))
         .pool_idle_timeout(Duration::from_secs(90));
     if let Some(pem) = read("tls.ca_file")? {
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-            option_error(
-                "tls.ca_file",
-                format!("option 'tls.ca_file': no PEM certificates: {e}"),
-            )
-        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| e.to_string())
+            .and_then(|certs| {
+                if certs.is_empty() {
+                    Err("the file holds none".to_string())
+                } else {
+                    Ok(certs)
+                }
+            })
+            .map_err(|e| {
+                option_error(
+                    "tls.ca_file",
+                    format!("option 'tls.ca_file': no PEM certificates: {e}"),
+                )
+            })?;
         for cert in certs {
             builder = builder.add_root_certificate(cert);
         }
@@ -239,6 +251,7 @@ impl SinkFactory for PrometheusSinkFactory {
 
     fn create(&self, metrics: &Metrics) -> Result<Box<dyn Sink>> {
         Ok(Box::new(PrometheusSink::new(
+            &self.name,
             self.mapping.clone(),
             self.config.clone(),
             metrics.remote_write(&self.name),
@@ -252,14 +265,23 @@ pub struct PrometheusSink {
     shards: Shards,
     deadline: Duration,
     unmappable: Counter,
+    unmappable_log: RateLimitedLog,
+    name: String,
 }
 
 impl PrometheusSink {
-    pub fn new(mapping: Mapping, config: SenderConfig, metrics: RemoteWriteMetrics) -> Self {
+    pub fn new(
+        name: &str,
+        mapping: Mapping,
+        config: SenderConfig,
+        metrics: RemoteWriteMetrics,
+    ) -> Self {
         let deadline = config.batch_send_deadline;
         Self {
             mapping,
             unmappable: metrics.samples_dropped(UNMAPPABLE),
+            unmappable_log: RateLimitedLog::new(Duration::from_secs(10)),
+            name: name.to_string(),
             shards: Shards::start(config, metrics),
             deadline,
         }
@@ -276,6 +298,11 @@ impl Sink for PrometheusSink {
         })?;
         if dropped > 0 {
             self.unmappable.inc_by(dropped);
+            let sink = &self.name;
+            self.unmappable_log.log(|suppressed| {
+                tracing::warn!(%sink, samples = dropped, suppressed,
+                    "samples dropped: their row has a NULL time or no usable metric name in '__name__'");
+            });
         }
         self.shards.send_ready().await
     }

@@ -19,27 +19,27 @@ use super::sender::{SenderConfig, Shards};
 use weir_runtime::Metrics;
 
 /// One request as the receiver saw it.
-struct Received {
-    headers: HeaderMap,
+pub(super) struct Received {
+    pub(super) headers: HeaderMap,
     request: WriteRequest,
     status: u16,
     at: Instant,
 }
 
 #[derive(Default)]
-struct Script {
+pub(super) struct Script {
     /// Answers for the next requests: status and optional Retry-After; 204 once empty.
     answers: VecDeque<(u16, Option<&'static str>)>,
     /// While set, every request gets 503.
     down: bool,
-    received: Vec<Received>,
+    pub(super) received: Vec<Received>,
 }
 
 #[derive(Clone, Default)]
-struct Receiver(Arc<Mutex<Script>>);
+pub(super) struct Receiver(Arc<Mutex<Script>>);
 
 impl Receiver {
-    fn script(&self) -> std::sync::MutexGuard<'_, Script> {
+    pub(super) fn script(&self) -> std::sync::MutexGuard<'_, Script> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -98,7 +98,7 @@ async fn receive(
 }
 
 /// Serves `receiver` on a free port; returns the write URL.
-async fn serve(receiver: Receiver) -> reqwest::Url {
+pub(super) async fn serve(receiver: Receiver) -> reqwest::Url {
     let app = axum::Router::new()
         .route("/api/v1/write", axum::routing::post(receive))
         .with_state(receiver);
@@ -129,7 +129,7 @@ fn config(url: reqwest::Url, shards: usize, per_send: usize, capacity: usize) ->
     }
 }
 
-fn schema() -> SchemaRef {
+pub(super) fn schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new(
             "window_end",
@@ -143,7 +143,7 @@ fn schema() -> SchemaRef {
 }
 
 /// `series` rows at time `t`: host h{i}, value i + t.
-fn rows(series: usize, t: i64) -> RecordBatch {
+pub(super) fn rows(series: usize, t: i64) -> RecordBatch {
     RecordBatch::try_new(
         schema(),
         vec![
