@@ -13,6 +13,8 @@
 //! - [`mv_store`]: [`mv_store::MvStore`], the bounded in-memory rows of a materialized view.
 //! - [`metrics`]: counters for `/metrics` (records in/out per operator, decode errors, rows
 //!   written per sink).
+//! - [`sql_types`]: [`sql_type_name`], how a user would declare an Arrow type (`DESCRIBE`,
+//!   error messages).
 //! - [`error`]: [`Error`], split by cause.
 
 pub mod connector;
@@ -23,11 +25,13 @@ pub mod mv_store;
 pub mod operator;
 pub mod operators;
 pub mod pipeline;
+pub mod sql_types;
 
 pub use error::{Error, Result};
 pub use message::{CheckpointBarrier, EpochDone, Message, Watermark};
 pub use metrics::Metrics;
 pub use operator::{Operator, Sink, Source, SourceContext, SourceExit};
+pub use sql_types::sql_type_name;
 pub use tokio_util::sync::CancellationToken;
 
 /// Capacity, in messages, of every channel between two tasks. Small on purpose: a slow

@@ -19,8 +19,8 @@ use arrow::array::{Array, AsArray, Float64Array, StringArray, TimestampMilliseco
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
-use weir_runtime::Result;
 use weir_runtime::connector::ConnectorError;
+use weir_runtime::{Result, sql_type_name};
 
 use super::proto::SeriesWriter;
 
@@ -99,7 +99,7 @@ impl Mapping {
                 if !matches!(schema.field(index).data_type(), DataType::Timestamp(..)) {
                     return Err(invalid(format!(
                         "option 'timestamp': column '{name}' is {}, not a TIMESTAMP",
-                        schema.field(index).data_type()
+                        sql_type_name(schema.field(index).data_type())
                     )));
                 }
                 Time::Column(index)
@@ -117,7 +117,7 @@ impl Mapping {
         {
             return Err(invalid(format!(
                 "column '__name__' names the metric and must be text, not {}",
-                schema.field(i).data_type()
+                sql_type_name(schema.field(i).data_type())
             )));
         }
         let mut values = Vec::new();
@@ -148,8 +148,9 @@ impl Mapping {
                 });
             } else {
                 return Err(invalid(format!(
-                    "column '{}' is {data_type}: neither a number (a sample) nor text (a label); cast it or leave it out",
-                    field.name()
+                    "column '{}' is {}: neither a number (a sample) nor text (a label); cast it or leave it out",
+                    field.name(),
+                    sql_type_name(data_type)
                 )));
             }
         }
@@ -360,7 +361,7 @@ fn column_list(schema: &SchemaRef) -> String {
     let names: Vec<String> = schema
         .fields()
         .iter()
-        .map(|f| format!("{} {}", f.name(), f.data_type()))
+        .map(|f| format!("{} {}", f.name(), sql_type_name(f.data_type())))
         .collect();
     format!("({})", names.join(", "))
 }
