@@ -495,20 +495,12 @@ impl Prometheus {
 
     /// The JSON `data.result` of an instant query at `time` (seconds since the epoch).
     pub fn query(&self, query: &str, time: f64) -> Vec<serde_json::Value> {
-        let encoded: String = query
-            .bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect();
-        let response = http_get(
-            self.port,
-            &format!("/api/v1/query?query={encoded}&time={time}"),
-        )
-        .expect("prometheus answers");
+        let params = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("query", query)
+            .append_pair("time", &time.to_string())
+            .finish();
+        let response =
+            http_get(self.port, &format!("/api/v1/query?{params}")).expect("prometheus answers");
         let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
         let json: serde_json::Value = serde_json::from_str(body)
             .unwrap_or_else(|e| panic!("prometheus answered {response}: {e}"));

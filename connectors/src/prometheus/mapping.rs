@@ -272,7 +272,7 @@ impl Mapping {
             ),
             None => None,
         };
-        let hasher = Hasher;
+        let hasher = series_hasher();
         let mut dropped = 0;
         let mut series = Vec::with_capacity(256);
         let mut metric = String::new();
@@ -320,7 +320,7 @@ impl Mapping {
                     }
                 }
                 let labels_end = series.len();
-                let hash = hasher.hash(&series[..labels_end]);
+                let hash = hasher.hash_one(&series[..labels_end]);
                 let writer = SeriesWriter::new(&mut series);
                 writer.finish(column.value(row), timestamp_ms);
                 emit(Sample {
@@ -336,17 +336,10 @@ impl Mapping {
 
 /// FNV-1a over the encoded labels: stable across runs and processes, so a series always
 /// lands on the same shard.
-struct Hasher;
-
-impl Hasher {
-    fn hash(&self, bytes: &[u8]) -> u64 {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for &b in bytes {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        h
-    }
+/// Hashes a series' encoded labels, for sharding: fixed seeds, so a series keeps its shard
+/// for the life of the sink (ahash, as arrow uses it).
+fn series_hasher() -> ahash::RandomState {
+    ahash::RandomState::with_seeds(0x5765_6972, 0x7072_6f6d, 0x7265_6d6f, 0x7465_7772)
 }
 
 fn describe(slot: &LabelSlot, schema: &SchemaRef) -> String {
