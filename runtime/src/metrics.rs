@@ -488,14 +488,6 @@ pub struct RemoteWriteMetrics {
 }
 
 impl RemoteWriteMetrics {
-    /// Metrics that no registry reports (tests, benchmarks).
-    pub fn detached() -> Self {
-        Self {
-            sink: String::new(),
-            families: RemoteWriteFamilies::default(),
-        }
-    }
-
     fn labels(&self, extra: Option<(&str, &str)>) -> Labels {
         let mut labels = vec![("sink".to_string(), self.sink.clone())];
         if let Some((k, v)) = extra {
