@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need, idempotently: psql (real client), Prometheus (Debian's 2.42, the
-# remote-write receiver for the sink's end-to-end tests), DuckDB in a venv (an independent reader
-# of the Parquet lake), and the tansu broker in .tools. Safe to run on a fresh machine or again.
+# remote-write receiver for the sink's end-to-end tests), PostgreSQL (lookup tables), DuckDB in a
+# venv (an independent reader of the Parquet lake), sccache and mold (cheaper builds), and the
+# tansu broker in .tools. Safe to run on a fresh machine or again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,9 @@ apt_install() {
 missing=()
 command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+command -v sccache >/dev/null 2>&1 || missing+=(sccache)
+command -v mold >/dev/null 2>&1 || missing+=(mold)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
@@ -27,9 +31,13 @@ if ! .venv/bin/python -c 'import duckdb' >/dev/null 2>&1; then
     python3 -m venv .venv
     .venv/bin/pip install --quiet --disable-pip-version-check 'duckdb>=1.1'
 fi
-# tansu: a Kafka-compatible broker in one process, for the Kafka end-to-end tests.
-if ! .tools/bin/tansu --version >/dev/null 2>&1; then
-    echo "installing tansu 0.6.0 into .tools (a Kafka-compatible broker; ~15 min the first time)"
-    cargo install --quiet --locked tansu --version 0.6.0 --features dynostore,libsql --root .tools
+# tansu: a Kafka-compatible broker in one process, for the Kafka end-to-end tests. Built once per
+# machine into a cache outside the checkout (every CI run is a fresh clone), linked into .tools.
+tansu_cache="${WEIR_TOOLS_CACHE:-$HOME/.cache/weir-tools}/tansu-0.6.0"
+if ! "$tansu_cache/bin/tansu" --version >/dev/null 2>&1; then
+    echo "installing tansu 0.6.0 into $tansu_cache (a Kafka-compatible broker; ~15 min the first time)"
+    cargo install --quiet --locked tansu --version 0.6.0 --features dynostore,libsql --root "$tansu_cache"
 fi
-echo "test dependencies ready: $(psql --version), $(prometheus --version 2>&1 | head -1), duckdb $(.venv/bin/python -c 'import duckdb; print(duckdb.__version__)'), $(.tools/bin/tansu --version)"
+mkdir -p .tools/bin
+ln -sf "$tansu_cache/bin/tansu" .tools/bin/tansu
+echo "test dependencies ready: $(psql --version), $(ls -d /usr/lib/postgresql/*/bin | head -1), $(prometheus --version 2>&1 | head -1), duckdb $(.venv/bin/python -c 'import duckdb; print(duckdb.__version__)'), $(.tools/bin/tansu --version)"

@@ -7,6 +7,14 @@ cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# Compiled dependencies are cached across checkouts on this machine (CI clones afresh), and
+# mold links the large test binaries in a fraction of ld's time.
+if [ -z "${RUSTC_WRAPPER:-}" ] && command -v sccache >/dev/null 2>&1; then
+    export RUSTC_WRAPPER=sccache
+fi
+if [ -z "${RUSTFLAGS:-}" ] && command -v mold >/dev/null 2>&1; then
+    export RUSTFLAGS="-C link-arg=-fuse-ld=mold"
+fi
 cargo fmt --all -- --check
 cargo clippy -j2 --workspace --all-targets -- -D warnings
 # One build of every target (the `weir` binary the end-to-end tests drive included), so that

@@ -6,12 +6,16 @@
 //!   factories at CREATE time (unknown options are errors).
 //! - [`datagen`]: the built-in generator (vehicle telemetry), deterministic per `seed`.
 //! - [`file`]: NDJSON and CSV files or directories, read once or followed; bad records are
-//!   counted, skipped and optionally written to a dead-letter file.
+//!   counted, skipped and optionally written to a dead-letter file; and file tables (CSV,
+//!   NDJSON, Parquet held in memory, reloaded when the file changes).
 //! - [`kafka`]: Kafka topics (consumer groups, per-partition watermarks, commits once every
 //!   sink has the rows, dead-letter topic) and the Kafka sink.
 //! - [`decode`]: JSON/CSV records to Arrow batches, isolating the records that do not decode.
 //! - [`parquet`]: the local Parquet lake sink, one zstd file per rollover interval.
 //! - [`prometheus`]: the Prometheus remote-write sink (sharded, ordered, retried).
+//! - [`postgres`]: Postgres tables for lookup joins (whole table in memory, or a partial
+//!   cache in front of batched key queries).
+//! - [`secret`]: passwords and tokens in options (`${ENV}`, `*_file`), never printed.
 //! - [`blackhole`]: counts and discards (benchmarks).
 
 pub mod blackhole;
@@ -20,21 +24,21 @@ pub mod decode;
 pub mod file;
 pub mod kafka;
 pub mod parquet;
+pub mod postgres;
 pub mod prometheus;
+pub mod secret;
 
 use std::sync::Arc;
 
 use weir_runtime::connector::{
     ConnectorError, ConnectorRegistry, SinkFactory, SinkSpec, SourceFactory, SourceSpec,
+    TableFactory, TableSpec,
 };
 use weir_sql::Options;
 
 /// Every connector this build knows.
 #[derive(Debug, Default)]
 pub struct Connectors;
-
-/// Source connectors a later version implements.
-const LATER_SOURCES: &[&str] = &["postgres"];
 
 fn connector_name(options: &Options) -> Result<String, ConnectorError> {
     let reader = options.reader();
@@ -66,12 +70,30 @@ impl ConnectorRegistry for Connectors {
                     .with_event_time(event_time),
             )),
             "kafka" => Ok(Arc::new(kafka::KafkaSourceFactory::try_new(spec, options)?)),
-            later if LATER_SOURCES.contains(&later) => Err(ConnectorError::NotSupported(format!(
-                "the '{later}' source connector"
-            ))),
+            "postgres" => Err(ConnectorError::NotSupported(
+                "the 'postgres' source connector for a STREAM (it serves tables: CREATE TABLE ... WITH (connector = 'postgres'), the lookup side of a join)".into(),
+            )),
             other => Err(ConnectorError::Option(weir_sql::options::OptionError::new(
                 "connector",
                 format!("unknown source connector '{other}': expected datagen, file or kafka"),
+            ))),
+        }
+    }
+
+    fn table(
+        &self,
+        spec: &TableSpec,
+        options: &Options,
+    ) -> Result<Arc<dyn TableFactory>, ConnectorError> {
+        match connector_name(options)?.as_str() {
+            "file" => Ok(Arc::new(file::FileTableFactory::try_new(spec, options)?)),
+            "postgres" => Ok(Arc::new(postgres::PostgresTableFactory::try_new(
+                spec, options,
+            )?)),
+            "kafka" => Ok(Arc::new(kafka::KafkaTableFactory::try_new(spec, options)?)),
+            other => Err(ConnectorError::Option(weir_sql::options::OptionError::new(
+                "connector",
+                format!("unknown table connector '{other}': expected file, postgres or kafka"),
             ))),
         }
     }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use arrow::datatypes::SchemaRef;
 use serde::{Deserialize, Serialize};
 use weir_runtime::connector::{SinkFactory, SourceFactory};
+use weir_runtime::lookup::LookupTable;
 use weir_runtime::mv_store::MvStore;
 use weir_sql::ObjectKind;
 
@@ -35,12 +36,16 @@ pub struct CatalogEntry {
     pub connector: Option<String>,
     /// Objects this one reads from (a DROP of those needs CASCADE).
     pub depends_on: Vec<String>,
-    /// Streams and tables: builds one source per pipeline.
+    /// Streams: builds one source per pipeline.
     pub source: Option<Arc<dyn SourceFactory>>,
+    /// Tables: the loaded table lookups read (one for every pipeline).
+    pub table: Option<Arc<dyn LookupTable>>,
     /// Sinks: builds the sink.
     pub sink: Option<Arc<dyn SinkFactory>>,
-    /// Views, and sinks defined `AS SELECT`: the continuous query.
+    /// Materialized views, and sinks defined `AS SELECT`: the continuous query.
     pub plan: Option<Arc<ContinuousPlan>>,
+    /// Views (not materialized): the query, inlined where the view is read.
+    pub query: Option<Arc<sqlparser::ast::Query>>,
     /// The event-time column, when the stream declares a WATERMARK.
     pub watermark_column: Option<String>,
     /// Views: their rows.

@@ -2,30 +2,34 @@
 //!
 //! The query goes through DataFusion's SQL planner and optimizer unchanged; the optimized
 //! logical plan is then lowered node by node to runtime operators whose expressions are
-//! DataFusion physical expressions. What this release cannot run continuously (aggregation,
-//! joins, window TVFs, ORDER BY) is refused with SQLSTATE 0A000 naming the feature.
+//! DataFusion physical expressions: filters and projections, window aggregates (an
+//! `Aggregate` over a window's placeholder columns) and lookup joins (a `Join` whose right
+//! side is a TABLE). What this release cannot run continuously (stream-stream joins,
+//! aggregation without a window, ORDER BY) is refused with SQLSTATE 0A000 naming the feature.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use datafusion::common::tree_node::TreeNode;
+use datafusion::common::{DFSchema, TableReference};
 use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::{
-    Aggregate, Expr as Expr_, FetchType, LogicalPlan, SkipType,
+    Aggregate, Expr as Expr_, ExprSchemable, FetchType, Join, JoinType, LogicalPlan, SkipType,
     physical_planning_context::PhysicalPlanningContext,
 };
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_expr::aggregate::LoweredAggregateBuilder;
 use datafusion::physical_expr::expressions::Column;
 use sqlparser::ast::{
-    Expr, Ident, Query, SelectItem, SelectItemQualifiedWildcardKind, SetExpr, TableFactor,
-    TableWithJoins, WildcardAdditionalOptions,
+    Expr, Ident, Query, SelectItem, SelectItemQualifiedWildcardKind, SetExpr, TableAlias,
+    TableFactor, TableWithJoins, WildcardAdditionalOptions,
 };
-use weir_runtime::Operator;
 use weir_runtime::operators::{
-    FilterOperator, GroupColumn, ProjectOperator, WindowAggregateSpec, WindowKind, window_operator,
+    FilterOperator, GroupColumn, LookupJoin, LookupJoinSpec, LookupJoinType, ProjectOperator,
+    WindowAggregateSpec, WindowKind, window_operator,
 };
+use weir_runtime::{Metrics, Stage};
 use weir_sql::ObjectKind;
 
 use crate::catalog::Catalog;
@@ -43,6 +47,10 @@ pub struct ContinuousPlan {
     pub schema: SchemaRef,
     /// `LIMIT n` (live tails only).
     pub limit: Option<usize>,
+    /// The tables it looks rows up in (lookup joins), in join order.
+    pub tables: Vec<String>,
+    /// The views (not materialized) inlined into it.
+    pub views: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -62,29 +70,61 @@ enum Step {
         input_schema: SchemaRef,
         text: String,
     },
+    LookupJoin {
+        spec: Arc<LookupJoinSpec>,
+        input_schema: SchemaRef,
+        text: String,
+    },
 }
 
 impl ContinuousPlan {
-    /// Fresh operator instances for one pipeline.
-    pub fn operators(&self) -> Result<Vec<Box<dyn Operator>>> {
+    /// Fresh operator instances for the pipeline `pipeline`, whose counters go to `metrics`.
+    pub fn stages(&self, metrics: &Metrics, pipeline: &str) -> Result<Vec<Stage>> {
         self.steps
             .iter()
-            .map(|step| -> Result<Box<dyn Operator>> {
+            .map(|step| -> Result<Stage> {
                 Ok(match step {
                     Step::Filter {
                         predicate,
                         input_schema,
                         ..
-                    } => Box::new(FilterOperator::try_new(predicate.clone(), input_schema)?),
-                    Step::Project { exprs, schema, .. } => {
-                        Box::new(ProjectOperator::new(exprs.clone(), schema.clone()))
-                    }
+                    } => Stage::Sync(Box::new(FilterOperator::try_new(
+                        predicate.clone(),
+                        input_schema,
+                    )?)),
+                    Step::Project { exprs, schema, .. } => Stage::Sync(Box::new(
+                        ProjectOperator::new(exprs.clone(), schema.clone()),
+                    )),
                     Step::Window {
                         spec, input_schema, ..
-                    } => window_operator(spec.clone(), input_schema)?,
+                    } => Stage::Sync(window_operator(spec.clone(), input_schema)?),
+                    Step::LookupJoin {
+                        spec, input_schema, ..
+                    } => Stage::Async(Box::new(LookupJoin::try_new(
+                        spec.clone(),
+                        input_schema,
+                        metrics.lookup_join(pipeline, &spec.table_name),
+                    )?)),
                 })
             })
             .collect()
+    }
+
+    /// Whether it aggregates per window.
+    pub fn has_window(&self) -> bool {
+        self.steps.iter().any(|s| matches!(s, Step::Window { .. }))
+    }
+
+    /// What it reads: its input first, then the tables it joins and the views it inlines (a
+    /// DROP of any of them needs CASCADE).
+    pub fn reads(&self) -> Vec<String> {
+        let mut reads = vec![self.input.clone()];
+        for t in self.tables.iter().chain(&self.views) {
+            if !reads.contains(t) {
+                reads.push(t.clone());
+            }
+        }
+        reads
     }
 
     /// Lets records arrive up to `lateness` after their window's end (the window is emitted
@@ -121,6 +161,7 @@ impl ContinuousPlan {
                 Step::Filter { text, .. } => format!("  -> filter: {text}"),
                 Step::Project { text, .. } => format!("  -> project: {text}"),
                 Step::Window { text, .. } => format!("  -> window aggregate: {text}"),
+                Step::LookupJoin { text, .. } => format!("  -> lookup join: {text}"),
             });
         }
         if let Some(limit) = self.limit {
@@ -130,51 +171,186 @@ impl ContinuousPlan {
     }
 }
 
-/// Refuses, with the feature's name, syntax that a later release runs continuously.
-pub fn check_supported_syntax(query: &Query) -> Result<()> {
-    check_set_expr(&query.body)
+/// `FOR SYSTEM_TIME AS OF <time>` on a joined relation: accepted on a TABLE, where it means
+/// what a plain join with a table means (the table as it is when the record is processed),
+/// and removed before DataFusion plans the query.
+pub fn strip_system_time(query: &mut Query, catalog: &Catalog) -> Result<()> {
+    strip_set_expr(&mut query.body, catalog)
 }
 
-fn check_set_expr(body: &SetExpr) -> Result<()> {
+fn strip_set_expr(body: &mut SetExpr, catalog: &Catalog) -> Result<()> {
     match body {
-        SetExpr::Select(select) => select.from.iter().try_for_each(check_table_with_joins),
-        SetExpr::Query(q) => check_supported_syntax(q),
+        SetExpr::Select(select) => select
+            .from
+            .iter_mut()
+            .try_for_each(|t| strip_table_with_joins(t, catalog)),
+        SetExpr::Query(q) => strip_system_time(q, catalog),
         SetExpr::SetOperation { left, right, .. } => {
-            check_set_expr(left)?;
-            check_set_expr(right)
+            strip_set_expr(left, catalog)?;
+            strip_set_expr(right, catalog)
         }
         _ => Ok(()),
     }
 }
 
-fn check_table_with_joins(t: &TableWithJoins) -> Result<()> {
-    check_factor(&t.relation)?;
-    t.joins.iter().try_for_each(|j| check_factor(&j.relation))
+fn strip_table_with_joins(t: &mut TableWithJoins, catalog: &Catalog) -> Result<()> {
+    strip_factor(&mut t.relation, catalog)?;
+    t.joins
+        .iter_mut()
+        .try_for_each(|j| strip_factor(&mut j.relation, catalog))
 }
 
-fn check_factor(factor: &TableFactor) -> Result<()> {
+fn strip_factor(factor: &mut TableFactor, catalog: &Catalog) -> Result<()> {
     match factor {
-        TableFactor::Table {
-            version: Some(_), ..
-        } => Err(PlanError::NotSupported(
-            "lookup JOIN (FOR SYSTEM_TIME AS OF)".into(),
-        )),
-        TableFactor::Derived { subquery, .. } => check_supported_syntax(subquery),
+        TableFactor::Table { name, version, .. } if version.is_some() => {
+            let table = name
+                .0
+                .last()
+                .and_then(|p| p.as_ident())
+                .map(crate::window::normalize)
+                .unwrap_or_default();
+            match catalog.get(&table) {
+                Some(entry) if entry.kind == ObjectKind::Table => {
+                    *version = None;
+                    Ok(())
+                }
+                Some(entry) => Err(PlanError::NotSupported(format!(
+                    "FOR SYSTEM_TIME AS OF on {} \"{table}\" (a temporal join of two streams); it applies to a TABLE, the lookup side of a join",
+                    entry.kind
+                ))),
+                None => Err(PlanError::undefined("table", &table)),
+            }
+        }
+        TableFactor::Derived { subquery, .. } => strip_system_time(subquery, catalog),
         TableFactor::NestedJoin {
             table_with_joins, ..
-        } => check_table_with_joins(table_with_joins),
+        } => strip_table_with_joins(table_with_joins, catalog),
         _ => Ok(()),
     }
 }
 
-/// Everything a continuous query's AST goes through before DataFusion plans it: refusals
-/// of what is not supported yet, window calls rewritten ([`window::rewrite_windows`]), `*`
-/// expanded ([`expand_wildcards`]).
-pub fn prepare(query: &mut Query, catalog: &Catalog) -> Result<()> {
-    check_supported_syntax(query)?;
+/// Everything a query's AST goes through before DataFusion plans it: `FOR SYSTEM_TIME AS OF`
+/// removed ([`strip_system_time`]), window calls rewritten ([`window::rewrite_windows`]),
+/// views inlined ([`inline_views`]), `*` expanded ([`expand_wildcards`]). Returns the views
+/// it inlined (what the query depends on besides what it scans).
+pub fn prepare(query: &mut Query, catalog: &Catalog) -> Result<Vec<String>> {
+    strip_system_time(query, catalog)?;
     window::rewrite_windows(query, catalog)?;
+    let mut views = Vec::new();
+    inline_views(query, catalog, &mut views, 0)?;
     expand_wildcards(query, catalog);
-    Ok(())
+    Ok(views)
+}
+
+/// Views may read views; a chain deeper than this is a cycle or a mistake.
+const MAX_VIEW_DEPTH: usize = 32;
+
+/// Replaces every `FROM view` with the view's query as a subquery under the view's name (or
+/// the alias): a view is a name for a query, so statements that read it read what it reads,
+/// with the same event time and watermarks, in their own pipeline.
+pub fn inline_views(
+    query: &mut Query,
+    catalog: &Catalog,
+    views: &mut Vec<String>,
+    depth: usize,
+) -> Result<()> {
+    if depth > MAX_VIEW_DEPTH {
+        return Err(PlanError::NotSupported(format!(
+            "views nested more than {MAX_VIEW_DEPTH} deep"
+        )));
+    }
+    if let Some(with) = &mut query.with {
+        for cte in &mut with.cte_tables {
+            inline_views(&mut cte.query, catalog, views, depth)?;
+        }
+    }
+    inline_set_expr(&mut query.body, catalog, views, depth)
+}
+
+fn inline_set_expr(
+    body: &mut SetExpr,
+    catalog: &Catalog,
+    views: &mut Vec<String>,
+    depth: usize,
+) -> Result<()> {
+    match body {
+        SetExpr::Select(select) => {
+            for t in &mut select.from {
+                inline_factor(&mut t.relation, catalog, views, depth)?;
+                for j in &mut t.joins {
+                    inline_factor(&mut j.relation, catalog, views, depth)?;
+                }
+            }
+            Ok(())
+        }
+        SetExpr::Query(q) => inline_views(q, catalog, views, depth),
+        SetExpr::SetOperation { left, right, .. } => {
+            inline_set_expr(left, catalog, views, depth)?;
+            inline_set_expr(right, catalog, views, depth)
+        }
+        _ => Ok(()),
+    }
+}
+
+fn inline_factor(
+    factor: &mut TableFactor,
+    catalog: &Catalog,
+    views: &mut Vec<String>,
+    depth: usize,
+) -> Result<()> {
+    match factor {
+        TableFactor::Derived { subquery, .. } => inline_views(subquery, catalog, views, depth),
+        TableFactor::NestedJoin {
+            table_with_joins, ..
+        } => {
+            inline_factor(&mut table_with_joins.relation, catalog, views, depth)?;
+            for j in &mut table_with_joins.joins {
+                inline_factor(&mut j.relation, catalog, views, depth)?;
+            }
+            Ok(())
+        }
+        TableFactor::Table {
+            name,
+            alias,
+            args: None,
+            ..
+        } => {
+            let [part] = name.0.as_slice() else {
+                return Ok(());
+            };
+            let Some(ident) = part.as_ident() else {
+                return Ok(());
+            };
+            let key = window::normalize(ident);
+            let Some(entry) = catalog.get(&key).filter(|e| e.kind == ObjectKind::View) else {
+                return Ok(());
+            };
+            let Some(view) = &entry.query else {
+                return Err(PlanError::Internal(format!("view \"{key}\" has no query")));
+            };
+            let mut subquery = view.as_ref().clone();
+            // The view's query was prepared when it was created, but what it reads may have
+            // been views too: inline those, once more per level.
+            inline_views(&mut subquery, catalog, views, depth + 1)?;
+            if !views.contains(&entry.name) {
+                views.push(entry.name.clone());
+            }
+            let alias = alias.clone().unwrap_or_else(|| TableAlias {
+                explicit: true,
+                name: Ident::with_quote('"', entry.name.clone()),
+                columns: Vec::new(),
+                at: None,
+            });
+            *factor = TableFactor::Derived {
+                lateral: false,
+                subquery: Box::new(subquery),
+                alias: Some(alias),
+                sample: None,
+            };
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `SELECT *` over a stream lists its declared columns only: the columns a source adds
@@ -313,6 +489,7 @@ pub fn lower(
         steps: Vec::new(),
         limit: None,
         window_columns: HashMap::new(),
+        tables: Vec::new(),
     };
     lowering.visit(plan, state, catalog)?;
     if !lowering.window_columns.is_empty() {
@@ -333,6 +510,7 @@ pub fn lower(
         .find_map(|s| match s {
             Step::Project { schema, .. } => Some(schema.clone()),
             Step::Window { spec, .. } => Some(spec.schema.clone()),
+            Step::LookupJoin { spec, .. } => Some(spec.schema.clone()),
             Step::Filter { .. } => None,
         })
         .unwrap_or(input_schema);
@@ -371,6 +549,8 @@ pub fn lower(
         steps: lowering.steps,
         schema: declared,
         limit: lowering.limit,
+        tables: lowering.tables,
+        views: Vec::new(),
     })
 }
 
@@ -381,6 +561,8 @@ struct Lowering {
     /// Columns of the current output that stand for a window's bounds (placeholders that
     /// still hold the event time), by name, until the `GROUP BY` that consumes them.
     window_columns: HashMap<String, (WindowKind, GroupColumn)>,
+    /// Tables joined so far.
+    tables: Vec<String>,
 }
 
 impl Lowering {
@@ -463,7 +645,7 @@ impl Lowering {
                     ObjectKind::Stream | ObjectKind::MaterializedView
                 ) {
                     return Err(PlanError::NotSupported(format!(
-                        "reading {} \"{name}\" continuously (tables are the lookup side of joins, which arrive with lookup JOIN)",
+                        "reading {} \"{name}\" as a stream: a table is the lookup side of a join (FROM stream JOIN {name} ON ...)",
                         entry.kind
                     )));
                 }
@@ -507,9 +689,7 @@ impl Lowering {
                 self.visit(&a.input, state, catalog)?;
                 self.lower_window_aggregate(a, state, catalog)
             }
-            LogicalPlan::Join(_) => Err(PlanError::NotSupported(
-                "joins over streams (lookup JOIN)".into(),
-            )),
+            LogicalPlan::Join(j) => self.lower_lookup_join(j, state, catalog),
             LogicalPlan::Sort(_) => Err(PlanError::NotSupported(
                 "ORDER BY over an unbounded stream".into(),
             )),
@@ -657,16 +837,14 @@ impl Lowering {
             group_columns,
             schema,
             allowed_lateness: 0,
-            // A stream without WATERMARK: processing time (views carry their input's time).
-            processing_time: self.input.as_ref().is_some_and(|(name, kind, _)| {
-                *kind == ObjectKind::Stream
-                    && catalog
-                        .get(name)
-                        .is_some_and(|e| e.watermark_column.is_none())
-            }),
+            // A stream without WATERMARK, or a materialized view of one: processing time.
+            processing_time: self
+                .input
+                .as_ref()
+                .is_some_and(|(name, _, _)| on_processing_time(catalog, name, 0)),
         };
         let text = if spec.processing_time {
-            format!("{text} on processing time (the stream has no WATERMARK)")
+            format!("{text} on processing time (the stream read has no WATERMARK)")
         } else {
             text
         };
@@ -682,11 +860,311 @@ impl Lowering {
         Ok(())
     }
 
+    /// `stream JOIN table ON stream_expr = table.key [AND condition]`, INNER or LEFT.
+    fn lower_lookup_join(
+        &mut self,
+        j: &Join,
+        state: &SessionState,
+        catalog: &Catalog,
+    ) -> Result<()> {
+        let reads_stream = |plan: &LogicalPlan| {
+            scanned_objects(plan, catalog)
+                .iter()
+                .any(|(_, k)| matches!(k, ObjectKind::Stream | ObjectKind::MaterializedView))
+        };
+        match (reads_stream(&j.left), reads_stream(&j.right)) {
+            (true, true) => {
+                return Err(PlanError::NotSupported(
+                    "joins of two streams (stream-stream or interval joins); the right side of a JOIN over a stream must be a TABLE (a lookup join)".into(),
+                ));
+            }
+            (false, true) => {
+                return Err(PlanError::NotSupported(
+                    "a lookup JOIN with the stream on the right side; write the stream first: FROM stream JOIN table ON ...".into(),
+                ));
+            }
+            (false, false) => {
+                return Err(PlanError::NotSupported(
+                    "a join of tables in a continuous query; a continuous query reads a stream"
+                        .into(),
+                ));
+            }
+            (true, false) => {}
+        }
+        let join_type = match j.join_type {
+            JoinType::Inner => LookupJoinType::Inner,
+            JoinType::Left => LookupJoinType::Left,
+            other => {
+                return Err(PlanError::NotSupported(format!(
+                    "{other} JOIN with a table; a lookup join is INNER or LEFT (every stream record looks its row up)"
+                )));
+            }
+        };
+        if j.on.is_empty() {
+            // No equality binds the key (the optimizer may have moved a condition on the
+            // table's columns into the right side): say what is missing, not how it looks.
+            if let Some(entry) = scanned_objects(&j.right, catalog)
+                .iter()
+                .find(|(_, k)| *k == ObjectKind::Table)
+                .and_then(|(name, _)| catalog.get(name))
+                && let Some(table) = &entry.table
+            {
+                let schema = table.schema();
+                let key: Vec<&str> = table
+                    .key_columns()
+                    .iter()
+                    .map(|c| schema.field(*c).name().as_str())
+                    .collect();
+                return Err(unbound_key(&entry.name, &key, &key));
+            }
+        }
+        let side = LookupSide::find(&j.right, catalog)?;
+        let entry = side.entry;
+        let Some(table) = entry.table.clone() else {
+            return Err(PlanError::Internal(format!(
+                "table \"{}\" has no lookup table",
+                entry.name
+            )));
+        };
+        self.visit(&j.left, state, catalog)?;
+        let table_schema = table.schema();
+        let key_columns = table.key_columns().to_vec();
+        // Which key column each ON equality binds; the other equalities become conditions.
+        let mut keys: Vec<Option<Expr_>> = vec![None; key_columns.len()];
+        let mut conditions: Vec<Expr_> = Vec::new();
+        let mut key_text = Vec::new();
+        for (left, right) in &j.on {
+            if self.mentions_window(left) {
+                return Err(window_expression(left));
+            }
+            let column = match strip_casts(right) {
+                Expr_::Column(c) => table_schema.index_of(&c.name).ok(),
+                _ => None,
+            };
+            match column.and_then(|c| key_columns.iter().position(|k| *k == c)) {
+                Some(k) if keys[k].is_none() => {
+                    let key_type = table_schema.field(key_columns[k]).data_type().clone();
+                    let left_type = left.get_type(j.left.schema())?;
+                    keys[k] = Some(if left_type == key_type {
+                        left.clone()
+                    } else {
+                        // A stream value that does not fit the key's type finds nothing.
+                        Expr_::TryCast(datafusion::logical_expr::TryCast::new(
+                            Box::new(left.clone()),
+                            key_type,
+                        ))
+                    });
+                    key_text.push(format!("{left} = {right}"));
+                }
+                _ => conditions.push(left.clone().eq(right.clone())),
+            }
+        }
+        let missing: Vec<&str> = key_columns
+            .iter()
+            .zip(&keys)
+            .filter(|(_, k)| k.is_none())
+            .map(|(c, _)| table_schema.field(*c).name().as_str())
+            .collect();
+        if !missing.is_empty() {
+            let key: Vec<&str> = key_columns
+                .iter()
+                .map(|c| table_schema.field(*c).name().as_str())
+                .collect();
+            return Err(unbound_key(&entry.name, &key, &missing));
+        }
+        let keys: Vec<Expr_> = keys.into_iter().flatten().collect();
+        // Conditions see the input's columns and every table column (qualified `__lookup`),
+        // even those the output leaves out.
+        let lookup = TableReference::bare("__lookup");
+        let probe_fields: Vec<(Option<TableReference>, Arc<arrow::datatypes::Field>)> = j
+            .left
+            .schema()
+            .iter()
+            .map(|(q, f)| (q.cloned(), f.clone()))
+            .chain(table_schema.fields().iter().map(|f| {
+                (
+                    Some(lookup.clone()),
+                    Arc::new(f.as_ref().clone().with_nullable(true)),
+                )
+            }))
+            .collect();
+        let probe = DFSchema::new_with_metadata(probe_fields, Default::default())?;
+        let to_table = |e: Expr_, only_right: bool| -> Result<Expr_> {
+            use datafusion::common::tree_node::Transformed;
+            Ok(e.transform(|e| {
+                Ok(match e {
+                    Expr_::Column(c) if only_right || j.right.schema().has_column(&c) => {
+                        Transformed::yes(Expr_::Column(datafusion::common::Column::new(
+                            Some(lookup.clone()),
+                            c.name,
+                        )))
+                    }
+                    other => Transformed::no(other),
+                })
+            })?
+            .data)
+        };
+        let mut condition_text = Vec::new();
+        let mut probe_conditions = Vec::new();
+        for c in conditions.into_iter().chain(j.filter.clone()) {
+            condition_text.push(c.to_string());
+            probe_conditions.push(to_table(c, false)?);
+        }
+        for f in side.filters {
+            condition_text.push(f.to_string());
+            probe_conditions.push(to_table(f, true)?);
+        }
+        if probe_conditions.iter().any(|c| self.mentions_window(c)) {
+            return Err(PlanError::NotSupported(
+                "a lookup JOIN condition over window_start or window_end".into(),
+            ));
+        }
+        let filter = probe_conditions
+            .into_iter()
+            .reduce(Expr_::and)
+            .map(|c| state.create_physical_expr(c, &probe))
+            .transpose()?;
+        // The output: the input's columns, then the table columns the plan kept.
+        let table_columns = j
+            .right
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| {
+                table_schema.index_of(f.name()).map_err(|_| {
+                    PlanError::Internal(format!(
+                        "column {} of the right side is not in table \"{}\"",
+                        f.name(),
+                        entry.name
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let input_schema: SchemaRef = Arc::new(j.left.schema().as_arrow().clone());
+        let schema: SchemaRef = Arc::new(j.schema.as_arrow().clone());
+        let keys = keys
+            .into_iter()
+            .map(|k| state.create_physical_expr(k, j.left.schema()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let max_in_flight = table.max_concurrency().max(1);
+        let spec = LookupJoinSpec {
+            table_name: entry.name.clone(),
+            table,
+            join_type,
+            keys,
+            table_columns,
+            filter,
+            schema,
+            max_in_flight,
+        };
+        let mut text = format!(
+            "{join_type} table \"{}\" ({}, cache {}) keys [{}]",
+            entry.name,
+            entry.connector.as_deref().unwrap_or("?"),
+            spec.table.cache_mode(),
+            key_text.join(", ")
+        );
+        if !condition_text.is_empty() {
+            text.push_str(&format!(" condition [{}]", condition_text.join(" AND ")));
+        }
+        let spec = Arc::new(spec);
+        // Checked here, not first at run time.
+        LookupJoin::try_new(
+            spec.clone(),
+            &input_schema,
+            Metrics::new().lookup_join("check", &entry.name),
+        )?;
+        self.tables.push(entry.name.clone());
+        self.steps.push(Step::LookupJoin {
+            spec,
+            input_schema,
+            text,
+        });
+        Ok(())
+    }
+
     fn set_limit(&mut self, fetch: Option<usize>) -> Result<()> {
         if let Some(fetch) = fetch {
             self.limit = Some(self.limit.map_or(fetch, |l| l.min(fetch)));
         }
         Ok(())
+    }
+}
+
+/// 0A000 for a lookup join whose ON leaves key columns `missing` of `table` unbound.
+fn unbound_key(table: &str, key: &[&str], missing: &[&str]) -> PlanError {
+    PlanError::NotSupported(format!(
+        "a lookup JOIN on table \"{table}\" that does not bind its whole PRIMARY KEY ({}): add ON <stream expression> = {table}.{} (a lookup finds rows by key; a join on other columns is not a lookup)",
+        key.join(", "),
+        missing.join(", ")
+    ))
+}
+
+/// Whether the rows of stream or materialized view `name` carry no event time: a stream
+/// without WATERMARK, or a view of one that has no window (a view with a window forwards
+/// the clock as its watermark, so what reads it runs on event time).
+fn on_processing_time(catalog: &Catalog, name: &str, depth: usize) -> bool {
+    match catalog.get(name) {
+        Some(e) if e.kind == ObjectKind::Stream => e.watermark_column.is_none(),
+        Some(e) if e.kind == ObjectKind::MaterializedView && depth < 64 => {
+            e.plan.as_ref().is_some_and(|plan| {
+                !plan.has_window() && on_processing_time(catalog, &plan.input, depth + 1)
+            })
+        }
+        _ => false,
+    }
+}
+
+/// The right side of a lookup join: a table scan, under any aliases, column selections and
+/// filters (filters the optimizer pushed down, or a WHERE on the table's columns).
+struct LookupSide<'a> {
+    entry: &'a crate::catalog::CatalogEntry,
+    /// Predicates over the table's columns: a row that fails them is not found.
+    filters: Vec<Expr_>,
+}
+
+impl<'a> LookupSide<'a> {
+    fn find(plan: &LogicalPlan, catalog: &'a Catalog) -> Result<Self> {
+        let not_direct = || {
+            PlanError::NotSupported(
+                "a lookup JOIN over a subquery or expression; join the table itself (JOIN table [AS alias] ON ...)".into(),
+            )
+        };
+        let mut filters = Vec::new();
+        let mut node = plan;
+        loop {
+            match node {
+                LogicalPlan::SubqueryAlias(a) => node = &a.input,
+                LogicalPlan::Filter(f) => {
+                    filters.push(f.predicate.clone());
+                    node = &f.input;
+                }
+                LogicalPlan::Projection(p)
+                    if p.expr.iter().all(|e| matches!(e, Expr_::Column(_))) =>
+                {
+                    node = &p.input
+                }
+                LogicalPlan::TableScan(scan) => {
+                    let entry = catalog
+                        .get(scan.table_name.table())
+                        .filter(|e| e.kind == ObjectKind::Table)
+                        .ok_or_else(not_direct)?;
+                    filters.extend(scan.filters.iter().cloned());
+                    return Ok(Self { entry, filters });
+                }
+                _ => return Err(not_direct()),
+            }
+        }
+    }
+}
+
+/// `e` without the casts type coercion wrapped around it.
+fn strip_casts(e: &Expr_) -> &Expr_ {
+    match e {
+        Expr_::Cast(c) => strip_casts(&c.expr),
+        Expr_::TryCast(c) => strip_casts(&c.expr),
+        Expr_::Alias(a) => strip_casts(&a.expr),
+        other => other,
     }
 }
 

@@ -14,11 +14,13 @@ use datafusion::datasource::{TableProvider, TableType};
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
+use weir_runtime::lookup::LookupTable;
 use weir_runtime::mv_store::MvStore;
 use weir_sql::ObjectKind;
 
-/// A stream or table: it has a schema, but its rows are not a finite set to scan. Continuous
-/// queries read it through a pipeline; a direct scan explains what to do instead.
+/// A stream (or a view, which reads like one): it has a schema, but its rows are not a finite
+/// set to scan. Continuous queries read it through a pipeline (a view is inlined before
+/// DataFusion sees it); a direct scan explains what to do instead.
 #[derive(Debug)]
 pub struct UnboundedTable {
     pub name: String,
@@ -33,7 +35,10 @@ impl TableProvider for UnboundedTable {
     }
 
     fn table_type(&self) -> TableType {
-        TableType::Base
+        match self.kind {
+            ObjectKind::View => TableType::View,
+            _ => TableType::Base,
+        }
     }
 
     async fn scan(
@@ -48,11 +53,45 @@ impl TableProvider for UnboundedTable {
                 "reading stream \"{}\" as a finite table; a SELECT over a stream is a live tail and needs LIMIT n",
                 self.name
             ),
-            _ => format!(
-                "scanning table \"{}\" (tables are the lookup side of joins, which arrive with lookup JOIN)",
-                self.name
-            ),
+            kind => format!("scanning {kind} \"{}\"", self.name),
         }))
+    }
+}
+
+/// A lookup table: a `SELECT` shows its current contents (a partial-cache table reads them
+/// from its external system).
+#[derive(Debug)]
+pub struct LookupTableProvider {
+    pub table: Arc<dyn LookupTable>,
+}
+
+#[async_trait]
+impl TableProvider for LookupTableProvider {
+    fn schema(&self) -> SchemaRef {
+        self.table.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let batches = self
+            .table
+            .scan()
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        Ok(MemorySourceConfig::try_new_exec(
+            &[batches],
+            self.table.schema(),
+            projection.cloned(),
+        )?)
     }
 }
 

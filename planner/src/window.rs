@@ -265,7 +265,8 @@ fn parse_window(function: &str, args: &[FunctionArg]) -> Result<WindowTvf> {
     })
 }
 
-fn normalize(ident: &sqlparser::ast::Ident) -> String {
+/// An identifier as the catalog keys it: unquoted ones lower-cased.
+pub fn normalize(ident: &sqlparser::ast::Ident) -> String {
     match ident.quote_style {
         Some(_) => ident.value.clone(),
         None => ident.value.to_lowercase(),

@@ -9,6 +9,7 @@ use weir_sql::Options;
 use weir_sql::options::OptionError;
 
 use crate::Result;
+use crate::lookup::LookupTable;
 use crate::operator::{Sink, Source};
 
 /// Why a connector's configuration was refused.
@@ -102,6 +103,29 @@ pub trait SinkFactory: Send + Sync + Debug {
     fn create(&self, metrics: &crate::Metrics) -> Result<Box<dyn Sink>>;
 }
 
+/// What a table connector is asked to serve.
+#[derive(Debug, Clone)]
+pub struct TableSpec {
+    /// The table's name.
+    pub name: String,
+    /// The declared columns.
+    pub schema: SchemaRef,
+    /// The primary key's columns (indices into `schema`), in key order; never empty.
+    pub key_columns: Vec<usize>,
+    /// True while a saved catalog is replayed (see [`SourceSpec::restoring`]).
+    pub restoring: bool,
+}
+
+/// A validated table configuration.
+#[async_trait::async_trait]
+pub trait TableFactory: Send + Sync + Debug {
+    fn connector(&self) -> &'static str;
+
+    /// Opens the table for lookups: an in-memory table is loaded (a failure is the CREATE's
+    /// error) and its refresh started. The refresh stops when the returned table is dropped.
+    async fn open(&self, metrics: &crate::Metrics) -> Result<Arc<dyn LookupTable>>;
+}
+
 /// Turns `WITH` options into factories. Implemented by `weir-connectors`, injected by the
 /// server, so that the planner validates options without depending on any connector.
 pub trait ConnectorRegistry: Send + Sync + Debug {
@@ -116,4 +140,10 @@ pub trait ConnectorRegistry: Send + Sync + Debug {
         spec: &SinkSpec,
         options: &Options,
     ) -> Result<Arc<dyn SinkFactory>, ConnectorError>;
+
+    fn table(
+        &self,
+        spec: &TableSpec,
+        options: &Options,
+    ) -> Result<Arc<dyn TableFactory>, ConnectorError>;
 }

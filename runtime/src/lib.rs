@@ -5,8 +5,13 @@
 //! - [`message`]: [`Message`], the one type on every channel (data, watermarks, barriers, end).
 //! - [`operator`]: the [`Operator`] trait (only `process_batch` is required) and the
 //!   [`Source`] / [`Sink`] traits connectors implement.
+//!   [`AsyncOperator`] is the seam for steps that wait on I/O per batch (ordered, bounded in
+//!   flight); [`Stage`] is either kind.
 //! - [`operators`]: stateless operators evaluated with DataFusion physical expressions
-//!   ([`operators::FilterOperator`], [`operators::ProjectOperator`]).
+//!   ([`operators::FilterOperator`], [`operators::ProjectOperator`]), window aggregates, and
+//!   [`operators::LookupJoin`].
+//! - [`lookup`]: [`lookup::LookupTable`], the keyed side of a lookup join, and
+//!   [`lookup::TableVersion`], an indexed in-memory version of a table swapped whole on reload.
 //! - [`pipeline`]: a source, a chain of operators and a [`pipeline::Fanout`] to any number of
 //!   consumers, connected by bounded channels; [`pipeline::Pipeline::spawn`] runs them on tokio.
 //! - [`connector`]: [`connector::ConnectorRegistry`], the seam to the connectors crate.
@@ -19,6 +24,7 @@
 
 pub mod connector;
 pub mod error;
+pub mod lookup;
 pub mod message;
 pub mod metrics;
 pub mod mv_store;
@@ -30,7 +36,7 @@ pub mod sql_types;
 pub use error::{Error, Result};
 pub use message::{CheckpointBarrier, EpochDone, Message, Watermark};
 pub use metrics::Metrics;
-pub use operator::{Operator, Sink, Source, SourceContext, SourceExit};
+pub use operator::{AsyncOperator, Operator, Sink, Source, SourceContext, SourceExit, Stage};
 pub use sql_types::sql_type_name;
 pub use tokio_util::sync::CancellationToken;
 

@@ -28,6 +28,53 @@ pub struct Metrics {
     state: StateFamilies,
     source: SourceFamilies,
     remote_write: RemoteWriteFamilies,
+    lookup: LookupFamilies,
+}
+
+/// Families of lookup joins (per pipeline and table) and lookup tables (per table).
+#[derive(Clone, Debug)]
+struct LookupFamilies {
+    lookups: Family<Labels, Counter>,
+    hits: Family<Labels, Counter>,
+    misses: Family<Labels, Counter>,
+    lookup_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    table_rows: Family<Labels, Gauge>,
+    table_bytes: Family<Labels, Gauge>,
+    reloads: Family<Labels, Counter>,
+    cache_rows: Family<Labels, Gauge>,
+    cache_bytes: Family<Labels, Gauge>,
+    queries: Family<Labels, Counter>,
+    retries: Family<Labels, Counter>,
+    cache_hits: Family<Labels, Counter>,
+    cache_misses: Family<Labels, Counter>,
+    changelog_lag: Family<Labels, Gauge>,
+}
+
+impl Default for LookupFamilies {
+    fn default() -> Self {
+        fn lookup_histogram() -> Histogram {
+            // 10 µs to ~20 s.
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.00001, 2.0, 21,
+            ))
+        }
+        Self {
+            lookups: Family::default(),
+            hits: Family::default(),
+            misses: Family::default(),
+            lookup_seconds: Family::new_with_constructor(lookup_histogram),
+            table_rows: Family::default(),
+            table_bytes: Family::default(),
+            reloads: Family::default(),
+            cache_rows: Family::default(),
+            cache_bytes: Family::default(),
+            queries: Family::default(),
+            retries: Family::default(),
+            cache_hits: Family::default(),
+            cache_misses: Family::default(),
+            changelog_lag: Family::default(),
+        }
+    }
 }
 
 /// Families of the Prometheus remote-write sink.
@@ -103,6 +150,7 @@ impl Metrics {
             state: StateFamilies::default(),
             source: SourceFamilies::default(),
             remote_write: RemoteWriteFamilies::default(),
+            lookup: LookupFamilies::default(),
         };
         let st = &metrics.state;
         for (name, help, family) in [
@@ -263,6 +311,85 @@ impl Metrics {
             "Highest sample timestamp a receiver accepted, per sink and shard (ms since the epoch)",
             rw.highest_sent_ms.clone(),
         );
+        let lk = &metrics.lookup;
+        for (name, help, family) in [
+            (
+                "lookups",
+                "Records looked up by a lookup join, per pipeline and table",
+                &lk.lookups,
+            ),
+            (
+                "lookup_hits",
+                "Records a lookup join found a table row for, per pipeline and table",
+                &lk.hits,
+            ),
+            (
+                "lookup_misses",
+                "Records a lookup join found no table row for (INNER drops them, LEFT emits NULLs), per pipeline and table",
+                &lk.misses,
+            ),
+            (
+                "lookup_table_reloads",
+                "Loads of a lookup table's contents, per table and result (ok, failed)",
+                &lk.reloads,
+            ),
+            (
+                "lookup_table_queries",
+                "Queries a lookup table sent to its external system, per table",
+                &lk.queries,
+            ),
+            (
+                "lookup_table_retries",
+                "Queries a lookup table retried after its external system failed, per table",
+                &lk.retries,
+            ),
+            (
+                "lookup_cache_hits",
+                "Records whose key a partial lookup cache answered, per table",
+                &lk.cache_hits,
+            ),
+            (
+                "lookup_cache_misses",
+                "Records whose key a partial lookup cache sent to the external system, per table",
+                &lk.cache_misses,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
+        for (name, help, family) in [
+            (
+                "lookup_table_rows",
+                "Rows a lookup table holds in memory (full cache), per table",
+                &lk.table_rows,
+            ),
+            (
+                "lookup_table_bytes",
+                "Estimated bytes of a lookup table held in memory, per table",
+                &lk.table_bytes,
+            ),
+            (
+                "lookup_cache_rows",
+                "Keys (found or missing) in a partial lookup cache, per table",
+                &lk.cache_rows,
+            ),
+            (
+                "lookup_cache_bytes",
+                "Estimated bytes of a partial lookup cache, per table",
+                &lk.cache_bytes,
+            ),
+            (
+                "lookup_table_changelog_lag",
+                "Records of a Kafka table's changelog not yet applied, per table",
+                &lk.changelog_lag,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
+        registry.register(
+            "lookup_seconds",
+            "Time to look up one batch's keys, per pipeline and table",
+            lk.lookup_seconds.clone(),
+        );
         *metrics.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         metrics
     }
@@ -330,6 +457,49 @@ impl Metrics {
         self.pipelines
             .get_or_create(&vec![("kind".to_string(), kind.to_string())])
             .clone()
+    }
+
+    /// The counters of a lookup join in `pipeline` against `table`.
+    pub fn lookup_join(&self, pipeline: &str, table: &str) -> LookupJoinMetrics {
+        let labels = vec![
+            ("pipeline".to_string(), pipeline.to_string()),
+            ("table".to_string(), table.to_string()),
+        ];
+        let lk = &self.lookup;
+        LookupJoinMetrics {
+            lookups: lk.lookups.get_or_create(&labels).clone(),
+            hits: lk.hits.get_or_create(&labels).clone(),
+            misses: lk.misses.get_or_create(&labels).clone(),
+            seconds: lk.lookup_seconds.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// The metrics of lookup table `table`.
+    pub fn lookup_table(&self, table: &str) -> LookupTableMetrics {
+        let labels = vec![("table".to_string(), table.to_string())];
+        let with = |key: &str, value: &str| {
+            let mut l = labels.clone();
+            l.push((key.to_string(), value.to_string()));
+            l
+        };
+        let lk = &self.lookup;
+        // One statement per family lookup: `get_or_create` returns a read guard, and a
+        // second call on the same family within one expression would wait on it forever.
+        let reloads_ok = lk.reloads.get_or_create(&with("result", "ok")).clone();
+        let reloads_failed = lk.reloads.get_or_create(&with("result", "failed")).clone();
+        LookupTableMetrics {
+            rows: lk.table_rows.get_or_create(&labels).clone(),
+            bytes: lk.table_bytes.get_or_create(&labels).clone(),
+            reloads_ok,
+            reloads_failed,
+            cache_rows: lk.cache_rows.get_or_create(&labels).clone(),
+            cache_bytes: lk.cache_bytes.get_or_create(&labels).clone(),
+            queries: lk.queries.get_or_create(&labels).clone(),
+            retries: lk.retries.get_or_create(&labels).clone(),
+            cache_hits: lk.cache_hits.get_or_create(&labels).clone(),
+            cache_misses: lk.cache_misses.get_or_create(&labels).clone(),
+            changelog_lag: lk.changelog_lag.get_or_create(&labels).clone(),
+        }
     }
 
     /// Everything, in the Prometheus text exposition format.
@@ -539,6 +709,34 @@ impl RemoteWriteMetrics {
         let labels = self.labels(Some(("shard", &shard.to_string())));
         self.families.highest_sent_ms.get_or_create(&labels).clone()
     }
+}
+
+/// Counters of one lookup join.
+#[derive(Clone, Debug)]
+pub struct LookupJoinMetrics {
+    pub lookups: Counter,
+    pub hits: Counter,
+    pub misses: Counter,
+    /// Time per batch lookup.
+    pub seconds: Histogram,
+}
+
+/// Metrics of one lookup table (shared by every join that reads it).
+#[derive(Clone, Debug, Default)]
+pub struct LookupTableMetrics {
+    pub rows: Gauge,
+    pub bytes: Gauge,
+    pub reloads_ok: Counter,
+    pub reloads_failed: Counter,
+    pub cache_rows: Gauge,
+    pub cache_bytes: Gauge,
+    /// Queries sent to the external system (partial cache).
+    pub queries: Counter,
+    pub retries: Counter,
+    /// Records a partial cache answered, and records whose key it had to fetch.
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub changelog_lag: Gauge,
 }
 
 /// Counters of one sink.

@@ -57,6 +57,53 @@ pub trait Operator: Send {
     }
 }
 
+/// What an [`AsyncOperator`] hands back for one batch: a future of its output, which may wait
+/// on I/O (a lookup in an external table). It owns what it needs (`'static`), so that several
+/// batches can be in flight at once.
+pub type BatchFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<RecordBatch>>> + Send>>;
+
+/// A step of a pipeline that waits on I/O per batch without blocking the others: it runs on
+/// a task of its own, with up to [`AsyncOperator::max_in_flight`] batches in flight, and
+/// emits their outputs in input order. Watermarks, barriers and the end keep their place in
+/// that order (each waits for the batches before it), so the stage is transparent to time
+/// and to checkpoints. When the limit is reached it stops reading its input, and the wait
+/// reaches the source like any slow consumer.
+pub trait AsyncOperator: Send {
+    /// A short name for metrics and EXPLAIN, e.g. `lookup_join`.
+    fn name(&self) -> &'static str;
+
+    /// Batches that may be in flight at once (at least 1).
+    fn max_in_flight(&self) -> usize;
+
+    /// Starts one batch. Work that needs no waiting (evaluating expressions) is done here;
+    /// the future does the rest. An error drops the batch (counted and logged), like an
+    /// [`Operator`]'s.
+    fn process_batch(&mut self, batch: RecordBatch) -> Result<BatchFuture>;
+}
+
+/// One step of a pipeline's chain, as the runner schedules it: synchronous operators run
+/// together on one task; each asynchronous one gets a task of its own.
+pub enum Stage {
+    Sync(Box<dyn Operator>),
+    Async(Box<dyn AsyncOperator>),
+}
+
+impl Stage {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Stage::Sync(op) => op.name(),
+            Stage::Async(op) => op.name(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Stage({})", self.name())
+    }
+}
+
 /// The state of a stateful operator (a window aggregation), as exported to `/metrics`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StateReport {

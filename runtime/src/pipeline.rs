@@ -16,7 +16,7 @@ use crate::CHANNEL_CAPACITY;
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::metrics::{Metrics, OperatorMetrics, SinkMetrics, SourceMetrics};
-use crate::operator::{Operator, Sink, Source, SourceContext, SourceExit};
+use crate::operator::{AsyncOperator, Operator, Sink, Source, SourceContext, SourceExit, Stage};
 
 /// Where a pipeline is in its life, as `SHOW QUERIES` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,8 +156,73 @@ pub fn spawn_source(
 /// that fails on some value) never stops the pipeline. Operators that ask for a tick
 /// (processing-time windows) get one at their interval, input or not.
 pub fn spawn_chain(
+    input: mpsc::Receiver<Message>,
+    operators: Vec<Box<dyn Operator>>,
+    output: Arc<Fanout>,
+    metrics: &Metrics,
+    pipeline: &str,
+) -> JoinHandle<()> {
+    spawn_chain_at(input, operators, 0, output, metrics, pipeline)
+}
+
+/// Runs a pipeline's stages: each run of synchronous operators on one task (as
+/// [`spawn_chain`]), each [`AsyncOperator`] on a task of its own, connected by bounded
+/// channels, the last one sending to `output`.
+pub fn spawn_stages(
+    input: mpsc::Receiver<Message>,
+    stages: Vec<Stage>,
+    output: Arc<Fanout>,
+    metrics: &Metrics,
+    pipeline: &str,
+) -> Vec<JoinHandle<()>> {
+    // Group consecutive synchronous operators; remember each group's first index (metrics
+    // label operators by their position in the whole chain).
+    enum Group {
+        Sync(usize, Vec<Box<dyn Operator>>),
+        Async(usize, Box<dyn AsyncOperator>),
+    }
+    let mut groups: Vec<Group> = Vec::new();
+    for (i, stage) in stages.into_iter().enumerate() {
+        match stage {
+            Stage::Sync(op) => match groups.last_mut() {
+                Some(Group::Sync(_, ops)) => ops.push(op),
+                _ => groups.push(Group::Sync(i, vec![op])),
+            },
+            Stage::Async(op) => groups.push(Group::Async(i, op)),
+        }
+    }
+    if groups.is_empty() {
+        groups.push(Group::Sync(0, Vec::new()));
+    }
+    let last = groups.len() - 1;
+    let mut input = input;
+    let mut tasks = Vec::with_capacity(groups.len());
+    for (g, group) in groups.into_iter().enumerate() {
+        let out = if g == last {
+            output.clone()
+        } else {
+            Fanout::new()
+        };
+        let next = (g != last).then(|| out.subscribe());
+        tasks.push(match group {
+            Group::Sync(first, ops) => spawn_chain_at(input, ops, first, out, metrics, pipeline),
+            Group::Async(index, op) => {
+                let m = metrics.operator(pipeline, op.name(), index, false);
+                spawn_async_stage(input, op, out, m, pipeline.to_string(), index)
+            }
+        });
+        match next {
+            Some(rx) => input = rx,
+            None => break,
+        }
+    }
+    tasks
+}
+
+fn spawn_chain_at(
     mut input: mpsc::Receiver<Message>,
     operators: Vec<Box<dyn Operator>>,
+    first_index: usize,
     output: Arc<Fanout>,
     metrics: &Metrics,
     pipeline: &str,
@@ -165,11 +230,19 @@ pub fn spawn_chain(
     let op_metrics: Vec<OperatorMetrics> = operators
         .iter()
         .enumerate()
-        .map(|(i, op)| metrics.operator(pipeline, op.name(), i, op.state_report().is_some()))
+        .map(|(i, op)| {
+            metrics.operator(
+                pipeline,
+                op.name(),
+                first_index + i,
+                op.state_report().is_some(),
+            )
+        })
         .collect();
     let mut chain = Chain {
         tick_every: operators.iter().filter_map(|op| op.tick_interval()).min(),
         operators,
+        first_index,
         metrics: op_metrics,
         pipeline: pipeline.to_string(),
         error_log: RateLimitedLog::new(Duration::from_secs(10)),
@@ -207,9 +280,88 @@ pub fn spawn_chain(
     })
 }
 
+/// Runs one [`AsyncOperator`]: up to its `max_in_flight` batches at once, outputs (and the
+/// watermarks, barriers and end between them) in input order.
+fn spawn_async_stage(
+    mut input: mpsc::Receiver<Message>,
+    mut op: Box<dyn AsyncOperator>,
+    output: Arc<Fanout>,
+    metrics: OperatorMetrics,
+    pipeline: String,
+    index: usize,
+) -> JoinHandle<()> {
+    use futures::StreamExt;
+    use futures::stream::FuturesOrdered;
+
+    /// A place in the output order: a batch being processed, or a message that waits for
+    /// the batches before it.
+    type Slot =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<Message>>> + Send>>;
+
+    let max_in_flight = op.max_in_flight().max(1);
+    tokio::spawn(async move {
+        let mut error_log = RateLimitedLog::new(Duration::from_secs(10));
+        let mut in_flight: FuturesOrdered<Slot> = FuturesOrdered::new();
+        let mut input_done = false;
+        loop {
+            tokio::select! {
+                biased;
+                Some(done) = in_flight.next(), if !in_flight.is_empty() => match done {
+                    Ok(Some(message)) => {
+                        let end = matches!(message, Message::End);
+                        if let Message::Data(batch) = &message {
+                            metrics.records_out.inc_by(batch.num_rows() as u64);
+                        }
+                        output.send(message).await;
+                        if end {
+                            return;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        metrics.errors.inc();
+                        error_log.log(|suppressed| {
+                            tracing::warn!(pipeline = %pipeline, operator = index, error = %e,
+                                suppressed, "operator failed on a batch; batch dropped");
+                        });
+                    }
+                },
+                message = input.recv(), if !input_done && in_flight.len() < max_in_flight => {
+                    let message = message.unwrap_or(Message::End);
+                    input_done = matches!(message, Message::End);
+                    let slot: Slot = match message {
+                        Message::Data(batch) => {
+                            metrics.records_in.inc_by(batch.num_rows() as u64);
+                            match op.process_batch(batch) {
+                                // A panic is a bug: it drops the batch like an error (counted,
+                                // logged) instead of ending the stage and the pipeline with it.
+                                Ok(future) => Box::pin(async move {
+                                    use futures::FutureExt;
+                                    match std::panic::AssertUnwindSafe(future).catch_unwind().await {
+                                        Ok(output) => Ok(output?.map(Message::Data)),
+                                        Err(_) => Err(Error::Internal(
+                                            "an operator panicked on a batch".into(),
+                                        )),
+                                    }
+                                }),
+                                Err(e) => Box::pin(std::future::ready(Err(e))),
+                            }
+                        }
+                        other => Box::pin(std::future::ready(Ok(Some(other)))),
+                    };
+                    in_flight.push_back(slot);
+                }
+                else => return,
+            }
+        }
+    })
+}
+
 /// A pipeline's operators and their counters.
 struct Chain {
     operators: Vec<Box<dyn Operator>>,
+    /// The position of the first operator in the pipeline's whole chain (for logs).
+    first_index: usize,
     metrics: Vec<OperatorMetrics>,
     pipeline: String,
     error_log: RateLimitedLog,
@@ -224,6 +376,7 @@ impl Chain {
         let mut current: Vec<Message> = message.into_iter().collect();
         let mut next = Vec::new();
         for (i, (op, m)) in self.operators.iter_mut().zip(&self.metrics).enumerate() {
+            let i = self.first_index + i;
             if tick
                 && op.tick_interval().is_some()
                 && let Err(e) = op.on_tick(&mut next)

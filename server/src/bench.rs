@@ -33,6 +33,7 @@ pub struct BenchArgs {
     with: Vec<String>,
     /// remote-write: send to this remote-write URL (e.g. a Prometheus started with
     /// `--web.enable-remote-write-receiver`) instead of a child process that decodes and counts.
+    /// lookup-postgres: the Postgres to create the table in (`postgres://user@host:port/db`).
     #[arg(long)]
     url: Option<String>,
     /// remote-write: consecutive 1-minute windows of the same `--events` series (the first
@@ -60,6 +61,17 @@ enum Which {
     /// The receiver `remote-write` starts.
     #[value(hide = true)]
     RemoteWriteReceiver,
+    /// `--events` NDJSON events joined against a 1 M-row in-memory (file) table, then
+    /// `TUMBLE(1 minute)` count, sum, max GROUP BY an enriched column, against the same
+    /// aggregation by the same column carried in the events (no join). Each run in a process
+    /// of its own, so that each peak RSS is its own.
+    Lookup,
+    /// One run of `lookup`: `--with mode=join` or `--with mode=baseline`.
+    #[value(hide = true)]
+    LookupRun,
+    /// `--events` NDJSON events (100 k distinct keys) LEFT JOINed against a Postgres table
+    /// (`--url`) holding 90 % of them, through the partial cache at its defaults -> blackhole.
+    LookupPostgres,
 }
 
 pub async fn run(args: BenchArgs) -> Result<ExitCode, String> {
@@ -77,7 +89,212 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         Which::Session => window(&args, "SESSION(events, ts, INTERVAL '10' MILLISECOND)").await,
         Which::RemoteWrite => remote_write::run(&args).await,
         Which::RemoteWriteReceiver => remote_write::receiver().await,
+        Which::Lookup => lookup(&args).await,
+        Which::LookupRun => lookup_run(&args).await,
+        Which::LookupPostgres => lookup_postgres(&args).await,
     }
+}
+
+/// Rows of the `lookup` benchmark's table.
+const LOOKUP_TABLE_ROWS: u64 = 1_000_000;
+/// Distinct values of the column the `lookup` benchmark groups by.
+const LOOKUP_GROUPS: u64 = 1000;
+
+/// Runs `lookup-run` twice, without and with the join, and prints both and what the join adds.
+async fn lookup(args: &BenchArgs) -> Result<ExitCode, String> {
+    // Inputs are generated here, once, so neither run pays for them.
+    lookup_inputs(args)?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut cpu_per_event = Vec::new();
+    for mode in ["baseline", "join"] {
+        let out = std::process::Command::new(&exe)
+            .args(["bench", "lookup-run", "--events", &args.events.to_string()])
+            .arg("--dir")
+            .arg(&args.dir)
+            .args(["--with", &format!("mode={mode}")])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if !out.status.success() {
+            return Err(format!(
+                "lookup-run {mode} failed: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        print!("{text}");
+        let cpu = text
+            .lines()
+            .find_map(|l| l.strip_prefix("cpu seconds:"))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .ok_or_else(|| format!("lookup-run {mode} printed no cpu seconds"))?;
+        cpu_per_event.push(cpu / args.events as f64);
+    }
+    println!(
+        "the join adds {:.0} % CPU per event to the aggregation (target: at most 30 %)",
+        (cpu_per_event[1] / cpu_per_event[0] - 1.0) * 100.0
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The events `{k, g, v, ts}` (k over the table's 1 M keys, g = the group the table gives k)
+/// and the table `k,g,name` as CSV; generated once into `--dir`.
+fn lookup_inputs(args: &BenchArgs) -> Result<(PathBuf, PathBuf), String> {
+    std::fs::create_dir_all(&args.dir).map_err(|e| e.to_string())?;
+    let events = args
+        .dir
+        .join(format!("lookup-events-{}.ndjson", args.events));
+    let table = args
+        .dir
+        .join(format!("lookup-table-{LOOKUP_TABLE_ROWS}.csv"));
+    let group = |k: u64| (k.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % LOOKUP_GROUPS;
+    if !table.exists() {
+        eprintln!(
+            "generating a {LOOKUP_TABLE_ROWS}-row table into {} ...",
+            table.display()
+        );
+        let mut out =
+            std::io::BufWriter::new(std::fs::File::create(&table).map_err(|e| e.to_string())?);
+        writeln!(out, "k,g,name").map_err(|e| e.to_string())?;
+        for k in 0..LOOKUP_TABLE_ROWS {
+            writeln!(out, "{k},{},vehicle-{k}", group(k)).map_err(|e| e.to_string())?;
+        }
+        out.flush().map_err(|e| e.to_string())?;
+    }
+    if !events.exists() {
+        eprintln!(
+            "generating {} events into {} ...",
+            args.events,
+            events.display()
+        );
+        let mut out = std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::fs::File::create(&events).map_err(|e| e.to_string())?,
+        );
+        let mut state: u64 = 42;
+        let base_ms: i64 = 1_767_225_600_000;
+        for i in 0..args.events {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let k = state % LOOKUP_TABLE_ROWS;
+            let ts = chrono::DateTime::from_timestamp_millis(base_ms + (i / 10) as i64)
+                .unwrap_or_default()
+                .format("%Y-%m-%dT%H:%M:%S%.3fZ");
+            writeln!(
+                out,
+                "{{\"k\":{k},\"g\":{},\"v\":{}.0,\"ts\":\"{ts}\"}}",
+                group(k),
+                (state >> 20) % 10_000
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        out.flush().map_err(|e| e.to_string())?;
+    }
+    Ok((events, table))
+}
+
+/// Distinct keys of the Postgres lookup benchmark's events; the table holds 90 % of them.
+const POSTGRES_KEYS: u64 = 100_000;
+
+/// See [`Which::LookupPostgres`].
+async fn lookup_postgres(args: &BenchArgs) -> Result<ExitCode, String> {
+    let url = args
+        .url
+        .as_deref()
+        .ok_or("lookup-postgres needs --url postgres://user@host:port/database")?;
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+    tokio::spawn(connection);
+    let known = POSTGRES_KEYS * 9 / 10;
+    client
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS weir_bench_vehicles;
+             CREATE TABLE weir_bench_vehicles (vehicle_id bigint PRIMARY KEY, region text);
+             INSERT INTO weir_bench_vehicles SELECT i, 'region-' || (i % 50) FROM generate_series(0, {}) AS i;
+             ANALYZE weir_bench_vehicles;",
+            known - 1
+        ))
+        .await
+        .map_err(|e| format!("cannot create the table: {e}"))?;
+    std::fs::create_dir_all(&args.dir).map_err(|e| e.to_string())?;
+    let events = args
+        .dir
+        .join(format!("lookup-pg-events-{}.ndjson", args.events));
+    if !events.exists() {
+        let mut out =
+            std::io::BufWriter::new(std::fs::File::create(&events).map_err(|e| e.to_string())?);
+        let mut state: u64 = 42;
+        for i in 0..args.events {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            writeln!(
+                out,
+                "{{\"k\":{},\"v\":{}.0,\"n\":{i}}}",
+                state % POSTGRES_KEYS,
+                (state >> 20) % 1000
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        out.flush().map_err(|e| e.to_string())?;
+    }
+    let sql = format!(
+        "CREATE STREAM events (k BIGINT, v DOUBLE, n BIGINT) WITH (connector = 'file', path = '{}', format = 'json');
+         CREATE TABLE vehicles (vehicle_id BIGINT PRIMARY KEY, region TEXT)
+           WITH (connector = 'postgres', url = '{url}', table = 'weir_bench_vehicles');
+         CREATE SINK out WITH (connector = 'blackhole') AS
+           SELECT e.k, e.v, t.region FROM events e LEFT JOIN vehicles t ON e.k = t.vehicle_id;",
+        events.display()
+    );
+    let title = format!(
+        "lookup-postgres (NDJSON file source, {POSTGRES_KEYS} distinct keys, 10 % unknown -> LEFT JOIN a Postgres table through the partial cache (defaults) -> blackhole)"
+    );
+    run_to_end(args, &sql, &title, "sink rows received").await
+}
+
+/// One run of the lookup benchmark (see [`Which::Lookup`]).
+async fn lookup_run(args: &BenchArgs) -> Result<ExitCode, String> {
+    let (events, table) = lookup_inputs(args)?;
+    let join = match args.with.as_slice() {
+        [mode] if mode == "mode=join" => true,
+        [mode] if mode == "mode=baseline" => false,
+        _ => return Err("lookup-run takes --with mode=join or --with mode=baseline".into()),
+    };
+    let stream = format!(
+        "CREATE STREAM events (k BIGINT, g BIGINT, v DOUBLE, ts TIMESTAMP(3), WATERMARK FOR ts AS ts - INTERVAL '1' SECOND) \
+           WITH (connector = 'file', path = '{}', format = 'json');",
+        events.display()
+    );
+    let (sql, title) = if join {
+        (
+            format!(
+                "{stream}
+                 CREATE TABLE vehicles (k BIGINT PRIMARY KEY, g BIGINT, name TEXT)
+                   WITH (connector = 'file', path = '{}', format = 'csv');
+                 CREATE SINK out WITH (connector = 'blackhole') AS
+                   SELECT window_start, window_end, t.g, count(*) AS n, sum(e.v) AS total, max(e.v) AS top
+                   FROM TUMBLE(events, ts, INTERVAL '1' MINUTE) AS e JOIN vehicles t ON e.k = t.k
+                   GROUP BY window_start, window_end, t.g;",
+                table.display()
+            ),
+            format!(
+                "lookup join (NDJSON file source -> JOIN a {LOOKUP_TABLE_ROWS}-row file table -> TUMBLE 1 min count, sum, max GROUP BY the table's g -> blackhole)"
+            ),
+        )
+    } else {
+        (
+            format!(
+                "{stream}
+                 CREATE SINK out WITH (connector = 'blackhole') AS
+                   SELECT window_start, window_end, g, count(*) AS n, sum(v) AS total, max(v) AS top
+                   FROM TUMBLE(events, ts, INTERVAL '1' MINUTE)
+                   GROUP BY window_start, window_end, g;"
+            ),
+            "baseline (NDJSON file source -> TUMBLE 1 min count, sum, max GROUP BY the events' g -> blackhole)".to_string(),
+        )
+    };
+    run_to_end(args, &sql, &title, "window rows emitted").await
 }
 
 async fn kafka(args: &BenchArgs) -> Result<ExitCode, String> {
@@ -381,6 +598,28 @@ async fn run_to_end(
         format!("{sink_rows}:"),
         counter(&metrics, "weir_sink_rows_written_total{pipeline=\"out\"")
     );
+    let lookups = counter(&metrics, "weir_lookups_total{");
+    if lookups > 0 {
+        println!(
+            "lookups:               {lookups} ({} found, {} not found)",
+            counter(&metrics, "weir_lookup_hits_total{"),
+            counter(&metrics, "weir_lookup_misses_total{")
+        );
+    }
+    let (cache_hits, cache_misses) = (
+        counter(&metrics, "weir_lookup_cache_hits_total{"),
+        counter(&metrics, "weir_lookup_cache_misses_total{"),
+    );
+    if cache_hits + cache_misses > 0 {
+        println!(
+            "cache hit ratio:       {:.4} ({cache_hits} records from the cache, {cache_misses} sent to the database)",
+            cache_hits as f64 / (cache_hits + cache_misses) as f64
+        );
+        println!(
+            "queries to postgres:   {}",
+            counter(&metrics, "weir_lookup_table_queries_total{")
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -17,16 +17,18 @@ use tokio::task::JoinHandle;
 use weir_planner::catalog::{Catalog, CatalogEntry};
 use weir_planner::continuous::{self, ContinuousPlan};
 use weir_planner::schema::{is_event_time_type, schema_from_columns, watermark_delay};
-use weir_planner::tables::{MvTable, UnboundedTable};
+use weir_planner::tables::{LookupTableProvider, MvTable, UnboundedTable};
 use weir_planner::{PlanError, Result};
-use weir_runtime::connector::{ConnectorRegistry, EventTime, SinkSpec, SourceFactory, SourceSpec};
+use weir_runtime::connector::{
+    ConnectorRegistry, EventTime, SinkSpec, SourceFactory, SourceSpec, TableSpec,
+};
 use weir_runtime::message::Message;
 use weir_runtime::mv_store::{DEFAULT_MAX_ROWS, DEFAULT_RETENTION, MvSink, MvStore};
 use weir_runtime::pipeline::{self, Fanout, PipelineStatus, StatusCell};
 use weir_runtime::{CancellationToken, Metrics};
 use weir_sql::parser::ParsedStatement;
 use weir_sql::{
-    CreateMaterializedView, CreateSink, CreateSource, ObjectKind, SinkInput, Statement,
+    CreateMaterializedView, CreateSink, CreateSource, CreateView, ObjectKind, SinkInput, Statement,
     parse_sql_with_positions,
 };
 
@@ -309,9 +311,8 @@ impl Engine {
             Statement::CreateStream(create) => {
                 self.create_source(create, ObjectKind::Stream, sql).await
             }
-            Statement::CreateTable(create) => {
-                self.create_source(create, ObjectKind::Table, sql).await
-            }
+            Statement::CreateTable(create) => self.create_table(create, sql).await,
+            Statement::CreateView(create) => self.create_plain_view(create, sql).await,
             Statement::CreateMaterializedView(create) => self.create_view(create, sql).await,
             Statement::CreateSink(create) => self.create_sink(create, sql).await,
             Statement::Drop {
@@ -401,14 +402,7 @@ impl Engine {
             None => None,
         };
         let watermark_column = event_time.as_ref().map(|e| e.column.clone());
-        let options = if kind == ObjectKind::Table {
-            // Lookup-table refresh is part of lookup joins; accept and check it here.
-            let reader = create.options.reader();
-            reader.duration("reload.interval")?;
-            create.options.without("reload.interval")
-        } else {
-            create.options.clone()
-        };
+        let options = create.options.clone();
         let spec = SourceSpec {
             name: create.name.clone(),
             schema: schema.clone(),
@@ -438,8 +432,10 @@ impl Engine {
             connector: Some(factory.connector().to_string()),
             depends_on: Vec::new(),
             source: Some(factory),
+            table: None,
             sink: None,
             plan: None,
+            query: None,
             watermark_column,
             store: None,
         };
@@ -450,13 +446,141 @@ impl Engine {
         Ok(Output::Command(format!("CREATE {}", kind.sql_name())))
     }
 
-    /// Plans a continuous query (a view's or a sink's).
+    /// `CREATE TABLE`: a keyed table, loaded (or connected to) now, looked up by joins.
+    async fn create_table(&self, create: CreateSource, sql: String) -> Result<Output> {
+        let mut state = self.state.lock().await;
+        if create.if_not_exists && state.catalog.get(&create.name).is_some() {
+            return Ok(Output::Command("CREATE TABLE".into()));
+        }
+        state.catalog.check_free(&create.name)?;
+        if create.watermark.is_some() {
+            return Err(PlanError::Plan {
+                sqlstate: "42P16",
+                message: format!(
+                    "table \"{}\" has a WATERMARK: a table is looked up, not streamed; declare event time on the stream",
+                    create.name
+                ),
+            });
+        }
+        if create.primary_key.is_empty() {
+            return Err(PlanError::Plan {
+                sqlstate: "42P16",
+                message: format!(
+                    "table \"{}\" needs a PRIMARY KEY: a lookup join finds its rows by key",
+                    create.name
+                ),
+            });
+        }
+        let schema = schema_from_columns(&create.columns, &create.primary_key)?;
+        let key_columns = create
+            .primary_key
+            .iter()
+            .map(|k| {
+                schema.index_of(k).map_err(|_| PlanError::Plan {
+                    sqlstate: "42703",
+                    message: format!(
+                        "PRIMARY KEY column \"{k}\" is not a column of \"{}\"",
+                        create.name
+                    ),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let spec = TableSpec {
+            name: create.name.clone(),
+            schema: schema.clone(),
+            key_columns,
+            restoring: self.restoring.load(Ordering::Relaxed),
+        };
+        let factory = self.connectors.table(&spec, &create.options)?;
+        let table = factory.open(&self.metrics).await?;
+        self.ctx.register_table(
+            create.name.as_str(),
+            Arc::new(LookupTableProvider {
+                table: table.clone(),
+            }),
+        )?;
+        let entry = CatalogEntry {
+            name: create.name.clone(),
+            kind: ObjectKind::Table,
+            sql,
+            schema,
+            connector: Some(factory.connector().to_string()),
+            depends_on: Vec::new(),
+            source: None,
+            table: Some(table),
+            sink: None,
+            plan: None,
+            query: None,
+            watermark_column: None,
+            store: None,
+        };
+        if let Err(e) = state.catalog.insert(entry) {
+            let _ = self.ctx.deregister_table(create.name.as_str());
+            return Err(e);
+        }
+        Ok(Output::Command("CREATE TABLE".into()))
+    }
+
+    /// `CREATE VIEW`: a name for a query. Planned now as a continuous query (so a view that
+    /// cannot run is refused at CREATE), stored prepared, and inlined wherever it is read.
+    async fn create_plain_view(&self, create: CreateView, sql: String) -> Result<Output> {
+        let mut state = self.state.lock().await;
+        if create.if_not_exists && state.catalog.get(&create.name).is_some() {
+            return Ok(Output::Command("CREATE VIEW".into()));
+        }
+        state.catalog.check_free(&create.name)?;
+        let mut query = *create.query;
+        let views = continuous::prepare(&mut query, &state.catalog)?;
+        let plan = self
+            .plan_prepared(&state.catalog, query.clone(), views)
+            .await?;
+        self.ctx.register_table(
+            create.name.as_str(),
+            Arc::new(UnboundedTable {
+                name: create.name.clone(),
+                kind: ObjectKind::View,
+                schema: plan.schema.clone(),
+            }),
+        )?;
+        let entry = CatalogEntry {
+            name: create.name.clone(),
+            kind: ObjectKind::View,
+            sql,
+            schema: plan.schema.clone(),
+            connector: None,
+            depends_on: plan.reads(),
+            source: None,
+            table: None,
+            sink: None,
+            plan: None,
+            query: Some(Arc::new(query)),
+            watermark_column: None,
+            store: None,
+        };
+        if let Err(e) = state.catalog.insert(entry) {
+            let _ = self.ctx.deregister_table(create.name.as_str());
+            return Err(e);
+        }
+        Ok(Output::Command("CREATE VIEW".into()))
+    }
+
+    /// Plans a continuous query (a materialized view's or a sink's).
     async fn plan_continuous(
         &self,
         catalog: &Catalog,
         mut query: sqlparser::ast::Query,
     ) -> Result<ContinuousPlan> {
-        continuous::prepare(&mut query, catalog)?;
+        let views = continuous::prepare(&mut query, catalog)?;
+        self.plan_prepared(catalog, query, views).await
+    }
+
+    /// Plans a query that went through [`continuous::prepare`], which inlined `views`.
+    async fn plan_prepared(
+        &self,
+        catalog: &Catalog,
+        query: sqlparser::ast::Query,
+        views: Vec<String>,
+    ) -> Result<ContinuousPlan> {
         let plan = self.logical_plan(query).await?;
         let scanned = continuous::scanned_objects(&plan, catalog);
         if !scanned
@@ -467,12 +591,13 @@ impl Engine {
                 "a continuous query must read a stream or a materialized view".into(),
             ));
         }
-        let lowered = continuous::lower(&plan, &self.ctx.state(), catalog)?;
+        let mut lowered = continuous::lower(&plan, &self.ctx.state(), catalog)?;
         if lowered.limit.is_some() {
             return Err(PlanError::NotSupported(
-                "LIMIT in a materialized view or sink (it runs forever; LIMIT belongs to live tails)".into(),
+                "LIMIT in a materialized view, view or sink (it runs forever; LIMIT belongs to live tails)".into(),
             ));
         }
+        lowered.views = views;
         Ok(lowered)
     }
 
@@ -520,10 +645,12 @@ impl Engine {
             sql,
             schema: plan.schema.clone(),
             connector: None,
-            depends_on: vec![plan.input.clone()],
+            depends_on: plan.reads(),
             source: None,
+            table: None,
             sink: None,
             plan: Some(Arc::new(plan)),
+            query: None,
             watermark_column: None,
             store: Some(store),
         };
@@ -562,22 +689,24 @@ impl Engine {
                     .ok_or_else(|| PlanError::undefined("relation", &from))?;
                 if !matches!(
                     entry.kind,
-                    ObjectKind::Stream | ObjectKind::MaterializedView
+                    ObjectKind::Stream | ObjectKind::View | ObjectKind::MaterializedView
                 ) {
                     return Err(PlanError::NotSupported(format!(
                         "a sink FROM {} \"{from}\"",
                         entry.kind
                     )));
                 }
-                let hides = entry
-                    .source
-                    .as_ref()
-                    .is_some_and(|s| !s.hidden_columns().is_empty());
+                // A view is inlined; a stream with hidden columns is read as `SELECT *`.
+                let hides = entry.kind == ObjectKind::View
+                    || entry
+                        .source
+                        .as_ref()
+                        .is_some_and(|s| !s.hidden_columns().is_empty());
                 if hides {
                     // The sink receives the declared columns, as `SELECT *` would.
                     let query = select_all(&from)?;
                     let plan = self.plan_continuous(&state.catalog, query).await?;
-                    (plan.schema.clone(), vec![from], Some(Arc::new(plan)))
+                    (plan.schema.clone(), plan.reads(), Some(Arc::new(plan)))
                 } else {
                     (entry.schema.clone(), vec![from], None)
                 }
@@ -587,11 +716,7 @@ impl Engine {
                 if let Some(lateness) = lateness {
                     plan = plan.with_allowed_lateness(lateness)?;
                 }
-                (
-                    plan.schema.clone(),
-                    vec![plan.input.clone()],
-                    Some(Arc::new(plan)),
-                )
+                (plan.schema.clone(), plan.reads(), Some(Arc::new(plan)))
             }
         };
         let spec = SinkSpec {
@@ -610,8 +735,10 @@ impl Engine {
             connector: Some(factory.connector().to_string()),
             depends_on,
             source: None,
+            table: None,
             sink: Some(factory),
             plan,
+            query: None,
             watermark_column: None,
             store: None,
         };
@@ -643,8 +770,8 @@ impl Engine {
             .cloned()
             .ok_or_else(|| PlanError::Internal(format!("pipeline {name} reads nothing")))?;
         let fanout = Fanout::new();
-        let operators = match &entry.plan {
-            Some(plan) => plan.operators()?,
+        let stages = match &entry.plan {
+            Some(plan) => plan.stages(&self.metrics, name)?,
             None => Vec::new(),
         };
         let mut output = None;
@@ -715,9 +842,9 @@ impl Engine {
             status.clone(),
             name.to_string(),
         ));
-        tasks.push(pipeline::spawn_chain(
+        tasks.extend(pipeline::spawn_stages(
             input,
-            operators,
+            stages,
             fanout,
             &self.metrics,
             name,
@@ -944,7 +1071,13 @@ impl Engine {
         );
         let fanout = Fanout::new();
         let batches = fanout.subscribe();
-        let _chain = pipeline::spawn_chain(rx, plan.operators()?, fanout, &self.metrics, &name);
+        let _chain = pipeline::spawn_stages(
+            rx,
+            plan.stages(&self.metrics, &name)?,
+            fanout,
+            &self.metrics,
+            &name,
+        );
         Ok(Output::Tail(Tail {
             schema: plan.schema.clone(),
             limit,
@@ -1034,7 +1167,9 @@ impl Engine {
         }
         match parsed.remove(0).statement {
             Statement::Query(query) => {
-                let plan = self.logical_plan(*query).await?;
+                let mut query = *query;
+                continuous::prepare(&mut query, &self.state.lock().await.catalog)?;
+                let plan = self.logical_plan(query).await?;
                 Ok(Some(Arc::new(plan.schema().as_arrow().clone())))
             }
             Statement::Show(kind) => Ok(Some(introspection::show_schema(kind))),
@@ -1061,7 +1196,9 @@ impl Engine {
         }
         match parsed.remove(0).statement {
             Statement::Query(query) => {
-                let plan = self.logical_plan(*query).await?;
+                let mut query = *query;
+                continuous::prepare(&mut query, &self.state.lock().await.catalog)?;
+                let plan = self.logical_plan(query).await?;
                 let types = plan.get_parameter_types()?;
                 let mut ordered: Vec<(String, Option<arrow::datatypes::DataType>)> =
                     types.into_iter().collect();

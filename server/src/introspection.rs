@@ -48,13 +48,14 @@ fn text_rows(schema: SchemaRef, table: Vec<Vec<String>>) -> Result<Output> {
 pub fn show_schema(kind: ShowKind) -> SchemaRef {
     match kind {
         ShowKind::Streams | ShowKind::Tables => utf8_schema(&["name", "connector", "columns"]),
+        ShowKind::Views => utf8_schema(&["name", "reads", "columns"]),
         ShowKind::MaterializedViews => utf8_schema(&["name", "reads", "status"]),
         ShowKind::Sinks => utf8_schema(&["name", "connector", "reads", "status"]),
         ShowKind::Queries => utf8_schema(&["name", "kind", "reads", "status", "uptime"]),
     }
 }
 
-/// `SHOW STREAMS | TABLES | MATERIALIZED VIEWS | SINKS | QUERIES`.
+/// `SHOW STREAMS | TABLES | VIEWS | MATERIALIZED VIEWS | SINKS | QUERIES`.
 pub fn show(
     catalog: &Catalog,
     kind: ShowKind,
@@ -93,6 +94,10 @@ pub fn show(
                 })
                 .collect()
         }
+        ShowKind::Views => catalog
+            .of_kind(ObjectKind::View)
+            .map(|e| vec![e.name.clone(), e.depends_on.join(", "), columns_of(e)])
+            .collect(),
         ShowKind::MaterializedViews => catalog
             .of_kind(ObjectKind::MaterializedView)
             .map(|e| vec![e.name.clone(), e.depends_on.join(", "), status_of(&e.name)])

@@ -9,8 +9,8 @@ use crate::dialect::WeirDialect;
 use crate::error::{Position, SqlError};
 use crate::options::Options;
 use crate::statement::{
-    CreateMaterializedView, CreateSink, CreateSource, ObjectKind, ShowKind, SinkInput, Statement,
-    Watermark,
+    CreateMaterializedView, CreateSink, CreateSource, CreateView, ObjectKind, ShowKind, SinkInput,
+    Statement, Watermark,
 };
 
 /// The deepest expression nesting accepted; deeper input is an error, not a stack overflow.
@@ -170,6 +170,8 @@ fn parse_create(parser: &mut Parser<'_>) -> Result<Statement, ParserError> {
         Some(ObjectKind::Table)
     } else if peek_word(parser, 1, "MATERIALIZED") && peek_word(parser, 2, "VIEW") {
         Some(ObjectKind::MaterializedView)
+    } else if peek_word(parser, 1, "VIEW") {
+        Some(ObjectKind::View)
     } else {
         None
     };
@@ -177,7 +179,7 @@ fn parse_create(parser: &mut Parser<'_>) -> Result<Statement, ParserError> {
         return standard(parser);
     };
     parser.next_token(); // CREATE
-    parser.next_token(); // STREAM | SINK | TABLE | MATERIALIZED
+    parser.next_token(); // STREAM | SINK | TABLE | VIEW | MATERIALIZED
     if kind == ObjectKind::MaterializedView {
         parser.next_token(); // VIEW
     }
@@ -190,6 +192,15 @@ fn parse_create(parser: &mut Parser<'_>) -> Result<Statement, ParserError> {
                 ObjectKind::Stream => Statement::CreateStream(source),
                 _ => Statement::CreateTable(source),
             })
+        }
+        ObjectKind::View => {
+            parser.expect_keyword(Keyword::AS)?;
+            let query = parser.parse_query()?;
+            Ok(Statement::CreateView(CreateView {
+                name,
+                if_not_exists,
+                query,
+            }))
         }
         ObjectKind::MaterializedView => {
             let options = parse_with_options(parser)?;
@@ -373,6 +384,8 @@ fn parse_show(parser: &mut Parser<'_>) -> Result<Statement, ParserError> {
         Some(ShowKind::Queries)
     } else if peek_word(parser, 1, "MATERIALIZED") && peek_word(parser, 2, "VIEWS") {
         Some(ShowKind::MaterializedViews)
+    } else if peek_word(parser, 1, "VIEWS") {
+        Some(ShowKind::Views)
     } else {
         None
     };
@@ -403,11 +416,13 @@ fn parse_object_kind(parser: &mut Parser<'_>) -> Result<ObjectKind, ParserError>
         Ok(ObjectKind::Table)
     } else if parser.parse_keywords(&[Keyword::MATERIALIZED, Keyword::VIEW]) {
         Ok(ObjectKind::MaterializedView)
+    } else if parser.parse_keyword(Keyword::VIEW) {
+        Ok(ObjectKind::View)
     } else if parse_word(parser, "SINK") {
         Ok(ObjectKind::Sink)
     } else {
         parser.expected(
-            "STREAM, TABLE, MATERIALIZED VIEW or SINK",
+            "STREAM, TABLE, VIEW, MATERIALIZED VIEW or SINK",
             parser.peek_token(),
         )
     }
@@ -417,6 +432,7 @@ fn parse_drop(parser: &mut Parser<'_>) -> Result<Statement, ParserError> {
     let is_weir = peek_word(parser, 1, "STREAM")
         || peek_word(parser, 1, "SINK")
         || peek_word(parser, 1, "TABLE")
+        || peek_word(parser, 1, "VIEW")
         || (peek_word(parser, 1, "MATERIALIZED") && peek_word(parser, 2, "VIEW"));
     if !is_weir {
         return standard(parser);

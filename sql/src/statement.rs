@@ -11,6 +11,8 @@ use crate::options::Options;
 pub enum ObjectKind {
     Stream,
     Table,
+    /// A named query, not stored: inlined into the statements that read it.
+    View,
     MaterializedView,
     Sink,
 }
@@ -21,6 +23,7 @@ impl ObjectKind {
         match self {
             ObjectKind::Stream => "STREAM",
             ObjectKind::Table => "TABLE",
+            ObjectKind::View => "VIEW",
             ObjectKind::MaterializedView => "MATERIALIZED VIEW",
             ObjectKind::Sink => "SINK",
         }
@@ -32,6 +35,7 @@ impl fmt::Display for ObjectKind {
         f.write_str(match self {
             ObjectKind::Stream => "stream",
             ObjectKind::Table => "table",
+            ObjectKind::View => "view",
             ObjectKind::MaterializedView => "materialized view",
             ObjectKind::Sink => "sink",
         })
@@ -43,6 +47,7 @@ impl fmt::Display for ObjectKind {
 pub enum ShowKind {
     Streams,
     Tables,
+    Views,
     MaterializedViews,
     Sinks,
     Queries,
@@ -76,6 +81,14 @@ pub struct CreateMaterializedView {
     pub query: Box<Query>,
 }
 
+/// `CREATE VIEW name AS query`: a name for a query, inlined where it is read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreateView {
+    pub name: String,
+    pub if_not_exists: bool,
+    pub query: Box<Query>,
+}
+
 /// Where a sink's rows come from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SinkInput {
@@ -99,6 +112,7 @@ pub struct CreateSink {
 pub enum Statement {
     CreateStream(CreateSource),
     CreateTable(CreateSource),
+    CreateView(CreateView),
     CreateMaterializedView(CreateMaterializedView),
     CreateSink(CreateSink),
     Show(ShowKind),
@@ -131,6 +145,7 @@ impl Statement {
         match self {
             Statement::CreateStream(_) => "CREATE STREAM",
             Statement::CreateTable(_) => "CREATE TABLE",
+            Statement::CreateView(_) => "CREATE VIEW",
             Statement::CreateMaterializedView(_) => "CREATE MATERIALIZED VIEW",
             Statement::CreateSink(_) => "CREATE SINK",
             Statement::Show(_) | Statement::ShowCreate { .. } => "SHOW",
@@ -139,6 +154,7 @@ impl Statement {
             Statement::Drop { kind, .. } => match kind {
                 ObjectKind::Stream => "DROP STREAM",
                 ObjectKind::Table => "DROP TABLE",
+                ObjectKind::View => "DROP VIEW",
                 ObjectKind::MaterializedView => "DROP MATERIALIZED VIEW",
                 ObjectKind::Sink => "DROP SINK",
             },

@@ -524,3 +524,154 @@ impl Drop for Prometheus {
         }
     }
 }
+
+/// A PostgreSQL server (Debian's) on a free port, its cluster under its own directory, so
+/// that it can be stopped and started again on it. As root (CI), the server runs as the
+/// `postgres` user the Debian package creates: PostgreSQL refuses to run as root.
+pub struct Postgres {
+    pub port: u16,
+    dir: PathBuf,
+    running: bool,
+}
+
+/// The directory of Debian's PostgreSQL server programs (`initdb`, `pg_ctl`).
+fn postgres_bin() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is installed (scripts/install-test-deps.sh installs it)")
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions.pop().expect("a PostgreSQL with initdb")
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|u| u.split_whitespace().next().map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+impl Postgres {
+    /// initdb (trust authentication on 127.0.0.1) and start; waits until it accepts queries.
+    pub fn start(dir: &Path) -> Postgres {
+        let base = dir;
+        let dir = dir.join("postgres");
+        std::fs::create_dir_all(&dir).expect("postgres dir");
+        if is_root() {
+            // A test's temporary directory is 0700: let the postgres user reach its cluster.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .expect("chown");
+            assert!(status.success(), "chown the cluster directory to postgres");
+        }
+        let out = Self::command("initdb")
+            .args(["-D"])
+            .arg(dir.join("data"))
+            .args(["-U", "postgres", "-A", "trust", "--no-sync"])
+            .output()
+            .expect("initdb");
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut postgres = Postgres {
+            port: free_port(),
+            dir,
+            running: false,
+        };
+        postgres.restart();
+        postgres
+    }
+
+    /// A server program, run as `postgres` when this process is root.
+    fn command(program: &str) -> Command {
+        let path = postgres_bin().join(program);
+        if is_root() {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(path);
+            command
+        } else {
+            Command::new(path)
+        }
+    }
+
+    /// Starts (again) on the same port and cluster.
+    pub fn restart(&mut self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        let out = Self::command("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("postgres.log"))
+            .args(["-o", &options, "-w", "-t", "60", "start"])
+            .output()
+            .expect("pg_ctl start");
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        self.running = true;
+    }
+
+    /// Stops it (fast shutdown: clients are disconnected), waiting for it to exit.
+    pub fn stop(&mut self) {
+        if !self.running {
+            return;
+        }
+        let _ = Self::command("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "fast", "-w", "stop"])
+            .output();
+        self.running = false;
+    }
+
+    /// The URL Weir's `postgres` table connector takes.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(
+            &format!(
+                "host=127.0.0.1 port={} user=postgres dbname=postgres",
+                self.port
+            ),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("connect to postgres: {e}\n{}", self.log_text()));
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        client
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

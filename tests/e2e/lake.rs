@@ -19,13 +19,22 @@ fn parquet_files(dir: &Path) -> usize {
 #[test]
 fn the_demo_serves_psql_and_its_lake_equals_the_query_over_the_raw_events() {
     let dir = tempfile::tempdir().expect("tempdir");
+    // The demo's paths are relative to the directory weir runs in, the repository root in the
+    // README: give this one the same `queries/`.
+    std::os::unix::fs::symlink(repo_root().join("queries"), dir.path().join("queries"))
+        .expect("symlink");
     let mut weir = Weir::start(dir.path(), Some(&repo_root().join("queries/demo")));
 
     let (ok, out, err) = weir.psql_c("\\d");
     assert!(ok, "{err}");
     assert!(
-        out.contains("vehicle_events") && out.contains("speeding"),
+        out.contains("vehicle_events") && out.contains("speeding") && out.contains("vehicles"),
         "{out}"
+    );
+    let (ok, out, err) = weir.psql_c("SELECT count(*) FROM vehicles");
+    assert!(
+        ok && out.contains("500"),
+        "the reference table is loaded: {out}{err}"
     );
     let five = eventually(Duration::from_secs(20), || {
         let (ok, out, _) = weir.psql_c("SELECT * FROM speeding LIMIT 5");

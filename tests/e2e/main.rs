@@ -9,6 +9,7 @@ mod bad_input;
 mod catalog;
 mod kafka;
 mod lake;
+mod lookup;
 mod prometheus;
 mod run_and_check;
 mod tail;

@@ -83,7 +83,9 @@ fn weir_check_lints_files_with_positions() {
         .collect();
     let mut sorted = good.clone();
     sorted.sort();
+    // Run where the README runs it: the demo's table path is relative to the repository root.
     let out = Command::new(weir_bin())
+        .current_dir(repo_root())
         .arg("check")
         .args(&sorted)
         .output()

@@ -18,6 +18,9 @@ use weir_sql::Options;
 
 pub use crate::decode::{BadRecord, BlockDecoder, Format};
 
+mod table;
+pub use table::FileTableFactory;
+
 /// Bytes read per block (whole lines are decoded; a partial last line waits for more).
 const BLOCK_BYTES: usize = 1 << 20;
 /// Rows per decoded batch.

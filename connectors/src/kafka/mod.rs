@@ -1,5 +1,6 @@
 //! Kafka: the source (consumer groups, batched Arrow decoding, per-partition watermarks,
-//! commits once every sink has the rows, dead letters) and the JSON sink.
+//! commits once every sink has the rows, dead letters), the JSON sink, and tables read from
+//! compacted topics.
 //!
 //! Options are checked at CREATE time, and so is the broker: an unreachable broker or a
 //! missing topic is a SQL error naming it, after `connect.timeout` (default 10 s), not a hang.
@@ -8,6 +9,7 @@
 
 mod sink;
 mod source;
+mod table;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +26,7 @@ use weir_sql::options::{OptionError, OptionReader};
 use crate::decode::Format;
 
 pub use sink::KafkaSinkFactory;
+pub use table::KafkaTableFactory;
 
 /// The hidden columns every Kafka stream has, after the declared ones.
 pub fn hidden_columns() -> Vec<FieldRef> {

@@ -532,3 +532,119 @@ async fn the_kafka_sink_writes_json_rows_keyed_by_columns_before_releasing_a_bar
         ]
     );
 }
+
+/// Produces keyed records (a `None` value is a tombstone).
+fn produce_keyed(bootstrap: &str, topic: &str, records: &[(i32, &str, Option<&str>)]) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("producer");
+    for (partition, key, value) in records {
+        let mut record = BaseRecord::<str, str>::to(topic)
+            .partition(*partition)
+            .key(key);
+        if let Some(value) = value {
+            record = record.payload(value);
+        }
+        producer.send(record).expect("enqueue");
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+}
+
+/// The region a lookup finds for `id`.
+async fn region_of(table: &dyn weir_runtime::lookup::LookupTable, id: i64) -> Option<String> {
+    let keys: arrow::array::ArrayRef = std::sync::Arc::new(Int64Array::from(vec![id]));
+    let found = table.lookup(&[keys]).await.expect("lookup");
+    let row = found.indices.iter().next().flatten()? as usize;
+    let regions = found
+        .rows
+        .column(1)
+        .as_any()
+        .downcast_ref::<arrow::array::StringArray>()?;
+    regions
+        .is_valid(row)
+        .then(|| regions.value(row).to_string())
+}
+
+/// A compacted topic as a table: loaded to the end before CREATE returns (so the first
+/// lookup already sees every key), then kept current: a later value replaces a key's row,
+/// a tombstone deletes it. Keys are JSON objects or bare values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_table_loads_to_the_end_then_follows_updates_and_tombstones() {
+    let topic = "vehicles";
+    let cluster = cluster(topic, 3);
+    let bootstrap = cluster.bootstrap_servers();
+    let mut initial: Vec<(i32, String, Option<String>)> = (0..3000)
+        .map(|id| {
+            (
+                id % 3,
+                id.to_string(),
+                Some(format!(r#"{{"region":"r{}"}}"#, id % 7)),
+            )
+        })
+        .collect();
+    // An earlier value of a key, replaced before the table starts; one key as an object.
+    initial.insert(0, (5 % 3, "5".into(), Some(r#"{"region":"stale"}"#.into())));
+    initial.push((
+        1,
+        r#"{"vehicle_id": 3001}"#.into(),
+        Some(r#"{"region":"obj"}"#.into()),
+    ));
+    let borrowed: Vec<(i32, &str, Option<&str>)> = initial
+        .iter()
+        .map(|(p, k, v)| (*p, k.as_str(), v.as_deref()))
+        .collect();
+    produce_keyed(&bootstrap, topic, &borrowed);
+
+    let schema = std::sync::Arc::new(Schema::new(vec![
+        Field::new("vehicle_id", DataType::Int64, false),
+        Field::new("region", DataType::Utf8, true),
+    ]));
+    let spec = weir_runtime::connector::TableSpec {
+        name: "vehicles".into(),
+        schema,
+        key_columns: vec![0],
+        restoring: false,
+    };
+    let options = Options::from_pairs_as_written([
+        ("connector".to_string(), "kafka".to_string()),
+        ("topic".to_string(), topic.to_string()),
+        ("bootstrap.servers".to_string(), bootstrap.clone()),
+    ]);
+    let factory = super::KafkaTableFactory::try_new(&spec, &options).expect("factory");
+    let metrics = weir_runtime::Metrics::new();
+    let table = weir_runtime::connector::TableFactory::open(&factory, &metrics)
+        .await
+        .expect("open");
+    // Loaded before the first lookup: every key is there, with its latest value.
+    assert_eq!(region_of(table.as_ref(), 2999).await.as_deref(), Some("r3"));
+    assert_eq!(region_of(table.as_ref(), 5).await.as_deref(), Some("r5"));
+    assert_eq!(
+        region_of(table.as_ref(), 3001).await.as_deref(),
+        Some("obj")
+    );
+    assert_eq!(metrics.lookup_table("vehicles").rows.get(), 3001);
+
+    produce_keyed(
+        &bootstrap,
+        topic,
+        &[(1, "7", Some(r#"{"region":"moved"}"#)), (2, "8", None)],
+    );
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let moved = region_of(table.as_ref(), 7).await;
+        let deleted = region_of(table.as_ref(), 8).await;
+        if moved.as_deref() == Some("moved") && deleted.is_none() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "update {moved:?}, tombstone {deleted:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metrics.lookup_table("vehicles").rows.get(), 3000);
+    let scanned = table.scan().await.expect("scan");
+    assert_eq!(scanned.iter().map(|b| b.num_rows()).sum::<usize>(), 3000);
+}

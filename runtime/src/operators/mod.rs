@@ -1,9 +1,11 @@
 //! Operators. Stateless ones evaluate DataFusion physical expressions on whole batches.
 
 mod filter;
+mod lookup_join;
 mod project;
 
 pub use filter::FilterOperator;
+pub use lookup_join::{DEFAULT_MAX_IN_FLIGHT, LookupJoin, LookupJoinSpec, LookupJoinType};
 pub use project::ProjectOperator;
 mod session;
 #[cfg(test)]

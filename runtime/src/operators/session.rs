@@ -446,6 +446,24 @@ fn join_or_open(
     Ok(into)
 }
 
+impl SessionAggregate {
+    /// Forwards the watermark `mark` (event time, or the clock), held back to what may still
+    /// be emitted: rows emitted later start at an open session's start, or (a new session)
+    /// after mark - gap - lateness.
+    fn forward(&mut self, mark: i64, out: &mut Vec<Message>) {
+        let mut held = mark
+            .saturating_sub(self.spec.allowed_lateness)
+            .saturating_sub(self.gap);
+        if let Some(&(start, _)) = self.by_start.first() {
+            held = held.min(start.saturating_sub(1));
+        }
+        if self.forwarded.is_none_or(|f| held > f) {
+            self.forwarded = Some(held);
+            out.push(Message::Watermark(Watermark(held)));
+        }
+    }
+}
+
 impl Operator for SessionAggregate {
     fn name(&self) -> &'static str {
         "session_aggregate"
@@ -512,19 +530,7 @@ impl Operator for SessionAggregate {
             return Ok(());
         }
         self.close(watermark.0, out)?;
-        // Rows emitted later start at an open session's start, or (a new session) after
-        // mark - gap - lateness.
-        let mut held = watermark
-            .0
-            .saturating_sub(self.spec.allowed_lateness)
-            .saturating_sub(self.gap);
-        if let Some(&(start, _)) = self.by_start.first() {
-            held = held.min(start.saturating_sub(1));
-        }
-        if self.forwarded.is_none_or(|f| held > f) {
-            self.forwarded = Some(held);
-            out.push(Message::Watermark(Watermark(held)));
-        }
+        self.forward(watermark.0, out);
         Ok(())
     }
 
@@ -541,7 +547,11 @@ impl Operator for SessionAggregate {
     fn on_tick(&mut self, out: &mut Vec<Message>) -> Result<()> {
         let now = now_ms();
         self.watermark = Some(now);
-        self.close(now, out)
+        self.close(now, out)?;
+        // As in `on_watermark`: the clock, held back to what may still be emitted, is the
+        // watermark of what comes after.
+        self.forward(now, out);
+        Ok(())
     }
 
     fn state_report(&self) -> Option<StateReport> {

@@ -633,7 +633,14 @@ impl Operator for WindowAggregate {
     fn on_tick(&mut self, out: &mut Vec<Message>) -> Result<()> {
         let now = now_ms();
         self.watermark = Some(now);
-        self.close(now, out)
+        self.close(now, out)?;
+        // What comes after (a roll-up over window_start) runs on event time: the clock is
+        // its watermark, held back as an event-time mark would be.
+        let held = now
+            .saturating_sub(self.spec.allowed_lateness)
+            .saturating_sub(self.spec.kind.size());
+        out.push(Message::Watermark(Watermark(held)));
+        Ok(())
     }
 
     fn state_report(&self) -> Option<StateReport> {
