@@ -133,16 +133,30 @@ fn enrichment_from_postgres_tables_equals_duckdbs_join() {
 /// by the primary key, values as JSON; a vehicle's first value is replaced by a later one,
 /// and a fleet that is produced and then deleted (a tombstone) must not be found.
 #[test]
-fn enrichment_from_kafka_tables_equals_duckdbs_join() {
+fn enrichment_from_kafka_tables_on_tansu_equals_duckdbs_join() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (vehicles, fleets) = (
-        dir.path().join("vehicles.csv"),
-        dir.path().join("fleets.csv"),
-    );
-    write_tables(&vehicles, &fleets);
     let tansu = Tansu::start(dir.path());
     tansu.create_topic("vehicles", 4);
     tansu.create_topic("fleets", 2);
+    enrichment_from_kafka_tables(dir.path(), &tansu.bootstrap());
+}
+
+/// The same on librdkafka's mock cluster (its brokers listen on 127.0.0.1, so `weir` reaches
+/// them from its own process).
+#[test]
+fn enrichment_from_kafka_tables_on_the_mock_cluster_equals_duckdbs_join() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("vehicles", 4, 1).expect("topic");
+    cluster.create_topic("fleets", 2, 1).expect("topic");
+    enrichment_from_kafka_tables(dir.path(), &cluster.bootstrap_servers());
+}
+
+/// The tables as keyed topics at `bootstrap` (topics `vehicles` and `fleets` exist), then the
+/// job.
+fn enrichment_from_kafka_tables(dir: &Path, bootstrap: &str) {
+    let (vehicles, fleets) = (dir.join("vehicles.csv"), dir.join("fleets.csv"));
+    write_tables(&vehicles, &fleets);
     let csv = |path: &Path| -> Vec<Vec<String>> {
         std::fs::read_to_string(path)
             .expect("csv")
@@ -168,7 +182,7 @@ fn enrichment_from_kafka_tables_equals_duckdbs_join() {
             ..Record::default()
         });
     }
-    produce(&tansu.bootstrap(), "vehicles", records);
+    produce(bootstrap, "vehicles", records);
     let mut records: Vec<Record> = csv(&fleets)
         .into_iter()
         .map(|row| Record {
@@ -183,16 +197,16 @@ fn enrichment_from_kafka_tables_equals_duckdbs_join() {
         payload: r#"{"owner":"gone"}"#.to_string(),
         ..Record::default()
     });
-    produce(&tansu.bootstrap(), "fleets", records);
-    produce_tombstone(&tansu.bootstrap(), "fleets", r#"{"fleet_id":99}"#);
+    produce(bootstrap, "fleets", records);
+    produce_tombstone(bootstrap, "fleets", r#"{"fleet_id":99}"#);
     let tables = format!(
         "CREATE TABLE vehicles (vehicle_id BIGINT PRIMARY KEY, make TEXT, region TEXT, fleet_id INT)
            WITH (connector = 'kafka', topic = 'vehicles', 'bootstrap.servers' = '{b}');
          CREATE TABLE fleets (fleet_id BIGINT PRIMARY KEY, owner TEXT)
            WITH (connector = 'kafka', topic = 'fleets', 'bootstrap.servers' = '{b}');",
-        b = tansu.bootstrap()
+        b = bootstrap
     );
-    enrichment_equals_duckdbs_join(dir.path(), &tables);
+    enrichment_equals_duckdbs_join(dir, &tables);
 }
 
 /// A record with `key` and no value.
@@ -470,6 +484,15 @@ fn a_postgres_outage_delays_lookups_and_loses_nothing() {
         postgres.url()
     ));
     assert!(ok, "{out}{err}\n{}", weir.log_text());
+    // A mistake in the user's query is the CREATE's error, with Postgres' own words.
+    let (ok, _, err) = weir.psql_c(&format!(
+        "CREATE TABLE bad (vehicle_id BIGINT PRIMARY KEY, region TEXT) WITH (connector = 'postgres', url = '{}', query = 'SELECT vehicle_id, region FROM nowhere')",
+        postgres.url()
+    ));
+    assert!(
+        !ok && err.contains("\"nowhere\" does not exist") && err.contains("42P01"),
+        "{err}"
+    );
     let append = |ids: std::ops::Range<u64>| {
         let mut text = String::new();
         for id in ids {
