@@ -133,6 +133,7 @@ impl SourceFactory for DatagenFactory {
         Ok(Box::new(DatagenSource {
             config: self.clone(),
             generator: Generator::new(self.seed, self.cardinality, &self.schema),
+            next_row: 0,
         }))
     }
 }
@@ -142,6 +143,16 @@ impl SourceFactory for DatagenFactory {
 pub struct DatagenSource {
     config: DatagenFactory,
     generator: Generator,
+    /// The next row to generate (restored from a checkpoint, or 0).
+    next_row: u64,
+}
+
+/// Where a datagen source resumes: the next row, and the event time of row 0 (a restarted
+/// stream is created again, at another wall-clock time; its rows must not change).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Position {
+    next_row: u64,
+    start_time: i64,
 }
 
 #[async_trait]
@@ -158,8 +169,23 @@ impl Source for DatagenSource {
             (rps / 10).clamp(1, MAX_BATCH_ROWS)
         };
         let started = Instant::now();
-        let mut row = 0u64;
+        let first = self.next_row;
+        let mut row = first;
         loop {
+            if let Some(barrier) = ctx.barrier_due() {
+                let position = Position {
+                    next_row: row,
+                    start_time,
+                };
+                let position = serde_json::to_value(position)
+                    .map_err(|e| weir_runtime::Error::Internal(format!("datagen position: {e}")))?;
+                if !ctx
+                    .emit_barrier(barrier, weir_runtime::Snapshot::meta(position))
+                    .await
+                {
+                    return Ok(SourceExit::Stopped);
+                }
+            }
             let mut n = batch_rows;
             if let Some(max) = self.config.max_rows {
                 if row >= max {
@@ -168,8 +194,8 @@ impl Source for DatagenSource {
                 n = n.min(max - row);
             }
             if rps > 0 {
-                // Pace: row `row` is due at row / rps seconds after the start.
-                let due = Duration::from_secs_f64(row as f64 / rps as f64);
+                // Pace: row `row` is due at (row - first) / rps seconds after the start.
+                let due = Duration::from_secs_f64((row - first) as f64 / rps as f64);
                 if let Some(wait) = due.checked_sub(started.elapsed())
                     && !ctx.sleep(wait).await
                 {
@@ -184,6 +210,15 @@ impl Source for DatagenSource {
             }
             row += n;
         }
+    }
+
+    async fn restore(&mut self, position: weir_runtime::Snapshot) -> Result<()> {
+        let position: Position = serde_json::from_value(position.meta).map_err(|e| {
+            weir_runtime::Error::Execution(format!("datagen position is unreadable: {e}"))
+        })?;
+        self.next_row = position.next_row;
+        self.config.start_time = position.start_time;
+        Ok(())
     }
 }
 

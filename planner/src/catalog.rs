@@ -50,6 +50,8 @@ pub struct CatalogEntry {
     pub watermark_column: Option<String>,
     /// Views: their rows.
     pub store: Option<Arc<MvStore>>,
+    /// Materialized views and sinks: `checkpoint.interval` from their WITH, if set.
+    pub checkpoint_interval: Option<std::time::Duration>,
 }
 
 /// What is written to `catalog.json`.

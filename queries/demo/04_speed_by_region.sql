@@ -23,9 +23,12 @@ FROM TUMBLE(vehicle_events, ts, INTERVAL '1' MINUTE) AS e
 JOIN vehicles v ON e.vehicle_id = v.vehicle_id
 GROUP BY window_start, window_end, v.region, v.make;
 
--- ...and into the lake, one file a minute.
+-- ...and into the lake, exactly once, one file a minute per hour partition
+-- (dt=YYYY-MM-DD/hour=HH from window_end). Read it with DuckDB:
+--   SELECT * FROM read_parquet('weir-data/lake/speed_by_region_1m/**/*.parquet', hive_partitioning = true);
 CREATE SINK speed_by_region_lake FROM speed_by_region_1m WITH (
     connector = 'parquet',
     path = 'file://weir-data/lake/speed_by_region_1m',
+    partition_by = 'date',
     'rollover.interval' = '1m'
 );

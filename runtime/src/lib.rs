@@ -14,6 +14,12 @@
 //!   [`lookup::TableVersion`], an indexed in-memory version of a table swapped whole on reload.
 //! - [`pipeline`]: a source, a chain of operators and a [`pipeline::Fanout`] to any number of
 //!   consumers, connected by bounded channels; [`pipeline::Pipeline::spawn`] runs them on tokio.
+//! - [`checkpoint`]: [`Snapshot`] (what one participant saves: JSON facts and Arrow
+//!   batches), [`Checkpoint`] (a job's snapshots at one epoch) and [`CheckpointStore`]
+//!   (complete checkpoints only, the last few kept, in any `object_store`).
+//! - [`coordinator`]: [`coordinator::Coordinator`], which takes a job's checkpoints: barriers
+//!   into the source on an interval, snapshots written to the store, epochs announced
+//!   committed to sinks and sources.
 //! - [`connector`]: [`connector::ConnectorRegistry`], the seam to the connectors crate.
 //! - [`mv_store`]: [`mv_store::MvStore`], the bounded in-memory rows of a materialized view.
 //! - [`metrics`]: counters for `/metrics` (records in/out per operator, decode errors, rows
@@ -22,7 +28,9 @@
 //!   error messages).
 //! - [`error`]: [`Error`], split by cause.
 
+pub mod checkpoint;
 pub mod connector;
+pub mod coordinator;
 pub mod error;
 pub mod lookup;
 pub mod message;
@@ -33,6 +41,7 @@ pub mod operators;
 pub mod pipeline;
 pub mod sql_types;
 
+pub use checkpoint::{Checkpoint, CheckpointStore, Snapshot};
 pub use error::{Error, Result};
 pub use message::{CheckpointBarrier, EpochDone, Message, Watermark};
 pub use metrics::Metrics;

@@ -29,6 +29,39 @@ pub struct Metrics {
     source: SourceFamilies,
     remote_write: RemoteWriteFamilies,
     lookup: LookupFamilies,
+    checkpoint: CheckpointFamilies,
+}
+
+/// Families of checkpoints, per job.
+#[derive(Clone, Debug)]
+struct CheckpointFamilies {
+    completed: Family<Labels, Counter>,
+    failed: Family<Labels, Counter>,
+    seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    alignment_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    bytes: Family<Labels, Gauge>,
+    epoch: Family<Labels, Gauge>,
+    restore_seconds: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+}
+
+impl Default for CheckpointFamilies {
+    fn default() -> Self {
+        fn seconds() -> Histogram {
+            // 1 ms to ~65 s.
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.001, 2.0, 17,
+            ))
+        }
+        Self {
+            completed: Family::default(),
+            failed: Family::default(),
+            seconds: Family::new_with_constructor(seconds),
+            alignment_seconds: Family::new_with_constructor(seconds),
+            bytes: Family::default(),
+            epoch: Family::default(),
+            restore_seconds: Family::default(),
+        }
+    }
 }
 
 /// Families of lookup joins (per pipeline and table) and lookup tables (per table).
@@ -151,6 +184,7 @@ impl Metrics {
             source: SourceFamilies::default(),
             remote_write: RemoteWriteFamilies::default(),
             lookup: LookupFamilies::default(),
+            checkpoint: CheckpointFamilies::default(),
         };
         let st = &metrics.state;
         for (name, help, family) in [
@@ -390,8 +424,59 @@ impl Metrics {
             "Time to look up one batch's keys, per pipeline and table",
             lk.lookup_seconds.clone(),
         );
+        let cp = &metrics.checkpoint;
+        registry.register(
+            "checkpoints_completed",
+            "Checkpoints written and committed, per job",
+            cp.completed.clone(),
+        );
+        registry.register(
+            "checkpoints_failed",
+            "Checkpoints abandoned (a participant failed or lost its barrier, or the store refused the write), per job",
+            cp.failed.clone(),
+        );
+        registry.register(
+            "checkpoint_seconds",
+            "Time from injecting a checkpoint's barrier to its write completing, per job",
+            cp.seconds.clone(),
+        );
+        registry.register(
+            "checkpoint_alignment_seconds",
+            "Time from injecting a checkpoint's barrier until every participant acknowledged it, per job",
+            cp.alignment_seconds.clone(),
+        );
+        registry.register(
+            "checkpoint_bytes",
+            "Size of the last checkpoint written, per job",
+            cp.bytes.clone(),
+        );
+        registry.register(
+            "checkpoint_epoch",
+            "Epoch of the last completed checkpoint, per job",
+            cp.epoch.clone(),
+        );
+        registry.register(
+            "checkpoint_restore_seconds",
+            "Time the last restore from a checkpoint took (reading it and restoring every participant), per job",
+            cp.restore_seconds.clone(),
+        );
         *metrics.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         metrics
+    }
+
+    /// The metrics of job `job`'s checkpoints.
+    pub fn checkpoints(&self, job: &str) -> CheckpointMetrics {
+        let labels = vec![("job".to_string(), job.to_string())];
+        let cp = &self.checkpoint;
+        CheckpointMetrics {
+            completed: cp.completed.get_or_create(&labels).clone(),
+            failed: cp.failed.get_or_create(&labels).clone(),
+            seconds: cp.seconds.get_or_create(&labels).clone(),
+            alignment_seconds: cp.alignment_seconds.get_or_create(&labels).clone(),
+            bytes: cp.bytes.get_or_create(&labels).clone(),
+            epoch: cp.epoch.get_or_create(&labels).clone(),
+            restore_seconds: cp.restore_seconds.get_or_create(&labels).clone(),
+        }
     }
 
     /// An operator's counters; `stateful` ones (windows) also get the state gauges.
@@ -420,7 +505,8 @@ impl Metrics {
         }
     }
 
-    pub fn source(&self, pipeline: &str, connector: &str) -> SourceMetrics {
+    /// The metrics of stream `stream`'s reader in `pipeline` (each pipeline reads its own input).
+    pub fn source(&self, stream: &str, pipeline: &str, connector: &str) -> SourceMetrics {
         let labels = vec![
             ("pipeline".to_string(), pipeline.to_string()),
             ("operator".to_string(), format!("source_{connector}")),
@@ -428,6 +514,7 @@ impl Metrics {
         SourceMetrics {
             records_out: self.records_out.get_or_create(&labels).clone(),
             decode_errors: self.decode_errors.clone(),
+            stream: stream.to_string(),
             pipeline: pipeline.to_string(),
             families: self.source.clone(),
         }
@@ -562,6 +649,7 @@ impl StateMetrics {
 pub struct SourceMetrics {
     pub records_out: Counter,
     decode_errors: Family<Labels, Counter>,
+    stream: String,
     pipeline: String,
     families: SourceFamilies,
 }
@@ -581,13 +669,17 @@ impl SourceMetrics {
         Self {
             records_out: Counter::default(),
             decode_errors: Family::default(),
+            stream: String::new(),
             pipeline: String::new(),
             families: SourceFamilies::default(),
         }
     }
 
     fn labels(&self, extra: Option<(&str, String)>) -> Labels {
-        let mut labels = vec![("source".to_string(), self.pipeline.clone())];
+        let mut labels = vec![
+            ("source".to_string(), self.stream.clone()),
+            ("pipeline".to_string(), self.pipeline.clone()),
+        ];
         labels.extend(extra.map(|(k, v)| (k.to_string(), v)));
         labels
     }
@@ -739,6 +831,18 @@ pub struct LookupTableMetrics {
     pub changelog_lag: Gauge,
 }
 
+/// Metrics of one job's checkpoints.
+#[derive(Clone, Debug)]
+pub struct CheckpointMetrics {
+    pub completed: Counter,
+    pub failed: Counter,
+    pub seconds: Histogram,
+    pub alignment_seconds: Histogram,
+    pub bytes: Gauge,
+    pub epoch: Gauge,
+    pub restore_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
 /// Counters of one sink.
 #[derive(Clone, Debug, Default)]
 pub struct SinkMetrics {
@@ -757,7 +861,7 @@ mod tests {
             .operator("p1", "filter", 0, false)
             .records_in
             .inc_by(3);
-        metrics.source("p1", "file").decode_errors("json", 2);
+        metrics.source("s", "p1", "file").decode_errors("json", 2);
         let text = metrics.encode();
         assert!(
             text.contains("weir_records_in_total{pipeline=\"p1\",operator=\"0_filter\"} 3"),

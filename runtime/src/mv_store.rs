@@ -8,7 +8,8 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 
-use crate::Result;
+use crate::checkpoint::Snapshot;
+use crate::error::{Error, Result};
 use crate::operator::Sink;
 
 /// Default `retention` of a materialized view.
@@ -86,6 +87,40 @@ impl MvStore {
         inner.batches.iter().map(|(_, b)| b.clone()).collect()
     }
 
+    /// The rows with the wall-clock time each batch arrived (ms since the epoch), for a
+    /// checkpoint: retention keeps counting across a restart.
+    pub fn saved(&self) -> (Vec<RecordBatch>, Vec<i64>) {
+        let now = Instant::now();
+        let wall = now_ms();
+        let mut inner = self.batches.write().unwrap_or_else(|e| e.into_inner());
+        Self::evict(&mut inner, now, self.retention, self.max_rows);
+        inner
+            .batches
+            .iter()
+            .map(|(at, b)| {
+                let age = i64::try_from(now.duration_since(*at).as_millis()).unwrap_or(i64::MAX);
+                (b.clone(), wall.saturating_sub(age))
+            })
+            .unzip()
+    }
+
+    /// Replaces the rows with those [`MvStore::saved`] returned.
+    pub fn restore(&self, batches: Vec<RecordBatch>, arrived_ms: &[i64]) {
+        let now = Instant::now();
+        let wall = now_ms();
+        let mut inner = self.batches.write().unwrap_or_else(|e| e.into_inner());
+        inner.batches.clear();
+        inner.rows = 0;
+        for (batch, &arrived) in batches.into_iter().zip(arrived_ms) {
+            let age =
+                Duration::from_millis(u64::try_from(wall.saturating_sub(arrived)).unwrap_or(0));
+            let at = now.checked_sub(age).unwrap_or(now);
+            inner.rows += batch.num_rows();
+            inner.batches.push_back((at, batch));
+        }
+        Self::evict(&mut inner, now, self.retention, self.max_rows);
+    }
+
     pub fn row_count(&self) -> usize {
         self.batches.read().unwrap_or_else(|e| e.into_inner()).rows
     }
@@ -102,9 +137,42 @@ impl Sink for MvSink {
         Ok(())
     }
 
+    /// The view's rows: a restarted view keeps its contents.
+    fn snapshot(&mut self) -> Result<Option<Snapshot>> {
+        let (batches, arrived) = self.0.saved();
+        Ok(Some(Snapshot::new(
+            serde_json::json!({ "arrived_ms": arrived }),
+            batches,
+        )))
+    }
+
+    async fn restore(&mut self, snapshot: Snapshot) -> Result<()> {
+        let arrived: Vec<i64> = snapshot
+            .meta
+            .get("arrived_ms")
+            .cloned()
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| Error::Execution(format!("view state is unreadable: {e}")))?
+            .unwrap_or_default();
+        if arrived.len() != snapshot.batches.len() {
+            return Err(Error::Execution(
+                "view state is unreadable: batches and arrival times differ".into(),
+            ));
+        }
+        self.0.restore(snapshot.batches, &arrived);
+        Ok(())
+    }
+
     async fn finish(&mut self) -> Result<()> {
         Ok(())
     }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::checkpoint::Snapshot;
+use crate::coordinator::SourceCheckpoints;
 use crate::error::Result;
 use crate::message::{CheckpointBarrier, Message, Watermark};
 use crate::metrics::SourceMetrics;
@@ -25,10 +27,27 @@ pub trait Operator: Send {
         Ok(())
     }
 
-    /// Snapshots state for the checkpoint (stateless operators have none) and forwards.
+    /// Forwards a checkpoint barrier. The runner has already saved [`Operator::snapshot`]
+    /// into it; an operator only overrides this to emit something before the barrier.
     fn on_barrier(&mut self, barrier: CheckpointBarrier, out: &mut Vec<Message>) -> Result<()> {
         out.push(Message::Barrier(barrier));
         Ok(())
+    }
+
+    /// The state a checkpoint must hold to resume this operator exactly where it is (open
+    /// windows, watermark, counters), or `None` for a stateless operator. Called at each
+    /// barrier, after every record before it; the operator goes on as if nothing happened.
+    fn snapshot(&mut self) -> Result<Option<Snapshot>> {
+        Ok(None)
+    }
+
+    /// Takes back a state [`Operator::snapshot`] saved (by an operator of the same plan),
+    /// before any input.
+    fn restore(&mut self, _snapshot: Snapshot) -> Result<()> {
+        Err(crate::Error::Internal(format!(
+            "operator {} has no state to restore",
+            self.name()
+        )))
     }
 
     /// The checkpoint `epoch` is complete.
@@ -134,6 +153,12 @@ pub struct SourceContext {
     /// Counters for this source, labelled with its pipeline.
     pub metrics: SourceMetrics,
     event_time: Option<EventTimeTracker>,
+    /// The job's barrier requests, if it checkpoints (and the source has not taken them).
+    checkpoints: Option<SourceCheckpoints>,
+    /// The source's participant id in checkpoints: `<pipeline>/source`.
+    id: String,
+    pipeline: String,
+    instance_id: Option<String>,
 }
 
 /// The watermark of a source that reads in event-time order per batch (a file, datagen):
@@ -176,6 +201,98 @@ impl SourceContext {
             shutdown,
             metrics,
             event_time: None,
+            checkpoints: None,
+            id: "source".to_string(),
+            pipeline: String::new(),
+            instance_id: None,
+        }
+    }
+
+    /// The source of pipeline `pipeline` (participant `<pipeline>/source` in checkpoints),
+    /// with the job's barriers if it checkpoints, in the process whose stable id (kept in
+    /// its data directory) is `instance_id`.
+    pub fn for_pipeline(
+        mut self,
+        pipeline: &str,
+        checkpoints: Option<SourceCheckpoints>,
+        instance_id: Option<String>,
+    ) -> Self {
+        self.id = format!("{pipeline}/source");
+        self.pipeline = pipeline.to_string();
+        self.checkpoints = checkpoints;
+        self.instance_id = instance_id;
+        self
+    }
+
+    /// The source's participant id in checkpoints.
+    pub fn participant(&self) -> &str {
+        &self.id
+    }
+
+    /// The pipeline this source feeds (empty outside a pipeline: tests, tools).
+    pub fn pipeline(&self) -> &str {
+        &self.pipeline
+    }
+
+    /// The process's stable id, if it has a data directory (Kafka static membership).
+    pub fn instance_id(&self) -> Option<&str> {
+        self.instance_id.as_deref()
+    }
+
+    /// The barrier the job's coordinator asked for, if one is waiting: inject it with
+    /// [`SourceContext::emit_barrier`] between two batches.
+    pub fn barrier_due(&mut self) -> Option<CheckpointBarrier> {
+        self.checkpoints.as_mut()?.barriers.try_recv().ok()
+    }
+
+    /// Waits for the next barrier the coordinator asks for (forever, without one).
+    pub async fn barrier_requested(&mut self) -> CheckpointBarrier {
+        match self.checkpoints.as_mut() {
+            Some(c) => match c.barriers.recv().await {
+                Some(barrier) => barrier,
+                None => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Saves `position` (where the source resumes from: everything emitted so far is
+    /// before it) in `barrier` and sends it on. Returns `false` once the pipeline is
+    /// stopping — after its last barrier, too: the source should then return
+    /// [`SourceExit::Stopped`].
+    pub async fn emit_barrier(&mut self, barrier: CheckpointBarrier, position: Snapshot) -> bool {
+        let last = barrier.last;
+        barrier.save(self.id.clone(), position);
+        self.send(Message::Barrier(barrier)).await && !last
+    }
+
+    /// Hands over the barrier requests, to a source that injects barriers from a thread of
+    /// its own (Kafka's consumer). It saves its state under [`SourceContext::participant`].
+    pub fn take_checkpoints(&mut self) -> Option<SourceCheckpoints> {
+        self.checkpoints.take()
+    }
+
+    /// After a bounded input's `End`: asks for the job's last barrier and injects it, with
+    /// the source's state saying the input is finished (a restart then reads nothing).
+    pub(crate) async fn last_checkpoint_after_end(&mut self) {
+        let Some(checkpoints) = self.checkpoints.as_mut() else {
+            return;
+        };
+        checkpoints.finished().await;
+        loop {
+            let barrier = tokio::select! {
+                barrier = checkpoints.barriers.recv() => barrier,
+                () = self.shutdown.cancelled() => None,
+            };
+            let Some(barrier) = barrier else { return };
+            let last = barrier.last;
+            barrier.save(
+                self.id.clone(),
+                Snapshot::meta(serde_json::json!({"finished": true})),
+            );
+            if self.out.send(Message::Barrier(barrier)).await.is_err() || last {
+                return;
+            }
         }
     }
 
@@ -243,8 +360,15 @@ pub trait Source: Send {
     /// [`Message::End`] afterwards.
     async fn run(&mut self, ctx: &mut SourceContext) -> Result<SourceExit>;
 
-    /// Called after [`Message::End`] has been sent: wait (briefly) for the last epoch to be
-    /// durable downstream and commit it, then release connections.
+    /// Resumes from a position it saved in a checkpoint ([`SourceContext::emit_barrier`]),
+    /// before `run`.
+    async fn restore(&mut self, _position: Snapshot) -> Result<()> {
+        Err(crate::Error::Internal(
+            "this source keeps no position in checkpoints".into(),
+        ))
+    }
+
+    /// Called once the source's last message has been sent: release connections.
     async fn close(&mut self) {}
 }
 
@@ -259,13 +383,31 @@ pub trait Sink: Send {
     }
 
     /// Everything written before `barrier` must become durable. A sink that writes
-    /// synchronously drops the barrier (the default); one that buffers (a Parquet file still
-    /// open) keeps it until the rows are durable, then drops it, or calls
-    /// [`CheckpointBarrier::fail`] if they never will be.
-    async fn pre_commit(&mut self, _barrier: CheckpointBarrier) -> Result<()> {
+    /// synchronously acknowledges the barrier at once (the default); one that buffers (a
+    /// Parquet file still open) keeps it until the rows are durable, then calls
+    /// [`CheckpointBarrier::ack`], or [`CheckpointBarrier::fail`] if they never will be.
+    /// Dropping it unacknowledged fails the epoch.
+    async fn pre_commit(&mut self, barrier: CheckpointBarrier) -> Result<()> {
+        barrier.ack();
         Ok(())
     }
 
+    /// What a checkpoint must hold to resume this sink (files pre-committed but not yet
+    /// published, a view's rows), read right after `pre_commit`.
+    fn snapshot(&mut self) -> Result<Option<Snapshot>> {
+        Ok(None)
+    }
+
+    /// Takes back what [`Sink::snapshot`] saved, before any input: publishes what the
+    /// restored checkpoint pre-committed and discards what came after it.
+    async fn restore(&mut self, _snapshot: Snapshot) -> Result<()> {
+        Err(crate::Error::Internal(
+            "this sink keeps no state in checkpoints".into(),
+        ))
+    }
+
+    /// Every epoch up to `epoch` is complete (its checkpoint written): publish what was
+    /// pre-committed for them. Called once per completed checkpoint, in order.
     async fn commit(&mut self, _epoch: u64) -> Result<()> {
         Ok(())
     }
@@ -279,6 +421,7 @@ pub trait Sink: Send {
         Ok(())
     }
 
-    /// The input has ended or the pipeline is stopping: make everything written durable.
+    /// The pipeline has stopped (after its last commit): release what the sink holds. Rows
+    /// after the last committed epoch need not be made durable: a restart replays them.
     async fn finish(&mut self) -> Result<()>;
 }

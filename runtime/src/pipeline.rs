@@ -2,19 +2,22 @@
 //!
 //! Every arrow is a bounded channel of [`CHANNEL_CAPACITY`] messages, so a slow consumer
 //! slows its producer down to the source (back-pressure) instead of buffering without limit.
-//! Stopping is one path for every cause: the source's token is cancelled, the source returns,
-//! [`Message::End`] flows down, operators flush, sinks finish.
+//! A bounded input that ends sends [`Message::End`] (operators flush), then the job's last
+//! checkpoint barrier, then [`Message::Stop`]; a stop sends the last barrier where the source
+//! is, then `Stop`, so nothing partial is emitted. Tasks end on `Stop`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::CHANNEL_CAPACITY;
+use crate::checkpoint::Snapshot;
+use crate::coordinator::SourceCheckpoints;
 use crate::error::{Error, Result};
-use crate::message::Message;
+use crate::message::{CheckpointBarrier, Message};
 use crate::metrics::{Metrics, OperatorMetrics, SinkMetrics, SourceMetrics};
 use crate::operator::{AsyncOperator, Operator, Sink, Source, SourceContext, SourceExit, Stage};
 
@@ -81,12 +84,12 @@ impl Fanout {
         Arc::new(Self::default())
     }
 
-    /// A new consumer of everything sent from now on (just `End` if the output has ended).
+    /// A new consumer of everything sent from now on (just `Stop` if the output has ended).
     pub fn subscribe(&self) -> mpsc::Receiver<Message> {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.ended {
-            let _ = tx.try_send(Message::End);
+            let _ = tx.try_send(Message::Stop);
         } else {
             state.subscribers.push(tx);
         }
@@ -98,57 +101,108 @@ impl Fanout {
         let subscribers = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             state.subscribers.retain(|s| !s.is_closed());
-            if matches!(message, Message::End) {
+            if matches!(message, Message::Stop) {
                 state.ended = true;
                 std::mem::take(&mut state.subscribers)
             } else {
                 state.subscribers.clone()
             }
         };
-        if let [only] = subscribers.as_slice() {
-            let _ = only.send(message).await;
+        // Each subscriber gets its own copy; the last one gets the original, so that a
+        // barrier is never dropped here unacknowledged (which would fail its epoch). A
+        // subscriber that hung up drops its copy (failing a barrier: its rows are lost) and
+        // is removed on the next send.
+        let Some((last, others)) = subscribers.split_last() else {
             return;
-        }
-        for subscriber in &subscribers {
-            // A subscriber that hung up is removed on the next send.
+        };
+        for subscriber in others {
             let _ = subscriber.send(message.clone()).await;
         }
+        let _ = last.send(message).await;
     }
 }
 
-/// Runs `source` on its own task once `release` is cancelled (so that every consumer can
-/// subscribe first); returns the channel it writes to.
+/// How a source task runs.
+pub struct SourceTask {
+    /// Cancelled to stop at once (no last checkpoint): a live tail, or a stop that timed out.
+    pub shutdown: CancellationToken,
+    /// The source starts reading once this is cancelled (so that every consumer can
+    /// subscribe first).
+    pub release: CancellationToken,
+    pub metrics: SourceMetrics,
+    pub status: StatusCell,
+    /// The pipeline, for logs and the source's participant id (`<pipeline>/source`).
+    pub pipeline: String,
+    /// The job's barriers, if it checkpoints.
+    pub checkpoints: Option<SourceCheckpoints>,
+    /// The source's state in the checkpoint restored.
+    pub restore: Option<Snapshot>,
+    /// The process's stable id (Kafka static membership), if it has a data directory.
+    pub instance_id: Option<String>,
+}
+
+/// Runs `source` on its own task; returns the channel it writes to. A bounded input that
+/// ends is followed by `End`, the job's last barrier (after `End` has flushed everything
+/// downstream) and `Stop`; a stopped one by `Stop`.
 pub fn spawn_source(
     mut source: Box<dyn Source>,
-    shutdown: CancellationToken,
-    release: CancellationToken,
-    metrics: SourceMetrics,
-    status: StatusCell,
-    name: String,
+    task: SourceTask,
 ) -> (mpsc::Receiver<Message>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-    let end_tx = tx.clone();
     let handle = tokio::spawn(async move {
+        let SourceTask {
+            shutdown,
+            release,
+            metrics,
+            status,
+            pipeline,
+            checkpoints,
+            restore,
+            instance_id,
+        } = task;
         // Wait until every consumer is subscribed, so none misses the first rows.
         tokio::select! {
             () = release.cancelled() => {}
             () = shutdown.cancelled() => {}
         }
-        let mut ctx = SourceContext::new(tx, shutdown, metrics);
-        match source.run(&mut ctx).await {
-            Ok(SourceExit::Finished) => status.set(PipelineStatus::Finished),
+        let finished_before = restore.as_ref().is_some_and(is_finished);
+        let mut ctx = SourceContext::new(tx, shutdown, metrics).for_pipeline(
+            &pipeline,
+            checkpoints,
+            instance_id,
+        );
+        let exit = match restore {
+            // The input was read to its end before the checkpoint: nothing more to read.
+            _ if finished_before => Ok(SourceExit::Finished),
+            Some(snapshot) => match source.restore(snapshot).await {
+                Ok(()) => source.run(&mut ctx).await,
+                Err(e) => Err(e),
+            },
+            None => source.run(&mut ctx).await,
+        };
+        match exit {
+            Ok(SourceExit::Finished) => {
+                status.set(PipelineStatus::Finished);
+                if ctx.emit_final(Message::End).await {
+                    ctx.last_checkpoint_after_end().await;
+                }
+            }
             Ok(SourceExit::Stopped) => status.set(PipelineStatus::Stopped),
             Err(e) => {
-                tracing::error!(pipeline = %name, error = %e, "source failed; pipeline stops");
+                tracing::error!(pipeline = %pipeline, error = %e, "source failed; pipeline stops");
                 status.set(PipelineStatus::Failed(e.to_string()));
             }
         }
+        ctx.emit_final(Message::Stop).await;
         drop(ctx);
-        let _ = end_tx.send(Message::End).await;
-        drop(end_tx);
         source.close().await;
     });
     (rx, handle)
+}
+
+/// Whether a source's saved state says its input had been read to the end.
+fn is_finished(snapshot: &Snapshot) -> bool {
+    snapshot.meta.get("finished") == Some(&serde_json::Value::Bool(true))
 }
 
 /// Runs `operators` in order on every message of `input`, sending the result to `output`.
@@ -267,16 +321,16 @@ fn spawn_chain_at(
                 None => input.recv().await,
             };
             let Some(message) = message else { break };
-            let end = matches!(message, Message::End);
+            let stop = matches!(message, Message::Stop);
             for message in chain.run(Some(message)) {
                 output.send(message).await;
             }
-            if end {
+            if stop {
                 return;
             }
         }
-        // The input closed without End (upstream task died): still end the output.
-        output.send(Message::End).await;
+        // The input closed without Stop (upstream task died): still end the output.
+        output.send(Message::Stop).await;
     })
 }
 
@@ -308,12 +362,12 @@ fn spawn_async_stage(
                 biased;
                 Some(done) = in_flight.next(), if !in_flight.is_empty() => match done {
                     Ok(Some(message)) => {
-                        let end = matches!(message, Message::End);
+                        let stop = matches!(message, Message::Stop);
                         if let Message::Data(batch) = &message {
                             metrics.records_out.inc_by(batch.num_rows() as u64);
                         }
                         output.send(message).await;
-                        if end {
+                        if stop {
                             return;
                         }
                     }
@@ -327,8 +381,8 @@ fn spawn_async_stage(
                     }
                 },
                 message = input.recv(), if !input_done && in_flight.len() < max_in_flight => {
-                    let message = message.unwrap_or(Message::End);
-                    input_done = matches!(message, Message::End);
+                    let message = message.unwrap_or(Message::Stop);
+                    input_done = matches!(message, Message::Stop);
                     let slot: Slot = match message {
                         Message::Data(batch) => {
                             metrics.records_in.inc_by(batch.num_rows() as u64);
@@ -397,11 +451,25 @@ impl Chain {
                         op.process_batch(batch, &mut next)
                     }
                     Message::Watermark(w) => op.on_watermark(w, &mut next),
-                    Message::Barrier(b) => op.on_barrier(b, &mut next),
+                    Message::Barrier(b) => match op.snapshot() {
+                        Ok(snapshot) => {
+                            if let Some(snapshot) = snapshot {
+                                b.save(format!("{}/op{i}", self.pipeline), snapshot);
+                            }
+                            op.on_barrier(b, &mut next)
+                        }
+                        // The barrier is dropped unacknowledged: its epoch fails.
+                        Err(e) => Err(e),
+                    },
                     Message::End => {
                         let r = op.on_end(&mut next);
                         next.push(Message::End);
                         r
+                    }
+                    // Nothing partial is emitted: the state stays in the last checkpoint.
+                    Message::Stop => {
+                        next.push(Message::Stop);
+                        Ok(())
                     }
                 };
                 if let Err(e) = result {
@@ -430,71 +498,209 @@ impl Chain {
     }
 }
 
-/// Feeds `input` to `sink` until `End`, then finishes it. Failures are logged, counted and
-/// reported in `status`; the task itself never panics.
+/// How a sink task runs.
+pub struct SinkTask {
+    pub metrics: SinkMetrics,
+    pub status: StatusCell,
+    /// The pipeline, for logs and the sink's participant id (`<pipeline>/sink`).
+    pub pipeline: String,
+    /// The job's committed epochs; without a coordinator each barrier commits at once.
+    pub committed: Option<watch::Receiver<u64>>,
+    /// The sink's state in the checkpoint restored.
+    pub restore: Option<Snapshot>,
+}
+
+/// How long a stopping sink waits for its last epoch to be committed.
+const LAST_COMMIT_WAIT: Duration = Duration::from_secs(30);
+
+/// Feeds `input` to `sink` until `Stop`, committing epochs as the coordinator completes
+/// them, then finishes it. Failures are logged, counted and reported in `status`; the task
+/// itself never panics.
 pub fn spawn_sink(
     mut sink: Box<dyn Sink>,
     mut input: mpsc::Receiver<Message>,
-    metrics: SinkMetrics,
-    status: StatusCell,
-    name: String,
+    task: SinkTask,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let result = run_sink(sink.as_mut(), &mut input, &metrics).await;
+        let SinkTask {
+            metrics,
+            status,
+            pipeline,
+            committed,
+            restore,
+        } = task;
+        let restored = match restore {
+            Some(snapshot) => sink.restore(snapshot).await,
+            None => Ok(()),
+        };
+        let result = match restored {
+            Ok(()) => {
+                let mut run = SinkRun {
+                    sink: sink.as_mut(),
+                    id: format!("{pipeline}/sink"),
+                    metrics: &metrics,
+                    committed,
+                    pre_committed: None,
+                    commit_done: 0,
+                };
+                run.run(&mut input).await
+            }
+            Err(e) => Err(e),
+        };
         let finished = sink.finish().await;
         if let Err(e) = result.and(finished) {
             metrics.errors.inc();
-            tracing::error!(sink = %name, error = %e, "sink failed");
+            tracing::error!(pipeline = %pipeline, error = %e, "sink failed");
             status.set(PipelineStatus::Failed(e.to_string()));
             // Rows are lost here: no epoch still to come may count as durable, or the
-            // source would commit offsets past them.
+            // source would commit offsets past them. (Dropping a barrier fails it.)
             while let Some(message) = input.recv().await {
-                match message {
-                    Message::Barrier(barrier) => barrier.fail(),
-                    Message::End => break,
-                    _ => {}
+                if matches!(message, Message::Stop) {
+                    break;
                 }
             }
         }
     })
 }
 
-async fn run_sink(
-    sink: &mut dyn Sink,
-    input: &mut mpsc::Receiver<Message>,
-    metrics: &SinkMetrics,
-) -> Result<()> {
-    let mut tick = sink.tick_interval().map(|period| {
-        let mut interval = tokio::time::interval(period);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        interval
-    });
-    loop {
-        let message = match tick.as_mut() {
-            Some(interval) => tokio::select! {
-                m = input.recv() => m,
-                _ = interval.tick() => { sink.on_tick().await?; continue; }
-            },
-            None => input.recv().await,
-        };
-        match message {
-            Some(Message::Data(batch)) => {
-                let rows = batch.num_rows() as u64;
-                sink.write(batch).await?;
-                metrics.rows_written.inc_by(rows);
-            }
-            Some(Message::Watermark(w)) => sink.on_watermark(w).await?,
-            Some(Message::Barrier(barrier)) => {
-                let epoch = barrier.epoch;
-                let held = barrier.clone();
-                if let Err(e) = sink.pre_commit(barrier).await {
-                    held.fail();
-                    return Err(e);
+struct SinkRun<'a> {
+    sink: &'a mut dyn Sink,
+    id: String,
+    metrics: &'a SinkMetrics,
+    committed: Option<watch::Receiver<u64>>,
+    /// The newest epoch pre-committed.
+    pre_committed: Option<u64>,
+    /// The newest epoch committed.
+    commit_done: u64,
+}
+
+impl SinkRun<'_> {
+    async fn run(&mut self, input: &mut mpsc::Receiver<Message>) -> Result<()> {
+        let mut tick = self.sink.tick_interval().map(|period| {
+            let mut interval = tokio::time::interval(period);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            interval
+        });
+        enum Event {
+            Message(Option<Message>),
+            Tick,
+            Committed,
+        }
+        loop {
+            let event = tokio::select! {
+                m = input.recv() => Event::Message(m),
+                () = next_tick(&mut tick) => Event::Tick,
+                () = next_commit(&mut self.committed) => Event::Committed,
+            };
+            let message = match event {
+                Event::Message(message) => message,
+                Event::Tick => {
+                    self.sink.on_tick().await?;
+                    continue;
                 }
-                drop(held);
-                sink.commit(epoch).await?;
+                Event::Committed => {
+                    self.commit_up_to_latest().await?;
+                    continue;
+                }
+            };
+            match message {
+                Some(Message::Data(batch)) => {
+                    let rows = batch.num_rows() as u64;
+                    self.sink.write(batch).await?;
+                    self.metrics.rows_written.inc_by(rows);
+                }
+                Some(Message::Watermark(w)) => self.sink.on_watermark(w).await?,
+                Some(Message::Barrier(barrier)) => self.pre_commit(barrier).await?,
+                // A bounded input ended; its last barrier and Stop follow.
+                Some(Message::End) => {}
+                Some(Message::Stop) | None => break,
             }
-            Some(Message::End) | None => return Ok(()),
+        }
+        self.wait_last_commit().await
+    }
+
+    async fn pre_commit(&mut self, barrier: CheckpointBarrier) -> Result<()> {
+        let epoch = barrier.epoch;
+        // A copy that fails the epoch if pre-commit does; the sink acknowledges or holds
+        // its own.
+        let held = barrier.clone();
+        if let Err(e) = self.sink.pre_commit(barrier).await {
+            held.fail();
+            return Err(e);
+        }
+        match self.sink.snapshot() {
+            Ok(Some(snapshot)) => held.save(self.id.clone(), snapshot),
+            Ok(None) => {}
+            Err(e) => {
+                held.fail();
+                return Err(e);
+            }
+        }
+        held.ack();
+        self.pre_committed = Some(epoch);
+        if self.committed.is_none() {
+            // No coordinator (a pipeline that does not checkpoint): commit at once.
+            self.commit(epoch).await?;
+        }
+        Ok(())
+    }
+
+    async fn commit_up_to_latest(&mut self) -> Result<()> {
+        let latest = self
+            .committed
+            .as_mut()
+            .map_or(0, |c| *c.borrow_and_update());
+        self.commit(latest).await
+    }
+
+    async fn commit(&mut self, epoch: u64) -> Result<()> {
+        if epoch > self.commit_done {
+            self.sink.commit(epoch).await?;
+            self.commit_done = epoch;
+        }
+        Ok(())
+    }
+}
+
+/// The next tick of `interval`; never, without one.
+async fn next_tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for the next committed epoch. Once the coordinator has gone (its job stopped)
+/// this waits forever; the receiver keeps the last value for the wait at `Stop`.
+async fn next_commit(committed: &mut Option<watch::Receiver<u64>>) {
+    if let Some(rx) = committed
+        && rx.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
+}
+
+impl SinkRun<'_> {
+    /// Stopping: the coordinator writes the last epoch's checkpoint and then commits it;
+    /// publish what that epoch pre-committed once it does (bounded).
+    async fn wait_last_commit(&mut self) -> Result<()> {
+        let (Some(epoch), Some(committed)) = (self.pre_committed, self.committed.as_mut()) else {
+            return Ok(());
+        };
+        let reached =
+            tokio::time::timeout(LAST_COMMIT_WAIT, committed.wait_for(|&done| done >= epoch))
+                .await
+                .is_ok_and(|r| r.is_ok());
+        match reached {
+            true => self.commit_up_to_latest().await,
+            false => {
+                tracing::warn!(sink = %self.id, epoch,
+                    "the last checkpoint did not complete; its rows are written again after a restart");
+                Ok(())
+            }
         }
     }
 }
@@ -545,6 +751,34 @@ mod tests {
     use arrow::record_batch::RecordBatch;
     use async_trait::async_trait;
 
+    fn source_task(
+        shutdown: CancellationToken,
+        release: CancellationToken,
+        metrics: SourceMetrics,
+        status: StatusCell,
+    ) -> SourceTask {
+        SourceTask {
+            shutdown,
+            release,
+            metrics,
+            status,
+            pipeline: "p".into(),
+            checkpoints: None,
+            restore: None,
+            instance_id: None,
+        }
+    }
+
+    fn sink_task(metrics: SinkMetrics, status: StatusCell) -> SinkTask {
+        SinkTask {
+            metrics,
+            status,
+            pipeline: "p".into(),
+            committed: None,
+            restore: None,
+        }
+    }
+
     struct Numbers(Vec<i64>);
 
     #[async_trait]
@@ -591,27 +825,24 @@ mod tests {
         let release = CancellationToken::new();
         let (rx, source_task) = spawn_source(
             Box::new(Numbers((0..100).collect())),
-            CancellationToken::new(),
-            release.clone(),
-            metrics.source("p", "numbers"),
-            status.clone(),
-            "p".into(),
+            source_task(
+                CancellationToken::new(),
+                release.clone(),
+                metrics.source("numbers", "p", "numbers"),
+                status.clone(),
+            ),
         );
         let fanout = Fanout::new();
         let (a, b) = (Collect::default(), Collect::default());
         let sink_a = spawn_sink(
             Box::new(a.clone()),
             fanout.subscribe(),
-            metrics.sink("p", "a"),
-            status.clone(),
-            "a".into(),
+            sink_task(metrics.sink("p", "a"), status.clone()),
         );
         let sink_b = spawn_sink(
             Box::new(b.clone()),
             fanout.subscribe(),
-            metrics.sink("p", "b"),
-            status.clone(),
-            "b".into(),
+            sink_task(metrics.sink("p", "b"), status.clone()),
         );
         let chain = spawn_chain(rx, vec![], fanout, &metrics, "p");
         // Subscribers wired after the source task was spawned still see the first batch.
@@ -651,20 +882,22 @@ mod tests {
         released.cancel();
         let (mut rx, task) = spawn_source(
             Box::new(Endless),
-            token.clone(),
-            released,
-            SourceMetrics::detached(),
-            status.clone(),
-            "p".into(),
+            source_task(
+                token.clone(),
+                released,
+                SourceMetrics::detached(),
+                status.clone(),
+            ),
         );
         assert!(matches!(rx.recv().await, Some(Message::Data(_))));
         token.cancel();
-        let mut saw_end = false;
+        let mut saw_stop = false;
         while let Some(m) = rx.recv().await {
-            saw_end |= matches!(m, Message::End);
+            assert!(!matches!(m, Message::End), "a stopped input has not ended");
+            saw_stop |= matches!(m, Message::Stop);
         }
         join(task).await.expect("no panic");
-        assert!(saw_end);
+        assert!(saw_stop);
         assert_eq!(status.get(), PipelineStatus::Stopped);
     }
 }

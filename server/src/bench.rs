@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 use weir_connectors::Connectors;
 use weir_server::engine::{Engine, EngineConfig};
 
+mod pipeline;
 mod remote_write;
 
 #[derive(Args)]
@@ -40,6 +41,10 @@ pub struct BenchArgs {
     /// creates the series in the receiver, the later ones append to them).
     #[arg(long, default_value_t = 1)]
     windows: u32,
+    /// How often jobs checkpoint (into a temporary data directory), e.g. `10s`, or `none`.
+    /// Default: `10s` for pipeline and checkpoint, `none` for the others.
+    #[arg(long)]
+    checkpoint_interval: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -72,6 +77,13 @@ enum Which {
     /// `--events` NDJSON events (100 k distinct keys) LEFT JOINed against a Postgres table
     /// (`--url`) holding 90 % of them, through the partial cache at its defaults -> blackhole.
     LookupPostgres,
+    /// The seed job: Kafka (mock cluster) -> JOIN a 1 M-row table -> TUMBLE 1 minute GROUP BY
+    /// an enriched column -> Parquet lake and Prometheus remote-write (a decode-and-count
+    /// receiver), checkpoints every 10 s.
+    Pipeline,
+    /// 1 M keys of TUMBLE state (Kafka mock cluster): a checkpoint's duration and size, then
+    /// the restore in a new engine on the same data directory.
+    Checkpoint,
 }
 
 pub async fn run(args: BenchArgs) -> Result<ExitCode, String> {
@@ -92,6 +104,8 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         Which::Lookup => lookup(&args).await,
         Which::LookupRun => lookup_run(&args).await,
         Which::LookupPostgres => lookup_postgres(&args).await,
+        Which::Pipeline => pipeline::pipeline(&args).await,
+        Which::Checkpoint => pipeline::checkpoint(&args).await,
     }
 }
 
@@ -112,6 +126,11 @@ async fn lookup(args: &BenchArgs) -> Result<ExitCode, String> {
             .arg("--dir")
             .arg(&args.dir)
             .args(["--with", &format!("mode={mode}")])
+            .args(
+                args.checkpoint_interval
+                    .iter()
+                    .flat_map(|i| ["--checkpoint-interval", i.as_str()]),
+            )
             .output()
             .map_err(|e| e.to_string())?;
         let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -139,27 +158,10 @@ async fn lookup(args: &BenchArgs) -> Result<ExitCode, String> {
 /// The events `{k, g, v, ts}` (k over the table's 1 M keys, g = the group the table gives k)
 /// and the table `k,g,name` as CSV; generated once into `--dir`.
 fn lookup_inputs(args: &BenchArgs) -> Result<(PathBuf, PathBuf), String> {
-    std::fs::create_dir_all(&args.dir).map_err(|e| e.to_string())?;
+    let table = lookup_table(args)?;
     let events = args
         .dir
         .join(format!("lookup-events-{}.ndjson", args.events));
-    let table = args
-        .dir
-        .join(format!("lookup-table-{LOOKUP_TABLE_ROWS}.csv"));
-    let group = |k: u64| (k.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % LOOKUP_GROUPS;
-    if !table.exists() {
-        eprintln!(
-            "generating a {LOOKUP_TABLE_ROWS}-row table into {} ...",
-            table.display()
-        );
-        let mut out =
-            std::io::BufWriter::new(std::fs::File::create(&table).map_err(|e| e.to_string())?);
-        writeln!(out, "k,g,name").map_err(|e| e.to_string())?;
-        for k in 0..LOOKUP_TABLE_ROWS {
-            writeln!(out, "{k},{},vehicle-{k}", group(k)).map_err(|e| e.to_string())?;
-        }
-        out.flush().map_err(|e| e.to_string())?;
-    }
     if !events.exists() {
         eprintln!(
             "generating {} events into {} ...",
@@ -183,7 +185,7 @@ fn lookup_inputs(args: &BenchArgs) -> Result<(PathBuf, PathBuf), String> {
             writeln!(
                 out,
                 "{{\"k\":{k},\"g\":{},\"v\":{}.0,\"ts\":\"{ts}\"}}",
-                group(k),
+                lookup_group(k),
                 (state >> 20) % 10_000
             )
             .map_err(|e| e.to_string())?;
@@ -191,6 +193,33 @@ fn lookup_inputs(args: &BenchArgs) -> Result<(PathBuf, PathBuf), String> {
         out.flush().map_err(|e| e.to_string())?;
     }
     Ok((events, table))
+}
+
+/// The group column of the lookup table's key `k`.
+fn lookup_group(k: u64) -> u64 {
+    (k.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % LOOKUP_GROUPS
+}
+
+/// The lookup benchmarks' table `k,g,name` as CSV, generated once into `--dir`.
+fn lookup_table(args: &BenchArgs) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(&args.dir).map_err(|e| e.to_string())?;
+    let table = args
+        .dir
+        .join(format!("lookup-table-{LOOKUP_TABLE_ROWS}.csv"));
+    if !table.exists() {
+        eprintln!(
+            "generating a {LOOKUP_TABLE_ROWS}-row table into {} ...",
+            table.display()
+        );
+        let mut out =
+            std::io::BufWriter::new(std::fs::File::create(&table).map_err(|e| e.to_string())?);
+        writeln!(out, "k,g,name").map_err(|e| e.to_string())?;
+        for k in 0..LOOKUP_TABLE_ROWS {
+            writeln!(out, "{k},{},vehicle-{k}", lookup_group(k)).map_err(|e| e.to_string())?;
+        }
+        out.flush().map_err(|e| e.to_string())?;
+    }
+    Ok(table)
 }
 
 /// Distinct keys of the Postgres lookup benchmark's events; the table holds 90 % of them.
@@ -343,9 +372,7 @@ async fn kafka(args: &BenchArgs) -> Result<ExitCode, String> {
             .await
             .map_err(|e| e.to_string())??;
     }
-    let engine = Engine::open(EngineConfig::default(), Arc::new(Connectors))
-        .await
-        .map_err(|e| e.to_string())?;
+    let (engine, _scratch, interval) = bench_engine(args, None).await?;
     let mut extra = String::new();
     for option in &args.with {
         let (key, value) = option
@@ -383,38 +410,23 @@ async fn kafka(args: &BenchArgs) -> Result<ExitCode, String> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    let (first_rows, started, cpu_before) = first.unwrap_or((0, joined, 0.0));
-    let wall = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds() - cpu_before;
-    let measured = (args.events - first_rows) as f64;
+    let consumed = Consumed::now(args.events, joined, first, rss_before);
     let broker = if mock.is_some() {
         "librdkafka mock cluster in this process"
     } else {
         "external broker"
     };
     println!(
-        "benchmark: kafka ({partitions}-partition topic, {broker}, produced beforehand -> Kafka source -> blackhole)"
+        "benchmark: kafka ({partitions}-partition topic, {broker}, produced beforehand -> Kafka source -> blackhole); {}",
+        checkpoints_text(interval)
     );
-    println!("events:                {}", args.events);
-    println!(
-        "group join:            {:.2} s (not measured)",
-        (started - joined).as_secs_f64()
-    );
-    println!("wall seconds:          {wall:.2} (the last {measured} events)");
-    println!("cpu seconds:           {cpu:.2}");
-    println!("events/s:              {:.0}", measured / wall);
-    println!("events per cpu-second: {:.0}", measured / cpu.max(1e-9));
-    println!(
-        "peak RSS:              {} MiB ({} MiB before consuming)",
-        peak_rss_kib() / 1024,
-        rss_before / 1024
-    );
+    consumed.print();
     let metrics = engine.metrics().encode();
     println!(
         "source records read:   {}",
         counter(
             &metrics,
-            "weir_records_out_total{pipeline=\"events\",operator=\"source_kafka\"}"
+            "weir_records_out_total{pipeline=\"out\",operator=\"source_kafka\"}"
         )
     );
     println!("sink rows received:    {}", counter(&metrics, sink_rows));
@@ -429,6 +441,25 @@ fn produce_events(
     events: u64,
     partitions: i32,
 ) -> Result<(), String> {
+    let mut state = 42;
+    let line = move |i, out: &mut Vec<u8>| {
+        // write_event ends the line with a newline; a message has none.
+        let _ = write_event(out, i, &mut state);
+        out.pop();
+    };
+    produce_with(bootstrap, topic, events, partitions, line, None)
+}
+
+/// Produces `events` messages made by `line` (event number, buffer) to `topic`, in runs of
+/// `PRODUCER_RUN` per partition, then `closer` once to every partition.
+fn produce_with(
+    bootstrap: &str,
+    topic: &str,
+    events: u64,
+    partitions: i32,
+    mut line: impl FnMut(u64, &mut Vec<u8>),
+    closer: Option<Vec<u8>>,
+) -> Result<(), String> {
     use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
     let delivered = Delivered::default();
     let producer: ThreadedProducer<Delivered> = rdkafka::ClientConfig::new()
@@ -436,17 +467,24 @@ fn produce_events(
         .set("linger.ms", "20")
         .create_with_context(delivered.clone())
         .map_err(|e| e.to_string())?;
-    let mut line = Vec::with_capacity(64);
-    let mut state = 42;
-    for i in 0..events {
-        line.clear();
-        write_event(&mut line, i, &mut state).map_err(|e| e.to_string())?;
+    let mut payload = Vec::with_capacity(64);
+    let send = |payload: &[u8], partition: i32| {
         let mut record = BaseRecord::<(), _>::to(topic)
-            .payload(&line[..line.len() - 1])
-            .partition(((i / PRODUCER_RUN) % partitions as u64) as i32);
+            .payload(payload)
+            .partition(partition);
         while let Err((_, back)) = producer.send(record) {
             record = back;
             std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    };
+    for i in 0..events {
+        payload.clear();
+        line(i, &mut payload);
+        send(&payload, ((i / PRODUCER_RUN) % partitions as u64) as i32);
+    }
+    if let Some(closer) = &closer {
+        for partition in 0..partitions {
+            send(closer, partition);
         }
     }
     producer
@@ -533,6 +571,129 @@ async fn file_filter(args: &BenchArgs) -> Result<ExitCode, String> {
     run_to_end(args, &sql, title, "sink rows received").await
 }
 
+/// `--checkpoint-interval`, or `default` when it is not given; `None` for `none`.
+fn checkpoint_interval(
+    args: &BenchArgs,
+    default: Option<std::time::Duration>,
+) -> Result<Option<std::time::Duration>, String> {
+    match args.checkpoint_interval.as_deref() {
+        None => Ok(default),
+        Some("none") => Ok(None),
+        Some(text) => weir_sql::options::parse_duration(text)
+            .map(Some)
+            .ok_or_else(|| {
+                format!("--checkpoint-interval {text}: expected e.g. 10s, 500ms or none")
+            }),
+    }
+}
+
+/// A benchmark's scratch data directory (checkpoints and lake), removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(args: &BenchArgs) -> Result<Self, String> {
+        let dir = args.dir.join(format!("run-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An engine that checkpoints every `interval` into `data_dir`; with `None`, never (an
+/// interval of a day, no store).
+fn engine_config(
+    data_dir: Option<&std::path::Path>,
+    interval: Option<std::time::Duration>,
+) -> EngineConfig {
+    let day = std::time::Duration::from_secs(86_400);
+    EngineConfig {
+        data_dir: interval.and(data_dir).map(std::path::Path::to_path_buf),
+        checkpoint_interval: Some(interval.unwrap_or(day)),
+        ..EngineConfig::default()
+    }
+}
+
+/// An engine on a scratch data directory that checkpoints every `--checkpoint-interval`
+/// (`default` when not given); the directory, and the interval for the title.
+async fn bench_engine(
+    args: &BenchArgs,
+    default: Option<std::time::Duration>,
+) -> Result<(Arc<Engine>, Scratch, Option<std::time::Duration>), String> {
+    let interval = checkpoint_interval(args, default)?;
+    let scratch = Scratch::new(args)?;
+    let engine = Engine::open(
+        engine_config(Some(&scratch.0.join("data")), interval),
+        Arc::new(Connectors),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok((engine, scratch, interval))
+}
+
+/// Figures of a run that consumed a topic produced beforehand, timed from the first record
+/// read (joining the consumer group is not throughput).
+struct Consumed {
+    events: u64,
+    /// Records read before the clock started.
+    measured: f64,
+    join_seconds: f64,
+    wall: f64,
+    cpu: f64,
+    rss_before_kib: u64,
+}
+
+impl Consumed {
+    /// The run as of now. `first`: records read, time and CPU seconds at the first record.
+    fn now(
+        events: u64,
+        joined: Instant,
+        first: Option<(u64, Instant, f64)>,
+        rss_before_kib: u64,
+    ) -> Self {
+        let (first_records, started, cpu_before) = first.unwrap_or((0, joined, 0.0));
+        Self {
+            events,
+            measured: (events - first_records.min(events)) as f64,
+            join_seconds: (started - joined).as_secs_f64(),
+            wall: started.elapsed().as_secs_f64(),
+            cpu: cpu_seconds() - cpu_before,
+            rss_before_kib,
+        }
+    }
+
+    /// Prints events, the group join, wall and CPU seconds, rates and peak RSS.
+    fn print(&self) {
+        let (measured, wall, cpu) = (self.measured, self.wall, self.cpu);
+        println!("events:                {}", self.events);
+        println!(
+            "group join:            {:.2} s (not measured)",
+            self.join_seconds
+        );
+        println!("wall seconds:          {wall:.2} (the last {measured} events)");
+        println!("cpu seconds:           {cpu:.2}");
+        println!("events/s:              {:.0}", measured / wall);
+        println!("events per cpu-second: {:.0}", measured / cpu.max(1e-9));
+        println!(
+            "peak RSS:              {} MiB ({} MiB before consuming)",
+            peak_rss_kib() / 1024,
+            self.rss_before_kib / 1024
+        );
+    }
+}
+
+/// How a benchmark checkpoints, for its title.
+fn checkpoints_text(interval: Option<std::time::Duration>) -> String {
+    match interval {
+        Some(every) => format!("checkpoints every {every:?} to a local directory"),
+        None => "no checkpoints".to_string(),
+    }
+}
+
 /// Runs `sql` (a file stream `events` and a sink `out`) until the file is read, then prints
 /// the figures and, as proof of work, what the source read and the sink received.
 async fn run_to_end(
@@ -541,9 +702,7 @@ async fn run_to_end(
     title: &str,
     sink_rows: &str,
 ) -> Result<ExitCode, String> {
-    let engine = Engine::open(EngineConfig::default(), Arc::new(Connectors))
-        .await
-        .map_err(|e| e.to_string())?;
+    let (engine, _scratch, interval) = bench_engine(args, None).await?;
     for result in engine.execute(sql).await {
         result.map_err(|e| e.to_string())?;
     }
@@ -570,7 +729,7 @@ async fn run_to_end(
     let wall = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu_before;
     let events = args.events as f64;
-    println!("benchmark: {title}");
+    println!("benchmark: {title}; {}", checkpoints_text(interval));
     println!("events:                {}", args.events);
     println!("wall seconds:          {wall:.2}");
     println!("cpu seconds:           {cpu:.2}");
@@ -593,6 +752,10 @@ async fn run_to_end(
             "weir_records_out_total{pipeline=\"out\",operator=\"source_file\"}"
         )
     );
+    let checkpoints = counter(&metrics, "weir_checkpoints_completed_total{");
+    if checkpoints > 0 {
+        println!("checkpoints completed: {checkpoints}");
+    }
     println!(
         "{:<23}{}",
         format!("{sink_rows}:"),

@@ -19,13 +19,13 @@ use weir_planner::continuous::{self, ContinuousPlan};
 use weir_planner::schema::{is_event_time_type, schema_from_columns, watermark_delay};
 use weir_planner::tables::{LookupTableProvider, MvTable, UnboundedTable};
 use weir_planner::{PlanError, Result};
-use weir_runtime::connector::{
-    ConnectorRegistry, EventTime, SinkSpec, SourceFactory, SourceSpec, TableSpec,
-};
+use weir_runtime::connector::{ConnectorRegistry, EventTime, SinkSpec, SourceSpec, TableSpec};
+use weir_runtime::coordinator::{CheckpointConfig, CheckpointInfo, Coordinator};
 use weir_runtime::message::Message;
 use weir_runtime::mv_store::{DEFAULT_MAX_ROWS, DEFAULT_RETENTION, MvSink, MvStore};
-use weir_runtime::pipeline::{self, Fanout, PipelineStatus, StatusCell};
-use weir_runtime::{CancellationToken, Metrics};
+use weir_runtime::operator::Stage;
+use weir_runtime::pipeline::{self, Fanout, PipelineStatus, SinkTask, SourceTask, StatusCell};
+use weir_runtime::{CancellationToken, Checkpoint, CheckpointStore, Metrics, Snapshot};
 use weir_sql::parser::ParsedStatement;
 use weir_sql::{
     CreateMaterializedView, CreateSink, CreateSource, CreateView, ObjectKind, SinkInput, Statement,
@@ -34,6 +34,12 @@ use weir_sql::{
 
 /// A view's or sink's option: how long after its end a window still takes records.
 const ALLOWED_LATENESS: &str = "window.allowed_lateness";
+/// A view's or sink's option: how often its job takes a checkpoint.
+const CHECKPOINT_INTERVAL: &str = "checkpoint.interval";
+/// Default `checkpoint.interval`.
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a stop waits for a job's last checkpoint before tearing it down.
+const STOP_WAIT: Duration = Duration::from_secs(30);
 
 use crate::introspection;
 
@@ -45,6 +51,14 @@ pub const DATABASE: &str = "weir";
 pub struct EngineConfig {
     /// Where the catalog is persisted; `None` keeps everything in memory.
     pub data_dir: Option<PathBuf>,
+    /// How often jobs checkpoint unless their WITH says otherwise (default 10 s).
+    pub checkpoint_interval: Option<Duration>,
+    /// Where checkpoints go: a directory or an object store URL. Default:
+    /// `<data_dir>/checkpoints`; without either, jobs checkpoint (sinks commit per epoch)
+    /// but keep no state across restarts.
+    pub checkpoint_store: Option<String>,
+    /// Complete checkpoints kept per job (default 3).
+    pub checkpoints_retained: Option<usize>,
 }
 
 /// What one statement returns.
@@ -85,7 +99,7 @@ impl Tail {
                     *returned += take;
                     return Some(batch.slice(0, take));
                 }
-                Message::End => return None,
+                Message::End | Message::Stop => return None,
                 _ => {}
             }
         }
@@ -98,29 +112,41 @@ impl Tail {
 struct Running {
     kind: ObjectKind,
     input: String,
+    /// Cancelled to tear the pipeline down at once (a stop whose last checkpoint timed out).
     stop: CancellationToken,
     status: StatusCell,
     /// Views only: where sinks `FROM` the view subscribe.
     output: Option<Arc<Fanout>>,
     tasks: Vec<JoinHandle<()>>,
     started: Instant,
+    /// The job the pipeline belongs to: its own name when it reads a stream, the view's
+    /// job when it reads a materialized view.
+    job: String,
 }
 
-/// A stream read by one source instance for all its pipelines (a Kafka consumer group).
-struct SharedSource {
-    output: Arc<Fanout>,
-    stop: CancellationToken,
-    status: StatusCell,
-    tasks: Vec<JoinHandle<()>>,
-    /// Running pipelines subscribed to `output`.
-    readers: usize,
+/// A source, the pipeline reading it, and the pipelines reading that one's output: what
+/// one coordinator checkpoints together.
+struct Job {
+    coordinator: Coordinator,
+    /// The checkpoint restored at start, for pipelines of the job started after the first.
+    restored: Option<Arc<Checkpoint>>,
+}
+
+/// One row of `SHOW QUERIES`.
+pub struct PipelineRow {
+    pub name: String,
+    pub kind: ObjectKind,
+    pub input: String,
+    pub status: PipelineStatus,
+    pub started: Instant,
+    pub checkpoints: CheckpointInfo,
 }
 
 struct State {
     catalog: Catalog,
     running: HashMap<String, Running>,
-    /// Shared sources, by stream name.
-    shared: HashMap<String, SharedSource>,
+    /// Running jobs, by the name of the pipeline that reads their source.
+    jobs: HashMap<String, Job>,
     /// False while restoring or loading files: pipelines start together in `start_all`.
     started: bool,
     /// While statements sent together run: their sources start only once all of them are
@@ -141,6 +167,11 @@ pub struct Engine {
     /// True while `open` replays the saved catalog.
     restoring: AtomicBool,
     pg_parser: PostgresCompatibilityParser,
+    /// Where checkpoints go, if anywhere.
+    store: Option<CheckpointStore>,
+    checkpoint_interval: Duration,
+    /// This data directory's stable id (Kafka static membership).
+    instance_id: Option<String>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -158,6 +189,16 @@ impl Engine {
         let (catalog, saved) = match &config.data_dir {
             Some(dir) => Catalog::open(dir)?,
             None => (Catalog::in_memory(), Vec::new()),
+        };
+        let retained = config.checkpoints_retained.unwrap_or(3);
+        let store = match (&config.checkpoint_store, &config.data_dir) {
+            (Some(location), _) => Some(CheckpointStore::open(location, retained)?),
+            (None, Some(dir)) => Some(CheckpointStore::local(&dir.join("checkpoints"), retained)?),
+            (None, None) => None,
+        };
+        let instance_id = match &config.data_dir {
+            Some(dir) => Some(instance_id(dir)?),
+            None => None,
         };
         let mut session = SessionConfig::new()
             .with_default_catalog_and_schema(DATABASE, "public")
@@ -180,7 +221,7 @@ impl Engine {
             state: Mutex::new(State {
                 catalog,
                 running: HashMap::new(),
-                shared: HashMap::new(),
+                jobs: HashMap::new(),
                 started: false,
                 batch_release: None,
             }),
@@ -191,6 +232,11 @@ impl Engine {
             release: CancellationToken::new(),
             restoring: AtomicBool::new(true),
             pg_parser: PostgresCompatibilityParser::new(),
+            store,
+            checkpoint_interval: config
+                .checkpoint_interval
+                .unwrap_or(DEFAULT_CHECKPOINT_INTERVAL),
+            instance_id,
         });
         let mut restored = 0;
         for object in &saved {
@@ -230,7 +276,11 @@ impl Engine {
             .map(|e| e.name.clone())
             .collect();
         for name in names {
-            self.start_pipeline(&mut state, &name)?;
+            // One pipeline that cannot start (its checkpoint unreadable, say) does not keep
+            // the others from running; SHOW QUERIES says why.
+            if let Err(e) = self.start_pipeline(&mut state, &name).await {
+                tracing::error!(pipeline = %name, error = %e, "pipeline cannot start");
+            }
         }
         self.release.cancel();
         Ok(())
@@ -323,20 +373,23 @@ impl Engine {
             } => self.drop_objects(kind, &names, if_exists, cascade).await,
             Statement::Show(kind) => {
                 let state = self.state.lock().await;
-                let statuses = state
+                let rows = state
                     .running
                     .iter()
-                    .map(|(n, r)| {
-                        (
-                            n.clone(),
-                            r.kind,
-                            r.input.clone(),
-                            r.status.get(),
-                            r.started,
-                        )
+                    .map(|(n, r)| PipelineRow {
+                        name: n.clone(),
+                        kind: r.kind,
+                        input: r.input.clone(),
+                        status: r.status.get(),
+                        started: r.started,
+                        checkpoints: state
+                            .jobs
+                            .get(&r.job)
+                            .map(|j| j.coordinator.info())
+                            .unwrap_or_default(),
                     })
                     .collect::<Vec<_>>();
-                introspection::show(&state.catalog, kind, &statuses)
+                introspection::show(&state.catalog, kind, &rows)
             }
             Statement::ShowCreate { kind, name } => {
                 let state = self.state.lock().await;
@@ -438,6 +491,7 @@ impl Engine {
             query: None,
             watermark_column,
             store: None,
+            checkpoint_interval: None,
         };
         if let Err(e) = state.catalog.insert(entry) {
             let _ = self.ctx.deregister_table(create.name.as_str());
@@ -513,6 +567,7 @@ impl Engine {
             query: None,
             watermark_column: None,
             store: None,
+            checkpoint_interval: None,
         };
         if let Err(e) = state.catalog.insert(entry) {
             let _ = self.ctx.deregister_table(create.name.as_str());
@@ -556,6 +611,7 @@ impl Engine {
             query: Some(Arc::new(query)),
             watermark_column: None,
             store: None,
+            checkpoint_interval: None,
         };
         if let Err(e) = state.catalog.insert(entry) {
             let _ = self.ctx.deregister_table(create.name.as_str());
@@ -627,6 +683,7 @@ impl Engine {
             .map(|n| n as usize)
             .unwrap_or(DEFAULT_MAX_ROWS);
         let lateness = reader.duration(ALLOWED_LATENESS)?;
+        let checkpoint_interval = checkpoint_interval(reader.duration(CHECKPOINT_INTERVAL)?)?;
         reader.finish()?;
         let mut plan = self.plan_continuous(&state.catalog, *create.query).await?;
         if let Some(lateness) = lateness {
@@ -653,10 +710,11 @@ impl Engine {
             query: None,
             watermark_column: None,
             store: Some(store),
+            checkpoint_interval,
         };
         state.catalog.insert(entry)?;
         if state.started
-            && let Err(e) = self.start_pipeline(&mut state, &create.name)
+            && let Err(e) = self.start_pipeline(&mut state, &create.name).await
         {
             let _ = state.catalog.remove(&create.name);
             let _ = self.ctx.deregister_table(create.name.as_str());
@@ -671,8 +729,10 @@ impl Engine {
             return Ok(Output::Command("CREATE SINK".into()));
         }
         state.catalog.check_free(&create.name)?;
-        // Read here, not by the connector: it belongs to the sink's query.
+        // Read here, not by the connector: they belong to the sink's query and job.
         let lateness = create.options.reader().duration(ALLOWED_LATENESS)?;
+        let checkpoint_interval =
+            checkpoint_interval(create.options.reader().duration(CHECKPOINT_INTERVAL)?)?;
         let (schema, depends_on, plan) = match create.input {
             SinkInput::From(from) => {
                 if lateness.is_some() {
@@ -724,9 +784,13 @@ impl Engine {
             schema: schema.clone(),
             restoring: self.restoring.load(Ordering::Relaxed),
         };
-        let factory = self
-            .connectors
-            .sink(&spec, &create.options.without(ALLOWED_LATENESS))?;
+        let factory = self.connectors.sink(
+            &spec,
+            &create
+                .options
+                .without(ALLOWED_LATENESS)
+                .without(CHECKPOINT_INTERVAL),
+        )?;
         let entry = CatalogEntry {
             name: create.name.clone(),
             kind: ObjectKind::Sink,
@@ -741,10 +805,11 @@ impl Engine {
             query: None,
             watermark_column: None,
             store: None,
+            checkpoint_interval,
         };
         state.catalog.insert(entry)?;
         if state.started
-            && let Err(e) = self.start_pipeline(&mut state, &create.name)
+            && let Err(e) = self.start_pipeline(&mut state, &create.name).await
         {
             let _ = state.catalog.remove(&create.name);
             return Err(e);
@@ -754,13 +819,16 @@ impl Engine {
 }
 
 impl Engine {
-    /// Starts the pipeline of view or sink `name`.
-    fn start_pipeline(&self, state: &mut State, name: &str) -> Result<()> {
+    /// Starts the pipeline of view or sink `name`: a job of its own when it reads a stream
+    /// (restored from the job's last checkpoint), or a part of the view's job when it reads
+    /// a materialized view.
+    async fn start_pipeline(&self, state: &mut State, name: &str) -> Result<()> {
         let entry = state
             .catalog
             .get(name)
             .ok_or_else(|| PlanError::Internal(format!("starting unknown pipeline {name}")))?
             .clone();
+        let restore_started = Instant::now();
         let stop = self.shutdown.child_token();
         let status = StatusCell::default();
         let mut tasks = Vec::new();
@@ -769,11 +837,66 @@ impl Engine {
             .first()
             .cloned()
             .ok_or_else(|| PlanError::Internal(format!("pipeline {name} reads nothing")))?;
+        let fingerprint = fingerprint(&state.catalog, name);
+        let view_output = state
+            .running
+            .get(&input_name)
+            .and_then(|r| r.output.clone().map(|o| (o, r.job.clone())));
+        // The job's checkpoint, if it has one and this pipeline's plan is the one saved.
+        let (job, restored) = match &view_output {
+            Some((_, job)) => {
+                let restored = state.jobs.get(job).and_then(|j| j.restored.clone());
+                (job.clone(), restored)
+            }
+            None => {
+                let restored = match &self.store {
+                    Some(store) => store
+                        .latest(name)
+                        .await
+                        .map_err(|e| {
+                            PlanError::Internal(format!(
+                                "cannot read the last checkpoint of {name} from {}: {e}",
+                                store.location()
+                            ))
+                        })?
+                        .map(Arc::new),
+                    None => None,
+                };
+                (name.to_string(), restored)
+            }
+        };
+        let saved = restored.as_ref().and_then(|c| {
+            match c.fingerprints.get(name) {
+                Some(f) if *f == fingerprint => Some(c.clone()),
+                Some(_) => {
+                    tracing::warn!(pipeline = %name, epoch = c.epoch,
+                        "the pipeline's query or inputs changed since its last checkpoint: it starts fresh");
+                    None
+                }
+                None => None,
+            }
+        });
+        let snapshot = |participant: &str| -> Option<Snapshot> {
+            saved
+                .as_ref()
+                .and_then(|c| c.snapshots.get(&format!("{name}/{participant}")).cloned())
+        };
         let fanout = Fanout::new();
-        let stages = match &entry.plan {
+        let mut stages = match &entry.plan {
             Some(plan) => plan.stages(&self.metrics, name)?,
             None => Vec::new(),
         };
+        for (i, stage) in stages.iter_mut().enumerate() {
+            if let Stage::Sync(op) = stage
+                && let Some(state) = snapshot(&format!("op{i}"))
+            {
+                op.restore(state).map_err(|e| {
+                    PlanError::Internal(format!(
+                        "cannot restore operator {i} of {name} from its checkpoint: {e}"
+                    ))
+                })?;
+            }
+        }
         let mut output = None;
         let (sink, label): (Box<dyn weir_runtime::Sink>, &str) = match entry.kind {
             ObjectKind::MaterializedView => {
@@ -795,52 +918,78 @@ impl Engine {
         };
         // Only now, with everything that can fail created, start reading.
         // The rows entering this pipeline's operators: a fresh source, or a view's output.
-        let input = match state
-            .running
-            .get(&input_name)
-            .and_then(|r| r.output.clone())
-        {
-            Some(view_output) => view_output.subscribe(),
+        let (input, committed) = match view_output {
+            Some((view_output, job)) => {
+                let coordinator = &state
+                    .jobs
+                    .get(&job)
+                    .ok_or_else(|| PlanError::Internal(format!("no job {job}")))?
+                    .coordinator;
+                coordinator.set_fingerprint(name, fingerprint);
+                (view_output.subscribe(), coordinator.committed())
+            }
             None => {
                 let source_entry = state.catalog.get_kind(&input_name, ObjectKind::Stream)?;
                 let factory = source_entry.source.clone().ok_or_else(|| {
                     PlanError::Internal(format!("stream {input_name} has no source"))
                 })?;
-                if factory.is_shared() {
-                    if !state.shared.contains_key(&input_name) {
-                        let shared = self.start_shared(
-                            &input_name,
-                            factory.as_ref(),
-                            Self::release(state, &self.release),
-                        )?;
-                        state.shared.insert(input_name.clone(), shared);
-                    }
-                    let shared = state.shared.get_mut(&input_name).ok_or_else(|| {
-                        PlanError::Internal(format!("no shared source for {input_name}"))
-                    })?;
-                    shared.readers += 1;
-                    shared.output.subscribe()
-                } else {
-                    let metrics = self.metrics.source(name, factory.connector());
-                    let (rx, task) = pipeline::spawn_source(
-                        factory.create()?,
-                        stop.clone(),
-                        Self::release(state, &self.release),
-                        metrics,
-                        status.clone(),
-                        name.to_string(),
-                    );
-                    tasks.push(task);
-                    rx
+                let config = CheckpointConfig {
+                    interval: entry
+                        .checkpoint_interval
+                        .unwrap_or(self.checkpoint_interval),
+                    store: self.store.clone(),
+                };
+                let (coordinator, checkpoints) = Coordinator::spawn(
+                    name,
+                    config,
+                    saved.as_ref().map_or(0, |c| c.epoch),
+                    self.metrics.checkpoints(name),
+                );
+                coordinator.set_fingerprint(name, fingerprint);
+                let committed = coordinator.committed();
+                let (rx, task) = pipeline::spawn_source(
+                    factory.create()?,
+                    SourceTask {
+                        shutdown: stop.clone(),
+                        release: Self::release(state, &self.release),
+                        metrics: self.metrics.source(&input_name, name, factory.connector()),
+                        status: status.clone(),
+                        pipeline: name.to_string(),
+                        checkpoints: Some(checkpoints),
+                        restore: snapshot("source"),
+                        instance_id: self.instance_id.clone(),
+                    },
+                );
+                tasks.push(task);
+                if let Some(c) = &saved {
+                    coordinator.restored(c.epoch, restore_started.elapsed());
+                    self.metrics
+                        .checkpoints(name)
+                        .restore_seconds
+                        .set(restore_started.elapsed().as_secs_f64());
+                    tracing::info!(pipeline = %name, epoch = c.epoch,
+                        ms = restore_started.elapsed().as_millis() as u64, "restored from checkpoint");
                 }
+                state.jobs.insert(
+                    name.to_string(),
+                    Job {
+                        coordinator,
+                        restored: saved.clone(),
+                    },
+                );
+                (rx, committed)
             }
         };
         tasks.push(pipeline::spawn_sink(
             sink,
             fanout.subscribe(),
-            self.metrics.sink(name, label),
-            status.clone(),
-            name.to_string(),
+            SinkTask {
+                metrics: self.metrics.sink(name, label),
+                status: status.clone(),
+                pipeline: name.to_string(),
+                committed: Some(committed),
+                restore: snapshot("sink"),
+            },
         ));
         tasks.extend(pipeline::spawn_stages(
             input,
@@ -862,6 +1011,7 @@ impl Engine {
                 output,
                 tasks,
                 started: Instant::now(),
+                job,
             },
         );
         Ok(())
@@ -911,7 +1061,15 @@ impl Engine {
             }
             doomed.push(name.clone());
             for victim in doomed {
+                let was_job = state.jobs.contains_key(&victim);
                 self.stop_pipeline(&mut state, &victim).await;
+                // A pipeline created again under this name starts fresh.
+                if was_job
+                    && let Some(store) = &self.store
+                    && let Err(e) = store.delete_job(&victim).await
+                {
+                    tracing::warn!(pipeline = %victim, error = %e, "cannot delete the checkpoints of a dropped pipeline");
+                }
                 if let Some(entry) = state.catalog.remove(&victim)?
                     && entry.kind != ObjectKind::Sink
                 {
@@ -931,69 +1089,41 @@ impl Engine {
             .unwrap_or_else(|| engine.clone())
     }
 
-    /// Starts the one source of a shared stream; pipelines subscribe to its output.
-    fn start_shared(
-        &self,
-        stream: &str,
-        factory: &dyn SourceFactory,
-        release: CancellationToken,
-    ) -> Result<SharedSource> {
-        let stop = self.shutdown.child_token();
-        let status = StatusCell::default();
-        let output = Fanout::new();
-        let (rx, source_task) = pipeline::spawn_source(
-            factory.create()?,
-            stop.clone(),
-            release,
-            self.metrics.source(stream, factory.connector()),
-            status.clone(),
-            stream.to_string(),
-        );
-        let forward = pipeline::spawn_chain(rx, Vec::new(), output.clone(), &self.metrics, stream);
-        Ok(SharedSource {
-            output,
-            stop,
-            status,
-            tasks: vec![source_task, forward],
-            readers: 0,
-        })
-    }
-
+    /// Stops pipeline `name`. A job's pipeline takes a last checkpoint (its source stops
+    /// where it is; nothing partial is emitted) and ends its job; the pipelines reading its
+    /// view are stopped before it (DROP and shutdown order them so). A pipeline reading a
+    /// view leaves its job and is torn down: the job's next checkpoint no longer has it.
     async fn stop_pipeline(&self, state: &mut State, name: &str) {
-        let Some(running) = state.running.remove(name) else {
+        let Some(mut running) = state.running.remove(name) else {
             return;
         };
-        running.stop.cancel();
-        let last_reader = state.shared.get_mut(&running.input).is_some_and(|shared| {
-            shared.readers -= 1;
-            shared.readers == 0
-        });
-        if last_reader && let Some(shared) = state.shared.remove(&running.input) {
-            shared.stop.cancel();
-            for task in shared.tasks {
-                let abort = task.abort_handle();
-                if tokio::time::timeout(Duration::from_secs(30), task)
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!(stream = %running.input, "source did not stop within 30 s; aborted");
-                    abort.abort();
-                }
-            }
-        }
         self.metrics
             .pipelines_running(&running.kind.to_string())
             .dec();
-        // A sink still flushing to an unreachable endpoint is aborted: what it had not written
-        // is after the last checkpoint, so a restarted pipeline reads it again.
-        for task in running.tasks {
-            let abort = task.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(10), task)
-                .await
-                .is_err()
+        if running.job == name {
+            if let Some(mut job) = state.jobs.remove(name)
+                && !job.coordinator.stop(STOP_WAIT).await
             {
-                tracing::warn!(pipeline = %name, "pipeline did not stop within 10 s; aborted");
-                abort.abort();
+                tracing::warn!(pipeline = %name,
+                    "the last checkpoint did not complete in time; the pipeline resumes from the one before");
+            }
+            running.stop.cancel();
+            for task in running.tasks.drain(..) {
+                let abort = task.abort_handle();
+                if tokio::time::timeout(Duration::from_secs(10), task)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(pipeline = %name, "pipeline did not stop within 10 s; aborted");
+                    abort.abort();
+                }
+            }
+        } else {
+            if let Some(job) = state.jobs.get(&running.job) {
+                job.coordinator.remove_pipeline(name);
+            }
+            for task in running.tasks.drain(..) {
+                task.abort();
             }
         }
     }
@@ -1063,11 +1193,16 @@ impl Engine {
         let name = format!("tail_{}", plan.input);
         let (rx, _source_task) = pipeline::spawn_source(
             source.create_tail()?,
-            stop.clone(),
-            self.release.clone(),
-            self.metrics.source(&name, source.connector()),
-            StatusCell::default(),
-            name.clone(),
+            SourceTask {
+                shutdown: stop.clone(),
+                release: self.release.clone(),
+                metrics: self.metrics.source(&plan.input, &name, source.connector()),
+                status: StatusCell::default(),
+                pipeline: name.clone(),
+                checkpoints: None,
+                restore: None,
+                instance_id: None,
+            },
         );
         let fanout = Fanout::new();
         let batches = fanout.subscribe();
@@ -1114,21 +1249,35 @@ impl Engine {
         }
     }
 
-    /// Stops every pipeline: sources stop, what is in flight is written, sinks finish.
+    /// Stops every pipeline: each job takes a last checkpoint (sources stop where they are,
+    /// sinks publish what it covers, nothing partial is emitted), then its tasks end. A job
+    /// whose checkpoint does not complete within `grace` is torn down; it resumes from its
+    /// previous checkpoint.
     pub async fn shutdown(&self, grace: Duration) {
-        self.shutdown.cancel();
         let mut state = self.state.lock().await;
-        let mut tasks: Vec<JoinHandle<()>> = state
+        let mut jobs: Vec<(String, Job)> = state.jobs.drain().collect();
+        let stops = jobs.iter_mut().map(|(_, job)| job.coordinator.stop(grace));
+        let stopped = futures::future::join_all(stops).await;
+        for ((name, _), ok) in jobs.iter().zip(stopped) {
+            if !ok {
+                tracing::warn!(pipeline = %name, ?grace,
+                    "the last checkpoint did not complete in time; the pipeline resumes from the one before");
+            }
+        }
+        let tasks: Vec<JoinHandle<()>> = state
             .running
             .values_mut()
             .flat_map(|r| r.tasks.drain(..))
             .collect();
-        tasks.extend(state.shared.values_mut().flat_map(|s| s.tasks.drain(..)));
         drop(state);
         let all = futures::future::join_all(tasks);
-        if tokio::time::timeout(grace, all).await.is_err() {
-            tracing::warn!(?grace, "some pipelines did not finish in time");
+        if tokio::time::timeout(Duration::from_secs(10), all)
+            .await
+            .is_err()
+        {
+            tracing::warn!("some pipelines did not end after their last checkpoint");
         }
+        self.shutdown.cancel();
     }
 
     /// Waits until every pipeline has finished by itself (all sources bounded and done).
@@ -1147,10 +1296,10 @@ impl Engine {
     /// Failures of pipelines, by name.
     pub async fn failures(&self) -> Vec<(String, String)> {
         let state = self.state.lock().await;
-        let pipelines = state.running.iter().map(|(n, r)| (n, &r.status));
-        let shared = state.shared.iter().map(|(n, s)| (n, &s.status));
-        pipelines
-            .chain(shared)
+        state
+            .running
+            .iter()
+            .map(|(n, r)| (n, &r.status))
             .filter_map(|(n, status)| match status.get() {
                 PipelineStatus::Failed(e) => Some((n.clone(), e)),
                 _ => None,
@@ -1239,6 +1388,63 @@ impl Engine {
 }
 
 /// Whether a statement is a query over `pg_catalog` or `information_schema`.
+/// A `checkpoint.interval` from a WITH clause, checked.
+fn checkpoint_interval(interval: Option<Duration>) -> Result<Option<Duration>> {
+    match interval {
+        Some(d) if d < Duration::from_millis(10) => Err(PlanError::InvalidOption {
+            key: CHECKPOINT_INTERVAL.into(),
+            message: format!("option '{CHECKPOINT_INTERVAL}' must be at least 10ms"),
+        }),
+        other => Ok(other),
+    }
+}
+
+/// What a pipeline's saved state depends on: its own statement and those of everything it
+/// reads, transitively. State saved under another fingerprint is not restored.
+fn fingerprint(catalog: &Catalog, name: &str) -> String {
+    let mut seen = Vec::new();
+    let mut stack = vec![name.to_string()];
+    while let Some(object) = stack.pop() {
+        if seen.contains(&object) {
+            continue;
+        }
+        if let Some(entry) = catalog.get(&object) {
+            stack.extend(entry.depends_on.iter().cloned());
+        }
+        seen.push(object);
+    }
+    seen.sort();
+    seen.iter()
+        .filter_map(|o| catalog.get(o).map(|e| e.sql.trim().to_string()))
+        .collect::<Vec<_>>()
+        .join(";\n")
+}
+
+/// The stable id of the process owning `dir` (created on first use), from which Kafka
+/// consumers take their static group membership.
+fn instance_id(dir: &std::path::Path) -> Result<String> {
+    let path = dir.join("instance_id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(PlanError::Internal(format!(
+                "cannot read {}: {e}",
+                path.display()
+            )));
+        }
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let id = format!("weir-{:x}{:x}", nanos, std::process::id());
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&path, &id))
+        .map_err(|e| PlanError::Internal(format!("cannot write {}: {e}", path.display())))?;
+    Ok(id)
+}
+
 fn reads_system_catalog(parsed: &ParsedStatement) -> bool {
     let Statement::Query(query) = &parsed.statement else {
         return false;

@@ -2,18 +2,16 @@
 //! describe the statement to extended-protocol clients before it runs).
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use arrow::array::{ArrayRef, BooleanArray, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use weir_planner::catalog::{Catalog, CatalogEntry};
 use weir_planner::{PlanError, Result};
-use weir_runtime::pipeline::PipelineStatus;
 use weir_runtime::sql_type_name;
 use weir_sql::{ObjectKind, ShowKind};
 
-use crate::engine::Output;
+use crate::engine::{Output, PipelineRow};
 
 fn utf8_schema(names: &[&str]) -> SchemaRef {
     Arc::new(Schema::new(
@@ -51,21 +49,25 @@ pub fn show_schema(kind: ShowKind) -> SchemaRef {
         ShowKind::Views => utf8_schema(&["name", "reads", "columns"]),
         ShowKind::MaterializedViews => utf8_schema(&["name", "reads", "status"]),
         ShowKind::Sinks => utf8_schema(&["name", "connector", "reads", "status"]),
-        ShowKind::Queries => utf8_schema(&["name", "kind", "reads", "status", "uptime"]),
+        ShowKind::Queries => utf8_schema(&[
+            "name",
+            "kind",
+            "reads",
+            "status",
+            "uptime",
+            "last_checkpoint",
+            "restored_from",
+        ]),
     }
 }
 
 /// `SHOW STREAMS | TABLES | VIEWS | MATERIALIZED VIEWS | SINKS | QUERIES`.
-pub fn show(
-    catalog: &Catalog,
-    kind: ShowKind,
-    running: &[(String, ObjectKind, String, PipelineStatus, Instant)],
-) -> Result<Output> {
+pub fn show(catalog: &Catalog, kind: ShowKind, running: &[PipelineRow]) -> Result<Output> {
     let status_of = |name: &str| {
         running
             .iter()
-            .find(|r| r.0 == name)
-            .map(|r| r.3.to_string())
+            .find(|r| r.name == name)
+            .map(|r| r.status.to_string())
             .unwrap_or_else(|| "not started".into())
     };
     let columns_of = |e: &CatalogEntry| {
@@ -115,16 +117,42 @@ pub fn show(
             .collect(),
         ShowKind::Queries => {
             let mut sorted: Vec<_> = running.iter().collect();
-            sorted.sort_by(|a, b| a.0.cmp(&b.0));
+            sorted.sort_by(|a, b| a.name.cmp(&b.name));
             sorted
                 .into_iter()
-                .map(|(name, kind, input, status, started)| {
+                .map(|row| {
+                    let info = &row.checkpoints;
+                    let last = match info.last {
+                        Some((epoch, at_ms, took, bytes)) => {
+                            let at = chrono::DateTime::from_timestamp_millis(at_ms)
+                                .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
+                                .unwrap_or_default();
+                            let mut text = format!(
+                                "epoch {epoch} at {at}, {} ms, {bytes} bytes",
+                                took.as_millis()
+                            );
+                            if info.failed > 0 {
+                                text.push_str(&format!(", {} failed", info.failed));
+                            }
+                            text
+                        }
+                        None if info.failed > 0 => format!("none ({} failed)", info.failed),
+                        None => "none".to_string(),
+                    };
+                    let restored = match info.restored {
+                        Some((epoch, took)) => {
+                            format!("epoch {epoch} in {} ms", took.as_millis())
+                        }
+                        None => String::new(),
+                    };
                     vec![
-                        name.clone(),
-                        kind.to_string(),
-                        input.clone(),
-                        status.to_string(),
-                        format!("{}s", started.elapsed().as_secs()),
+                        row.name.clone(),
+                        row.kind.to_string(),
+                        row.input.clone(),
+                        row.status.to_string(),
+                        format!("{}s", row.started.elapsed().as_secs()),
+                        last,
+                        restored,
                     ]
                 })
                 .collect()

@@ -43,6 +43,14 @@ enum Command {
         /// are kept as they are).
         #[arg(long)]
         queries: Option<PathBuf>,
+        /// How often each job checkpoints (a view's or sink's 'checkpoint.interval'
+        /// overrides it), e.g. 10s.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        checkpoint_interval: std::time::Duration,
+        /// Where checkpoints are kept: a directory, or s3://bucket/prefix, gs://, az://
+        /// (credentials from the usual environment variables). Default: <data-dir>/checkpoints.
+        #[arg(long)]
+        checkpoint_store: Option<String>,
     },
     /// Run pipelines headless until SIGINT/SIGTERM, or until every source is bounded and done.
     Run {
@@ -86,7 +94,17 @@ fn main() -> ExitCode {
                 http_listen,
                 data_dir,
                 queries,
-            } => serve(pg_listen, http_listen, data_dir, queries).await,
+                checkpoint_interval,
+                checkpoint_store,
+            } => {
+                let config = EngineConfig {
+                    data_dir: Some(data_dir),
+                    checkpoint_interval: Some(checkpoint_interval),
+                    checkpoint_store,
+                    checkpoints_retained: None,
+                };
+                serve(pg_listen, http_listen, config, queries).await
+            }
             Command::Run { files } => run(&files).await,
             Command::Check { files } => check(&files).await,
             Command::Bench(args) => bench::run(args).await,
@@ -104,17 +122,13 @@ fn main() -> ExitCode {
 async fn serve(
     pg_listen: SocketAddr,
     http_listen: SocketAddr,
-    data_dir: PathBuf,
+    config: EngineConfig,
     queries: Option<PathBuf>,
 ) -> Result<ExitCode, String> {
-    let engine = Engine::open(
-        EngineConfig {
-            data_dir: Some(data_dir.clone()),
-        },
-        Arc::new(Connectors),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let data_dir = config.data_dir.clone().unwrap_or_default();
+    let engine = Engine::open(config, Arc::new(Connectors))
+        .await
+        .map_err(|e| e.to_string())?;
     if let Some(dir) = queries {
         for file in sql_files(&dir)? {
             load_file(&engine, &file, true).await?;
@@ -131,7 +145,7 @@ async fn serve(
     let pg_task = tokio::spawn(weir_server::pg::serve(pg, engine.clone()));
     let http_task = tokio::spawn(weir_server::http::serve(http, engine.clone()));
     wait_for_signal().await;
-    tracing::info!("stopping: flushing pipelines");
+    tracing::info!("stopping: each pipeline takes a last checkpoint");
     pg_task.abort();
     http_task.abort();
     engine.shutdown(SHUTDOWN_GRACE).await;
@@ -288,4 +302,10 @@ async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// A duration as Weir's SQL options write them: `500ms`, `10s`, `1m`.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    weir_sql::options::parse_duration(text)
+        .ok_or_else(|| format!("invalid duration '{text}': expected e.g. 500ms, 10s, 1m"))
 }

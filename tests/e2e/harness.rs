@@ -62,6 +62,16 @@ pub struct Weir {
 impl Weir {
     /// Starts `weir serve` in `work_dir` with its catalog in `work_dir/weir-data`.
     pub fn start(work_dir: &Path, queries: Option<&Path>) -> Weir {
+        Weir::start_with(work_dir, queries, &[], &[])
+    }
+
+    /// [`Weir::start`] with more arguments to `weir serve` and environment variables.
+    pub fn start_with(
+        work_dir: &Path,
+        queries: Option<&Path>,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> Weir {
         let pg_port = free_port();
         let http_port = free_port();
         let log = work_dir.join(format!("weir-{pg_port}.log"));
@@ -75,11 +85,15 @@ impl Weir {
             .arg(format!("127.0.0.1:{http_port}"))
             .arg("--data-dir")
             .arg(work_dir.join("weir-data"))
+            // Frequent checkpoints: sinks publish sooner, and every test exercises them.
+            .arg("--checkpoint-interval")
+            .arg("1s")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"));
         if let Some(queries) = queries {
             command.arg("--queries").arg(queries);
         }
+        command.args(args).envs(env.iter().map(|(k, v)| (k, v)));
         let child = command.spawn().expect("spawn weir serve");
         let mut weir = Weir {
             child: Some(child),
@@ -141,6 +155,14 @@ impl Weir {
         let _ = child.kill();
         let _ = child.wait();
         false
+    }
+
+    /// SIGKILL: no last checkpoint, nothing flushed.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     pub fn conn_string(&self) -> String {
@@ -210,9 +232,17 @@ impl Weir {
 /// `GET path` on 127.0.0.1:`port` (HTTP/1.0: the whole response, never chunked); the
 /// status line, headers and body as one string.
 pub fn http_get(port: u16, path: &str) -> std::io::Result<String> {
+    http_request(port, "GET", path)
+}
+
+/// An HTTP/1.0 request without a body; the whole response.
+pub fn http_request(port: u16, method: &str, path: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"
+    )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     Ok(response)
@@ -243,6 +273,11 @@ pub fn duckdb_python() -> PathBuf {
 
 /// Runs a DuckDB SQL query, returning rows as tab-separated lines.
 pub fn duckdb(sql: &str) -> Vec<String> {
+    try_duckdb(sql).unwrap_or_else(|e| panic!("duckdb failed on {sql}:\n{e}"))
+}
+
+/// [`duckdb`], or its error (e.g. "No files found" while a lake is still empty).
+pub fn try_duckdb(sql: &str) -> Result<Vec<String>, String> {
     // No progress bar: DuckDB draws it on stdout for queries that run over a second.
     let script = "import duckdb, sys\ncon = duckdb.connect()\ncon.execute('SET enable_progress_bar = false')\nfor row in con.sql(sys.argv[1]).fetchall():\n    print('\\t'.join('NULL' if v is None else str(v) for v in row))\n";
     let out = Command::new(duckdb_python())
@@ -251,15 +286,13 @@ pub fn duckdb(sql: &str) -> Vec<String> {
         .arg(sql)
         .output()
         .expect("python runs");
-    assert!(
-        out.status.success(),
-        "duckdb failed on {sql}:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).to_string());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::to_string)
-        .collect()
+        .collect())
 }
 
 /// Polls `check` until it returns `Some`, for at most `timeout`.
@@ -673,5 +706,88 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// An S3-compatible server (moto, from the venv `scripts/install-test-deps.sh` makes) on a free
+/// port, killed on drop.
+pub struct S3 {
+    child: Child,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl S3 {
+    pub fn start(dir: &Path) -> S3 {
+        let dir = dir.join("s3");
+        std::fs::create_dir_all(&dir).expect("s3 dir");
+        let port = free_port();
+        let server = duckdb_python().with_file_name("moto_server");
+        let child = Command::new(&server)
+            .current_dir(&dir)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("moto.log")).expect("moto log"))
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "spawn {} (scripts/install-test-deps.sh installs it): {e}",
+                    server.display()
+                )
+            });
+        let s3 = S3 { child, port, dir };
+        let ready = eventually(Duration::from_secs(60), || {
+            http_get(port, "/")
+                .ok()
+                .filter(|r| r.starts_with("HTTP/1."))
+        });
+        assert!(ready.is_some(), "moto did not start: {}", s3.log_text());
+        s3
+    }
+
+    /// Creates bucket `name` (the server checks no signature).
+    pub fn create_bucket(&self, name: &str) {
+        let response = http_request(self.port, "PUT", &format!("/{name}")).expect("moto answers");
+        assert!(
+            response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+            "{response}"
+        );
+    }
+
+    /// The keys under `prefix` in `bucket` (a ListObjectsV2 of up to 1000 keys).
+    pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let response = http_get(self.port, &format!("/{bucket}?list-type=2&prefix={prefix}"))
+            .expect("moto answers");
+        response
+            .split("<Key>")
+            .skip(1)
+            .filter_map(|k| k.split("</Key>").next())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The environment that points `weir` at this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".to_string()),
+            ("AWS_ACCESS_KEY_ID", "test".to_string()),
+            ("AWS_SECRET_ACCESS_KEY", "test".to_string()),
+            ("AWS_REGION", "us-east-1".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("moto.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

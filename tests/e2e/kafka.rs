@@ -87,15 +87,19 @@ fn a_million_events_arrive_once_each_with_their_sums() {
     assert!((sum_v - expected_v).abs() < 1e-3, "{sum_v} vs {expected_v}");
     let metrics = weir.http_get("/metrics");
     assert!(
-        metrics.contains("weir_source_partition_records_in_total{source=\"ev\",partition=\"3\"}"),
+        metrics.contains("weir_source_partition_records_in_total{source=\"ev\",pipeline=\"ev_lake\",partition=\"3\"}"),
         "per-partition metrics: {metrics}"
     );
     assert!(
-        metrics.contains("weir_source_commits_total{source=\"ev\",result=\"ok\"}"),
+        metrics.contains(
+            "weir_source_commits_total{source=\"ev\",pipeline=\"ev_lake\",result=\"ok\"}"
+        ),
         "{metrics}\n{}",
         weir.log_text()
     );
-    assert!(metrics.contains("weir_source_watermark_ms{source=\"ev\"} 1700000"));
+    assert!(
+        metrics.contains("weir_source_watermark_ms{source=\"ev\",pipeline=\"ev_lake\"} 1700000")
+    );
 }
 
 #[test]
@@ -185,7 +189,7 @@ fn malformed_messages_go_to_the_dead_letter_topic_and_the_rest_arrives() {
     let metrics = weir.http_get("/metrics");
     assert!(
         metrics.contains(&format!(
-            "weir_dead_letters_written_total{{source=\"ev\"}} {expected_bad}"
+            "weir_dead_letters_written_total{{source=\"ev\",pipeline=\"ev_lake\"}} {expected_bad}"
         )),
         "{metrics}"
     );
@@ -231,7 +235,7 @@ fn the_pipeline_rides_out_a_broker_restart_and_loses_nothing() {
     assert!(weir.is_running());
     let metrics = weir.http_get("/metrics");
     assert!(
-        metrics.contains("weir_source_client_errors_total{source=\"ev\"}"),
+        metrics.contains("weir_source_client_errors_total{source=\"ev\",pipeline=\"ev_lake\"}"),
         "the outage is visible in metrics: {metrics}"
     );
     assert!(weir.stop(), "{}", weir.log_text());

@@ -7,6 +7,7 @@ mod harness;
 
 mod bad_input;
 mod catalog;
+mod checkpoints;
 mod kafka;
 mod lake;
 mod lookup;

@@ -8,14 +8,17 @@ use std::time::Duration;
 
 use crate::harness::{Record, Tansu, Weir, duckdb, eventually, produce, weir_run};
 
+/// Events in the file run; the Kafka run takes the first `KAFKA_EVENTS` of them, as each of
+/// its three pipelines reads the topic itself and the test broker serves some 25 000 records/s.
 const EVENTS: u64 = 1_000_000;
+const KAFKA_EVENTS: u64 = 400_000;
 const BASE_MS: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
 
-/// NDJSON `{k, v, ts}`: 5000 keys, integer-valued v (so that sums are exact in any order),
+/// `events` NDJSON records `{k, v, ts}`: 5000 keys, integer-valued v (so that sums are exact in any order),
 /// 10 events per ms, each up to 400 ms out of order (the watermark delay is 1 s). After the
 /// first 30 s, every 10 000th event is followed by a record 25 s behind, flagged `late`:
 /// its windows have closed by then, so it must be dropped and change nothing.
-fn write_input(path: &Path) -> u64 {
+fn write_input(path: &Path, events: u64) -> u64 {
     let mut out = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
     let mut state: u64 = 7;
     let mut late = 0;
@@ -33,7 +36,7 @@ fn write_input(path: &Path) -> u64 {
             let flag = if late { r#","late":true"# } else { "" };
             writeln!(out, r#"{{"k":{k},"v":{v}.0,"ts":"{ts}"{flag}}}"#).expect("write");
         };
-    for i in 0..EVENTS {
+    for i in 0..events {
         let r = next();
         let ms = BASE_MS + (i / 10) as i64 - (r >> 40) as i64 % 400;
         line(&mut out, r % 5000, (r >> 20) % 1000, ms, false);
@@ -145,7 +148,7 @@ fn assert_equal(name: &str, counts: &[u64], context: &str) {
 fn windows_over_a_file_equal_duckdbs_batch_answer() {
     let dir = tempfile::tempdir().expect("tempdir");
     let input = dir.path().join("events.ndjson");
-    let late = write_input(&input);
+    let late = write_input(&input, EVENTS);
     assert!(late > 0);
     let lake = dir.path().join("lake");
     let job = dir.path().join("job.sql");
@@ -175,7 +178,7 @@ fn windows_over_a_file_equal_duckdbs_batch_answer() {
 fn windows_over_kafka_equal_duckdbs_batch_answer() {
     let dir = tempfile::tempdir().expect("tempdir");
     let input = dir.path().join("events.ndjson");
-    write_input(&input);
+    write_input(&input, KAFKA_EVENTS);
     let tansu = Tansu::start(dir.path());
     tansu.create_topic("ev", 4);
     let text = std::fs::read_to_string(&input).expect("input");
@@ -209,17 +212,28 @@ fn windows_over_kafka_equal_duckdbs_batch_answer() {
     let (ok, out, err) = weir.psql_c(&sql);
     assert!(ok, "{out}{err}\n{}", weir.log_text());
     for (name, expected) in expected(&input) {
-        // Files appear as windows close; wait for all of them.
-        let counts = eventually(Duration::from_secs(300), || {
+        // Files appear as windows close; wait for all of them (counting rows is cheap, the
+        // comparison is not).
+        let want: u64 = duckdb(&format!("SELECT count(*) FROM ({expected})"))[0]
+            .parse()
+            .expect("count");
+        let mut last = None;
+        let complete = eventually(Duration::from_secs(300), || {
             let dir = lake.join(name);
             let has_files = std::fs::read_dir(&dir)
                 .ok()?
                 .flatten()
                 .any(|e| e.path().extension().is_some_and(|x| x == "parquet"));
-            let counts = has_files.then(|| compare(&lake, name, &expected))?;
-            (counts[0] >= counts[1]).then_some(counts)
+            let rows = weir_rows(&lake, name);
+            let have: u64 = has_files.then(|| {
+                duckdb(&format!("SELECT count(*) FROM ({rows})"))[0]
+                    .parse()
+                    .ok()
+            })??;
+            last = Some(have);
+            (have >= want).then_some(())
         });
-        let counts = counts.unwrap_or_else(|| panic!("{name}: incomplete\n{}", weir.log_text()));
+        let counts = complete.map(|()| compare(&lake, name, &expected));
         let metrics = weir.http_get("/metrics");
         let context: Vec<&str> = metrics
             .lines()
@@ -231,11 +245,20 @@ fn windows_over_kafka_equal_duckdbs_batch_answer() {
                     "client_errors",
                     "partition_records",
                     "watermark",
+                    "checkpoints_",
+                    "rows_written",
                 ]
                 .iter()
                 .any(|m| l.contains(m))
             })
             .collect();
-        assert_equal(name, &counts, &context.join("\n"));
+        let context = context.join("\n");
+        let counts = counts.unwrap_or_else(|| {
+            panic!(
+                "{name}: incomplete, {last:?} of {want} rows\n{context}\n{}",
+                weir.log_text()
+            )
+        });
+        assert_equal(name, &counts, &context);
     }
 }

@@ -133,6 +133,7 @@ impl SourceFactory for FileSourceFactory {
         Ok(Box::new(FileSource {
             config: self.clone(),
             log: RateLimitedLog::new(Duration::from_secs(10)),
+            restored: Vec::new(),
         }))
     }
 }
@@ -141,6 +142,8 @@ impl SourceFactory for FileSourceFactory {
 pub struct FileSource {
     config: FileSourceFactory,
     log: RateLimitedLog,
+    /// Where each file was when the checkpoint restored was taken.
+    restored: Vec<FileCursor>,
 }
 
 /// How far one file has been read.
@@ -154,6 +157,40 @@ struct FileCursor {
     header_skipped: bool,
 }
 
+/// A file's place in a checkpoint: every byte before `consumed` has been emitted.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FilePosition {
+    path: PathBuf,
+    consumed: u64,
+    line: u64,
+    header_skipped: bool,
+}
+
+impl FileCursor {
+    fn position(&self) -> FilePosition {
+        FilePosition {
+            path: self.path.clone(),
+            consumed: self.offset - self.pending.len() as u64,
+            line: self.line,
+            header_skipped: self.header_skipped,
+        }
+    }
+}
+
+/// The position of every file: those before the one being read, it, and those after.
+fn positions(parts: [&[FileCursor]; 3]) -> Result<weir_runtime::Snapshot> {
+    let files: Vec<FilePosition> = parts
+        .iter()
+        .flat_map(|p| p.iter())
+        .map(FileCursor::position)
+        .collect();
+    let meta =
+        serde_json::to_value(files).map_err(|e| Error::Internal(format!("file position: {e}")))?;
+    Ok(weir_runtime::Snapshot::meta(
+        serde_json::json!({ "files": meta }),
+    ))
+}
+
 #[async_trait]
 impl Source for FileSource {
     async fn run(&mut self, ctx: &mut SourceContext) -> Result<SourceExit> {
@@ -165,13 +202,17 @@ impl Source for FileSource {
             self.config.format,
             self.config.batch_rows,
         );
-        let mut cursors: Vec<FileCursor> = Vec::new();
+        let mut cursors: Vec<FileCursor> = std::mem::take(&mut self.restored);
         let mut buf = vec![0u8; BLOCK_BYTES];
         loop {
             self.discover(&mut cursors).await?;
-            for cursor in cursors.iter_mut() {
+            for i in 0..cursors.len() {
+                let (before, rest) = cursors.split_at_mut(i);
+                let Some((cursor, after)) = rest.split_first_mut() else {
+                    break;
+                };
                 if !self
-                    .read_available(cursor, &mut decoder, &mut buf, ctx)
+                    .read_available(cursor, [before, after], &mut decoder, &mut buf, ctx)
                     .await?
                 {
                     return Ok(SourceExit::Stopped);
@@ -190,7 +231,31 @@ impl Source for FileSource {
             if !ctx.sleep(self.config.follow_interval).await {
                 return Ok(SourceExit::Stopped);
             }
+            if let Some(barrier) = ctx.barrier_due()
+                && !ctx
+                    .emit_barrier(barrier, positions([&cursors, &[], &[]])?)
+                    .await
+            {
+                return Ok(SourceExit::Stopped);
+            }
         }
+    }
+
+    async fn restore(&mut self, position: weir_runtime::Snapshot) -> Result<()> {
+        let files = position.meta.get("files").cloned().unwrap_or_default();
+        let files: Vec<FilePosition> = serde_json::from_value(files)
+            .map_err(|e| Error::Execution(format!("file position is unreadable: {e}")))?;
+        self.restored = files
+            .into_iter()
+            .map(|f| FileCursor {
+                path: f.path,
+                offset: f.consumed,
+                line: f.line,
+                pending: Vec::new(),
+                header_skipped: f.header_skipped,
+            })
+            .collect();
+        Ok(())
     }
 }
 
@@ -242,9 +307,12 @@ impl FileSource {
     }
 
     /// Reads and decodes everything currently in the file; `false` if the pipeline stopped.
+    /// `others` are the other files' cursors (before and after this one), for the position
+    /// a checkpoint barrier saves between two blocks.
     async fn read_available(
         &mut self,
         cursor: &mut FileCursor,
+        others: [&[FileCursor]; 2],
         decoder: &mut BlockDecoder,
         buf: &mut [u8],
         ctx: &mut SourceContext,
@@ -288,6 +356,13 @@ impl FileSource {
             cursor.pending.extend_from_slice(&chunk[last_newline + 1..]);
             if !self.decode_lines(cursor, &block, decoder, ctx).await? {
                 return Ok(false);
+            }
+            if let Some(barrier) = ctx.barrier_due() {
+                let [before, after] = others;
+                let position = positions([before, std::slice::from_ref(cursor), after])?;
+                if !ctx.emit_barrier(barrier, position).await {
+                    return Ok(false);
+                }
             }
         }
     }

@@ -209,13 +209,10 @@ impl KafkaSourceFactory {
         let idle_timeout = reader
             .duration("watermark.idle_timeout")?
             .unwrap_or(Duration::from_secs(30));
-        let commit_interval = reader
-            .duration("commit.interval")?
-            .unwrap_or(Duration::from_secs(1));
-        if commit_interval.is_zero() {
+        if reader.string("commit.interval").is_some() {
             return Err(option_error(
                 "commit.interval",
-                "invalid value for option 'commit.interval': must be above zero".into(),
+                "option 'commit.interval' was removed: offsets are committed after each checkpoint (set 'checkpoint.interval' on the view or sink)".into(),
             ));
         }
         let connect_timeout = reader
@@ -257,7 +254,6 @@ impl KafkaSourceFactory {
                 schema: spec.schema.clone(),
                 event_time,
                 idle_timeout,
-                commit_interval,
                 dead_letter_topic,
             }),
         })
@@ -301,10 +297,6 @@ impl SourceFactory for KafkaSourceFactory {
             self.config.clone(),
             source::Mode::Group,
         )))
-    }
-
-    fn is_shared(&self) -> bool {
-        true
     }
 
     fn create_tail(&self) -> Result<Box<dyn Source>> {

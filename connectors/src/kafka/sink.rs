@@ -200,7 +200,7 @@ impl Sink for KafkaSink {
 
     async fn pre_commit(&mut self, barrier: CheckpointBarrier) -> Result<()> {
         self.flush().await?;
-        drop(barrier);
+        barrier.ack();
         Ok(())
     }
 

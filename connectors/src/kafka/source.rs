@@ -1,14 +1,16 @@
-//! The Kafka source: one consumer thread per stream, decoding each poll into one Arrow batch.
+//! The Kafka source: one consumer thread per pipeline, decoding each poll into one Arrow batch.
 //!
 //! The thread owns the consumer. It polls until a batch is full (or nothing more is queued),
 //! decodes the payloads with arrow's JSON/CSV decoder in one pass (bad records isolated by
 //! bisection), appends the hidden columns, tracks each partition's highest event time, and
-//! hands `Data`, `Watermark` and tracked `Barrier` messages to the pipeline. An epoch's
-//! offsets are committed to the group only when every sink downstream has dropped the
-//! epoch's barrier (its rows are durable): at-least-once, with no record skipped.
+//! hands `Data` and `Watermark` messages to the pipeline. Between two polls it injects the
+//! checkpoint barrier the job's coordinator asked for, saving each partition's next offset
+//! and highest event time in it. The checkpoint is the truth: on a restore, assigned
+//! partitions start at the checkpoint's offsets. An epoch's offsets are committed to the
+//! consumer group once its checkpoint is complete, for monitoring tools and for partitions
+//! the checkpoint does not know.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -20,18 +22,20 @@ use arrow::array::{
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, TimeUnit};
 use async_trait::async_trait;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, TopicPartitionList as Tpl};
 use tokio::sync::mpsc;
+use weir_runtime::coordinator::SourceCheckpoints;
 use weir_runtime::metrics::{PartitionMetrics, SourceMetrics};
 use weir_runtime::pipeline::RateLimitedLog;
 use weir_runtime::{
-    CheckpointBarrier, EpochDone, Error, Message, Result, Source, SourceContext, SourceExit,
+    CheckpointBarrier, Error, Message, Result, Snapshot, Source, SourceContext, SourceExit,
     Watermark,
 };
 
@@ -45,8 +49,8 @@ const IDLE_POLL: Duration = Duration::from_millis(100);
 /// How long a send waits for room in the pipeline before pausing the partitions (and from
 /// then on, how often the paused consumer polls).
 const PAUSE_AFTER: Duration = Duration::from_millis(500);
-/// How long stopping waits for the last epoch to become durable before giving up on it
-/// (its records are then read again after a restart: at-least-once).
+/// How long stopping waits for the last checkpoint to complete, to commit its offsets to
+/// the group (the checkpoint itself is what a restart resumes from).
 const FINAL_COMMIT_WAIT: Duration = Duration::from_secs(20);
 
 /// The stream's event-time column and watermark delay.
@@ -70,7 +74,6 @@ pub(super) struct SourceConfig {
     pub schema: arrow::datatypes::SchemaRef,
     pub event_time: Option<EventTimeColumn>,
     pub idle_timeout: Duration,
-    pub commit_interval: Duration,
     pub dead_letter_topic: Option<String>,
 }
 
@@ -86,6 +89,7 @@ pub(super) struct KafkaSource {
     config: Arc<SourceConfig>,
     mode: Mode,
     thread: Option<JoinHandle<()>>,
+    resume: Position,
 }
 
 impl KafkaSource {
@@ -94,8 +98,28 @@ impl KafkaSource {
             config,
             mode,
             thread: None,
+            resume: Position::default(),
         }
     }
+}
+
+/// Where a pipeline's reader is, as a checkpoint saves it: per partition, the next offset to
+/// read and the highest event time seen (so that the watermark resumes where it was).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct Position {
+    offsets: HashMap<i32, i64>,
+    max_event_ms: HashMap<i32, i64>,
+}
+
+/// What the consumer thread needs to take part in checkpoints.
+struct Checkpointing {
+    requests: Option<SourceCheckpoints>,
+    participant: String,
+    /// The pipeline (its consumer group is `<group.id>.<pipeline>`) and the process's
+    /// stable instance id (static membership), if known.
+    pipeline: String,
+    instance_id: Option<String>,
+    resume: Position,
 }
 
 #[async_trait]
@@ -103,6 +127,13 @@ impl Source for KafkaSource {
     async fn run(&mut self, ctx: &mut SourceContext) -> Result<SourceExit> {
         let (tx, mut rx) = mpsc::channel(2);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let checkpointing = Checkpointing {
+            requests: ctx.take_checkpoints(),
+            participant: ctx.participant().to_string(),
+            pipeline: ctx.pipeline().to_string(),
+            instance_id: ctx.instance_id().map(str::to_string),
+            resume: std::mem::take(&mut self.resume),
+        };
         let thread = {
             let config = self.config.clone();
             let mode = self.mode;
@@ -111,8 +142,11 @@ impl Source for KafkaSource {
             std::thread::Builder::new()
                 .name(format!("kafka-{}", config.stream))
                 .spawn(move || {
-                    if let Err(e) = ConsumerLoop::run(config.clone(), mode, metrics, tx, &stop) {
-                        tracing::error!(stream = %config.stream, error = %e, "Kafka consumer stopped");
+                    let stream = config.stream.clone();
+                    if let Err(e) =
+                        ConsumerLoop::run(config, mode, metrics, tx, checkpointing, &stop)
+                    {
+                        tracing::error!(stream = %stream, error = %e, "Kafka consumer stopped");
                     }
                 })
                 .map_err(|e| Error::Internal(format!("cannot start the Kafka consumer: {e}")))?
@@ -123,20 +157,30 @@ impl Source for KafkaSource {
                 biased;
                 () = ctx.stopping() => break,
                 message = rx.recv() => match message {
-                    Some(m) => if !ctx.emit(m).await { break },
+                    Some(m) => {
+                        let last = matches!(&m, Message::Barrier(b) if b.last);
+                        if !ctx.emit(m).await || last {
+                            break;
+                        }
+                    }
                     None => return Err(Error::Internal(format!(
                         "the Kafka consumer of stream {} ended", self.config.stream))),
                 },
             }
         }
-        // Stopping: the thread sends a final barrier and closes the channel; pass the rest on.
+        // The last barrier is on its way (or the pipeline is torn down): the thread commits
+        // what the last checkpoint covers and closes the consumer.
         stop.store(true, std::sync::atomic::Ordering::Release);
-        while let Some(message) = rx.recv().await {
-            if !ctx.emit_final(message).await {
-                break;
-            }
-        }
         Ok(SourceExit::Stopped)
+    }
+
+    async fn restore(&mut self, position: Snapshot) -> Result<()> {
+        self.resume = serde_json::from_value(position.meta).map_err(|e| {
+            Error::Execution(format!(
+                "Kafka position in the checkpoint is unreadable: {e}"
+            ))
+        })?;
+        Ok(())
     }
 
     async fn close(&mut self) {
@@ -157,6 +201,8 @@ struct Callbacks {
     /// Per partition, whether the last statistics showed nothing left to read: the broker's
     /// high watermark known and fetched up to, and no fetched record waiting.
     caught_up: Mutex<HashMap<i32, bool>>,
+    /// Where partitions resume when assigned: the restored checkpoint's offsets.
+    resume: Mutex<HashMap<i32, i64>>,
 }
 
 enum RebalanceEvent {
@@ -200,12 +246,58 @@ impl ClientContext for Callbacks {
 }
 
 impl ConsumerContext for Callbacks {
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let event = match rebalance {
-            Rebalance::Assign(tpl) => RebalanceEvent::Assigned(self.partitions(tpl)),
-            Rebalance::Revoke(tpl) => RebalanceEvent::Revoked(self.partitions(tpl)),
-            Rebalance::Error(e) => {
-                tracing::warn!(stream = %self.stream, error = %e, "Kafka rebalance error");
+    /// Assigns what the group gave, each partition the checkpoint knows starting at the
+    /// checkpoint's offset (the others at the group's committed offset, or per
+    /// `scan.startup.mode`).
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            rdkafka::consumer::RebalanceProtocol::Cooperative
+        );
+        let event = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let partitions = self.partitions(tpl);
+                let resume = self.resume.lock().unwrap_or_else(|e| e.into_inner());
+                for &p in &partitions {
+                    if let Some(&offset) = resume.get(&p)
+                        && let Err(e) =
+                            tpl.set_partition_offset(&self.topic, p, Offset::Offset(offset))
+                    {
+                        tracing::warn!(stream = %self.stream, partition = p, error = %e,
+                            "cannot resume a partition at its checkpointed offset");
+                    }
+                }
+                drop(resume);
+                let assigned = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = assigned {
+                    tracing::warn!(stream = %self.stream, error = %e, "cannot assign Kafka partitions");
+                }
+                RebalanceEvent::Assigned(partitions)
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let revoked = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = revoked {
+                    tracing::warn!(stream = %self.stream, error = %e, "cannot revoke Kafka partitions");
+                }
+                RebalanceEvent::Revoked(self.partitions(tpl))
+            }
+            other => {
+                tracing::warn!(stream = %self.stream, error = ?other, "Kafka rebalance error");
+                // As librdkafka's default: drop the assignment, rejoin.
+                let _ = consumer.unassign();
                 return;
             }
         };
@@ -226,11 +318,10 @@ struct PartitionState {
     metrics: PartitionMetrics,
 }
 
-/// An epoch whose barrier is travelling: the offsets it covers, and whether it is done.
+/// An epoch whose checkpoint is not complete yet, and the offsets it covers.
 struct PendingEpoch {
     epoch: u64,
     offsets: Vec<(i32, i64)>,
-    done: Option<bool>,
 }
 
 /// Messages polled but not yet decoded: payloads separated by newlines, plus the hidden
@@ -314,7 +405,6 @@ impl Pending {
 
 struct ConsumerLoop {
     config: Arc<SourceConfig>,
-    mode: Mode,
     consumer: BaseConsumer<Callbacks>,
     metrics: SourceMetrics,
     out: mpsc::Sender<Message>,
@@ -324,14 +414,18 @@ struct ConsumerLoop {
     pending: Pending,
     watermark: Option<i64>,
     watermark_gauge: weir_runtime::metrics::Gauge,
-    epoch: u64,
     epochs: VecDeque<PendingEpoch>,
-    epoch_tx: std_mpsc::Sender<EpochDone>,
-    epoch_rx: std_mpsc::Receiver<EpochDone>,
-    last_barrier: Instant,
-    last_barrier_offsets: Vec<(i32, i64)>,
-    /// Set when a sink lost rows: from then on nothing is committed (at-least-once).
-    commits_poisoned: bool,
+    checkpoints: Option<SourceCheckpoints>,
+    participant: String,
+    /// Positions from the restored checkpoint, for partitions not assigned (yet): a
+    /// checkpoint taken meanwhile must not forget them.
+    resume: Position,
+    /// Per partition (by id), the offset after the last record polled in this process: a
+    /// partition assigned again after a revocation resumes at its committed (checkpointed)
+    /// offset, and what it delivers below this was handed on already.
+    polled: Vec<i64>,
+    /// The group offsets were last committed for this epoch.
+    committed_epoch: u64,
     dead_letters: Option<(
         ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
         String,
@@ -348,15 +442,24 @@ impl ConsumerLoop {
         mode: Mode,
         metrics: SourceMetrics,
         out: mpsc::Sender<Message>,
+        checkpointing: Checkpointing,
         stop: &std::sync::atomic::AtomicBool,
     ) -> Result<()> {
-        let mut this = Self::new(config, mode, metrics, out)?;
+        let mut this = Self::new(config, mode, metrics, out, checkpointing)?;
         while !stop.load(std::sync::atomic::Ordering::Acquire) {
-            if !this.step()? {
-                return Ok(()); // the pipeline is gone
+            match this.step()? {
+                Step::Continue => {}
+                // The pipeline is gone.
+                Step::Gone => break,
+                Step::LastBarrier(epoch) => {
+                    this.finish(epoch);
+                    break;
+                }
             }
         }
-        this.finish();
+        if let Some((producer, _)) = &this.dead_letters {
+            let _ = producer.flush(Duration::from_secs(10));
+        }
         Ok(())
     }
 
@@ -365,14 +468,24 @@ impl ConsumerLoop {
         mode: Mode,
         metrics: SourceMetrics,
         out: mpsc::Sender<Message>,
+        checkpointing: Checkpointing,
     ) -> Result<Self> {
         let reset = match config.startup {
             StartupMode::Latest => "latest",
             StartupMode::Earliest | StartupMode::GroupOffsets => "earliest",
         };
-        let group_id = match mode {
-            Mode::Group => config.group_id.clone(),
-            Mode::Tail => format!("{}-tail-{}", config.group_id, std::process::id()),
+        // Each pipeline reads the whole topic with a consumer group of its own, so that
+        // two pipelines over one stream do not split its partitions.
+        let group_id = match (mode, checkpointing.pipeline.as_str()) {
+            (Mode::Tail, _) => format!("{}-tail-{}", config.group_id, std::process::id()),
+            (Mode::Group, "") => config.group_id.clone(),
+            (Mode::Group, pipeline) => format!("{}.{pipeline}", config.group_id),
+        };
+        // Static membership: a restarted process takes its partitions back at once instead
+        // of waiting for the broker to time the old member out.
+        let instance_id = match (mode, &checkpointing.instance_id) {
+            (Mode::Group, Some(instance)) => Some(format!("{instance}.{group_id}")),
+            _ => None,
         };
         let callbacks = Callbacks {
             topic: config.topic.clone(),
@@ -381,23 +494,28 @@ impl ConsumerLoop {
             rebalances: Mutex::new(Vec::new()),
             error_log: Mutex::new(RateLimitedLog::new(Duration::from_secs(10))),
             caught_up: Mutex::new(HashMap::new()),
+            resume: Mutex::new(checkpointing.resume.offsets.clone()),
         };
+        let mut settings = vec![
+            ("group.id", group_id.as_str()),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("enable.partition.eof", "false"),
+            ("auto.offset.reset", reset),
+            // Lag metrics, and whether a partition has anything left to read (idleness).
+            ("statistics.interval.ms", "1000"),
+            // librdkafka waits this long to fetch again for a partition whose prefetched
+            // records reach `queued.min.messages`; its default, 1 s, starves a consumer
+            // that decodes a full fetch in less (measured: 0.17 M instead of 1.3 M
+            // records/s from the mock cluster).
+            ("fetch.queue.backoff.ms", "50"),
+        ];
+        if let Some(instance) = &instance_id {
+            settings.push(("group.instance.id", instance.as_str()));
+        }
         let consumer: BaseConsumer<Callbacks> = config
             .client
-            .config(&[
-                ("group.id", &group_id),
-                ("enable.auto.commit", "false"),
-                ("enable.auto.offset.store", "false"),
-                ("enable.partition.eof", "false"),
-                ("auto.offset.reset", reset),
-                // Lag metrics, and whether a partition has anything left to read (idleness).
-                ("statistics.interval.ms", "1000"),
-                // librdkafka waits this long to fetch again for a partition whose prefetched
-                // records reach `queued.min.messages`; its default, 1 s, starves a consumer
-                // that decodes a full fetch in less (measured: 0.17 M instead of 1.3 M
-                // records/s from the mock cluster).
-                ("fetch.queue.backoff.ms", "50"),
-            ])
+            .config(&settings)
             .create_with_context(callbacks)
             .map_err(|e| Error::Internal(format!("cannot create the Kafka consumer: {e}")))?;
         let mut partitions = HashMap::new();
@@ -447,7 +565,6 @@ impl ConsumerLoop {
                 .chain(super::hidden_columns())
                 .collect::<Vec<_>>(),
         ));
-        let (epoch_tx, epoch_rx) = std_mpsc::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -456,7 +573,6 @@ impl ConsumerLoop {
             decoder: BlockDecoder::new(config.decode_schema.clone(), config.format, MAX_BATCH),
             watermark_gauge: metrics.watermark_ms(),
             config,
-            mode,
             consumer,
             metrics,
             out,
@@ -464,13 +580,12 @@ impl ConsumerLoop {
             partitions,
             pending: Pending::default(),
             watermark: None,
-            epoch: 0,
             epochs: VecDeque::new(),
-            epoch_tx,
-            epoch_rx,
-            last_barrier: Instant::now(),
-            last_barrier_offsets: Vec::new(),
-            commits_poisoned: false,
+            checkpoints: checkpointing.requests,
+            participant: checkpointing.participant,
+            resume: checkpointing.resume,
+            polled: Vec::new(),
+            committed_epoch: 0,
             dead_letters,
             bad_log: RateLimitedLog::new(Duration::from_secs(10)),
             poll_log: RateLimitedLog::new(Duration::from_secs(10)),
@@ -479,8 +594,7 @@ impl ConsumerLoop {
     }
 
     /// One round: poll a batch, hand it on, then watermark, barrier and commit housekeeping.
-    /// Returns false when the pipeline no longer reads.
-    fn step(&mut self) -> Result<bool> {
+    fn step(&mut self) -> Result<Step> {
         loop {
             let timeout = if self.pending.len() == 0 {
                 IDLE_POLL
@@ -489,7 +603,9 @@ impl ConsumerLoop {
             };
             match self.consumer.poll(timeout) {
                 Some(Ok(message)) => {
-                    self.pending.push(&message);
+                    if first_time(&mut self.polled, &message) {
+                        self.pending.push(&message);
+                    }
                     if self.pending.len() >= MAX_BATCH {
                         break;
                     }
@@ -503,18 +619,26 @@ impl ConsumerLoop {
         }
         self.apply_rebalances();
         if self.pending.len() > 0 && !self.flush()? {
-            return Ok(false);
+            return Ok(Step::Gone);
         }
         if !self.advance_watermark() {
-            return Ok(false);
+            return Ok(Step::Gone);
         }
-        if self.mode == Mode::Group {
-            if self.last_barrier.elapsed() >= self.config.commit_interval && !self.barrier() {
-                return Ok(false);
+        let requested = self
+            .checkpoints
+            .as_mut()
+            .and_then(|c| c.barriers.try_recv().ok());
+        if let Some(barrier) = requested {
+            let (epoch, last) = (barrier.epoch, barrier.last);
+            if !self.barrier(barrier)? {
+                return Ok(Step::Gone);
             }
-            self.commit_done();
+            if last {
+                return Ok(Step::LastBarrier(epoch));
+            }
         }
-        Ok(true)
+        self.commit_completed();
+        Ok(Step::Continue)
     }
 
     fn apply_rebalances(&mut self) {
@@ -531,15 +655,36 @@ impl ConsumerLoop {
                 RebalanceEvent::Assigned(ids) => {
                     tracing::info!(stream = %self.config.stream, partitions = ?ids, "Kafka partitions assigned");
                     for id in ids {
-                        self.partitions
-                            .entry(id)
-                            .or_insert_with(|| new_partition(&self.metrics, id));
+                        let resume = &self.resume;
+                        self.partitions.entry(id).or_insert_with(|| {
+                            let mut state = new_partition(&self.metrics, id);
+                            state.next_offset = resume.offsets.get(&id).copied();
+                            state.max_event_ms = resume.max_event_ms.get(&id).copied();
+                            state
+                        });
                     }
                 }
                 RebalanceEvent::Revoked(ids) => {
                     tracing::info!(stream = %self.config.stream, partitions = ?ids, "Kafka partitions revoked");
+                    // Their positions stay: the next checkpoint saves them, and an
+                    // assignment back to this process resumes there.
+                    let mut assign_at = self
+                        .consumer
+                        .context()
+                        .resume
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
                     for id in ids {
-                        self.partitions.remove(&id);
+                        let Some(state) = self.partitions.remove(&id) else {
+                            continue;
+                        };
+                        if let Some(offset) = state.next_offset {
+                            self.resume.offsets.insert(id, offset);
+                            assign_at.insert(id, offset);
+                        }
+                        if let Some(max) = state.max_event_ms {
+                            self.resume.max_event_ms.insert(id, max);
+                        }
                     }
                 }
             }
@@ -575,12 +720,19 @@ impl ConsumerLoop {
         // Progress counts every record, good or bad: a bad one is never read again.
         let now = Instant::now();
         for (partition, run) in pending.partition_runs() {
-            if let Some(state) = self.partitions.get_mut(&partition) {
-                state.next_offset = Some(pending.offsets[run.end - 1] + 1);
-                state.last_record = now;
-                state.metrics.records_in.inc_by(run.len() as u64);
-                let bytes: usize = pending.records[run].iter().map(|r| r.len()).sum();
-                state.metrics.bytes_in.inc_by(bytes as u64);
+            let next = pending.offsets[run.end - 1] + 1;
+            match self.partitions.get_mut(&partition) {
+                Some(state) => {
+                    state.next_offset = Some(next);
+                    state.last_record = now;
+                    state.metrics.records_in.inc_by(run.len() as u64);
+                    let bytes: usize = pending.records[run].iter().map(|r| r.len()).sum();
+                    state.metrics.bytes_in.inc_by(bytes as u64);
+                }
+                // Polled before its revocation: handed on all the same.
+                None => {
+                    self.resume.offsets.insert(partition, next);
+                }
             }
         }
         if !bad.is_empty() {
@@ -643,16 +795,16 @@ impl ConsumerLoop {
             match self.consumer.poll(Duration::ZERO) {
                 // Paused partitions deliver nothing; a partition assigned meanwhile may.
                 Some(Ok(m)) => {
-                    self.pending.push(&m);
+                    if first_time(&mut self.polled, &m) {
+                        self.pending.push(&m);
+                    }
                     paused = None;
                 }
                 Some(Err(e)) => self.poll_error(&e),
                 None => {}
             }
             self.apply_rebalances();
-            if self.mode == Mode::Group {
-                self.commit_done();
-            }
+            self.commit_completed();
         };
         if let Some(tpl) = paused
             && let Err(e) = self.consumer.resume(&tpl)
@@ -775,66 +927,53 @@ impl ConsumerLoop {
         }
     }
 
-    /// Sends a tracked barrier covering everything handed on so far (if anything moved).
-    fn barrier(&mut self) -> bool {
-        self.last_barrier = Instant::now();
-        let mut offsets: Vec<(i32, i64)> = self
-            .partitions
-            .iter()
-            .filter_map(|(&p, s)| s.next_offset.map(|o| (p, o)))
-            .collect();
-        offsets.sort_unstable();
-        if offsets.is_empty() || offsets == self.last_barrier_offsets {
-            return true;
-        }
-        self.last_barrier_offsets.clone_from(&offsets);
-        self.epoch += 1;
-        self.epochs.push_back(PendingEpoch {
-            epoch: self.epoch,
-            offsets,
-            done: None,
-        });
-        tracing::debug!(stream = %self.config.stream, epoch = self.epoch, "barrier");
-        let barrier = CheckpointBarrier::tracked(self.epoch, self.epoch_tx.clone());
-        self.send(Message::Barrier(barrier))
-    }
-
-    /// Commits the newest epoch whose predecessors are all durable.
-    fn commit_done(&mut self) {
-        while let Ok(done) = self.epoch_rx.try_recv() {
-            self.mark_done(done);
-        }
-        let mut newest = None;
-        while let Some(front) = self.epochs.front() {
-            match front.done {
-                Some(true) => newest = self.epochs.pop_front(),
-                Some(false) => {
-                    if !self.commits_poisoned {
-                        tracing::error!(stream = %self.config.stream, epoch = front.epoch,
-                            "a sink lost rows; offsets are no longer committed, so a restart reads them again");
-                    }
-                    self.commits_poisoned = true;
-                    self.epochs.pop_front();
-                }
-                None => break,
+    /// Saves every partition's position in `barrier` (next offset, highest event time;
+    /// the restored ones for partitions not assigned now) and hands it on. False if the
+    /// pipeline is gone.
+    fn barrier(&mut self, barrier: CheckpointBarrier) -> Result<bool> {
+        let mut position = self.resume.clone();
+        for (&p, state) in &self.partitions {
+            if let Some(offset) = state.next_offset {
+                position.offsets.insert(p, offset);
+            }
+            if let Some(max) = state.max_event_ms {
+                position.max_event_ms.insert(p, max);
             }
         }
-        if let Some(epoch) = newest
-            && !self.commits_poisoned
-        {
+        let mut offsets: Vec<(i32, i64)> = position.offsets.iter().map(|(&p, &o)| (p, o)).collect();
+        offsets.sort_unstable();
+        self.epochs.push_back(PendingEpoch {
+            epoch: barrier.epoch,
+            offsets,
+        });
+        let meta = serde_json::to_value(&position)
+            .map_err(|e| Error::Internal(format!("Kafka position: {e}")))?;
+        barrier.save(self.participant.clone(), Snapshot::meta(meta));
+        tracing::debug!(stream = %self.config.stream, epoch = barrier.epoch, "barrier");
+        Ok(self.send(Message::Barrier(barrier)))
+    }
+
+    /// Commits to the group the offsets of the newest epoch whose checkpoint is complete.
+    fn commit_completed(&mut self) {
+        let Some(checkpoints) = self.checkpoints.as_mut() else {
+            return;
+        };
+        let completed = *checkpoints.committed.borrow_and_update();
+        if completed <= self.committed_epoch {
+            return;
+        }
+        let mut newest = None;
+        while self.epochs.front().is_some_and(|e| e.epoch <= completed) {
+            newest = self.epochs.pop_front();
+        }
+        self.committed_epoch = completed;
+        if let Some(epoch) = newest {
             self.commit(&epoch.offsets);
         }
     }
 
-    fn mark_done(&mut self, done: EpochDone) {
-        tracing::debug!(stream = %self.config.stream, epoch = done.epoch, durable = done.durable, "epoch done");
-        if let Some(e) = self.epochs.iter_mut().find(|e| e.epoch == done.epoch) {
-            e.done = Some(done.durable);
-        }
-    }
-
-    /// Commits synchronously (once per `commit.interval` at most), so that the result is
-    /// known and counted.
+    /// Commits synchronously (once per checkpoint at most), so that the result is known
+    /// and counted.
     fn commit(&mut self, offsets: &[(i32, i64)]) {
         if let Some((producer, _)) = &self.dead_letters
             && let Err(e) = producer.flush(Duration::from_secs(10))
@@ -868,32 +1007,25 @@ impl ConsumerLoop {
         }
     }
 
-    /// Stopping: a last barrier, then wait (bounded) for it and commit synchronously.
-    fn finish(&mut self) {
-        if self.mode == Mode::Group {
-            // A last barrier covering everything handed on (if the pipeline still reads).
-            self.barrier();
-            // Closing the channel lets the pipeline send End, after which sinks finish and
-            // drop their barriers.
-            let (closed, _) = mpsc::channel(1);
-            drop(std::mem::replace(&mut self.out, closed));
-            let deadline = Instant::now() + FINAL_COMMIT_WAIT;
-            while self.epochs.iter().any(|e| e.done.is_none()) && Instant::now() < deadline {
-                if let Ok(done) = self.epoch_rx.recv_timeout(Duration::from_millis(50)) {
-                    self.mark_done(done);
-                }
-                // Keep the group membership alive while waiting.
-                let _ = self.consumer.poll(Duration::ZERO);
-                self.apply_rebalances();
+    /// After the last barrier: wait (bounded) for its checkpoint to complete and commit its
+    /// offsets to the group, keeping the membership alive without reading more. The
+    /// consumer then closes without leaving the group when it has a static instance id, so
+    /// that a restart gets the same partitions at once.
+    fn finish(&mut self, epoch: u64) {
+        let _ = self.pause_assigned();
+        let deadline = Instant::now() + FINAL_COMMIT_WAIT;
+        loop {
+            self.commit_completed();
+            // The coordinator ends once it has announced its last epoch: nothing more comes.
+            let gone = self
+                .checkpoints
+                .as_ref()
+                .is_none_or(|c| c.committed.has_changed().is_err());
+            if self.committed_epoch >= epoch || gone || Instant::now() >= deadline {
+                break;
             }
-            // The newest epoch whose predecessors are all durable; later ones are read again.
-            self.commit_done();
-            // Leave the group now, so that the others get these partitions at once rather
-            // than after the session timeout.
-            self.consumer.unsubscribe();
-        }
-        if let Some((producer, _)) = &self.dead_letters {
-            let _ = producer.flush(Duration::from_secs(10));
+            let _ = self.consumer.poll(Duration::from_millis(50));
+            self.apply_rebalances();
         }
     }
 
@@ -952,6 +1084,31 @@ impl ConsumerLoop {
             }
         }
     }
+}
+
+/// What one round of the consumer loop ended with.
+enum Step {
+    Continue,
+    /// Nothing reads the output any more.
+    Gone,
+    /// The job's last barrier (of this epoch) was handed on: the pipeline stops.
+    LastBarrier(u64),
+}
+
+/// Whether `m` comes after every record polled from its partition so far (recording it);
+/// false for one delivered again after the partition was revoked and assigned back.
+fn first_time(polled: &mut Vec<i64>, m: &BorrowedMessage<'_>) -> bool {
+    let Ok(partition) = usize::try_from(m.partition()) else {
+        return true;
+    };
+    if partition >= polled.len() {
+        polled.resize(partition + 1, i64::MIN);
+    }
+    if m.offset() < polled[partition] {
+        return false;
+    }
+    polled[partition] = m.offset() + 1;
+    true
 }
 
 fn new_partition(metrics: &SourceMetrics, id: i32) -> PartitionState {

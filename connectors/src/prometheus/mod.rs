@@ -7,9 +7,12 @@
 //! - [`sender`]: `max_shards` ordered senders, batching, retries, back-pressure.
 //! - [`auth`]: basic auth and bearer tokens from values, `${ENV}` or files.
 //!
-//! Delivery is at-least-once with the rest of the pipeline: at a checkpoint barrier the sink
-//! waits until every sample written before it is accepted by the receiver (or dropped by the
-//! spec's rules and counted), so a source commits offsets only past rows Prometheus has.
+//! Delivery follows the job's checkpoints: rows are held until the checkpoint after them
+//! completes, then encoded and sent. A restart replays from the last checkpoint, so what
+//! Prometheus received before a crash was all covered by a complete checkpoint, and the
+//! replay sends only samples newer than those, in order: no out-of-order rejections. (Only a
+//! crash while a commit is being sent re-sends that epoch's samples, which Prometheus
+//! accepts as duplicates of its latest sample per series.)
 
 pub mod auth;
 pub mod mapping;
@@ -29,7 +32,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use weir_runtime::connector::{ConnectorError, SinkFactory, SinkSpec};
 use weir_runtime::metrics::{Counter, RemoteWriteMetrics};
 use weir_runtime::pipeline::RateLimitedLog;
-use weir_runtime::{CheckpointBarrier, Metrics, Result, Sink};
+use weir_runtime::{CheckpointBarrier, Metrics, Result, Sink, Snapshot};
 use weir_sql::Options;
 use weir_sql::options::OptionError;
 
@@ -259,7 +262,12 @@ impl SinkFactory for PrometheusSinkFactory {
     }
 }
 
-/// Writes rows as samples through [`Shards`].
+/// Rows held for checkpoints not complete yet at most; beyond, rows are sent at once
+/// (memory stays bounded when checkpoints stall; a crash then may replay samples older than
+/// ones Prometheus has, which it rejects as out of order).
+const MAX_HELD_ROWS: usize = 1_000_000;
+
+/// Writes rows as samples through [`Shards`], once their checkpoint completes.
 pub struct PrometheusSink {
     mapping: Mapping,
     shards: Shards,
@@ -267,6 +275,12 @@ pub struct PrometheusSink {
     unmappable: Counter,
     unmappable_log: RateLimitedLog,
     name: String,
+    /// Rows since the last barrier.
+    open: Vec<RecordBatch>,
+    /// Rows of epochs pre-committed, waiting for their checkpoint.
+    pending: Vec<(u64, Vec<RecordBatch>)>,
+    held_rows: usize,
+    early_log: RateLimitedLog,
 }
 
 impl PrometheusSink {
@@ -284,16 +298,18 @@ impl PrometheusSink {
             name: name.to_string(),
             shards: Shards::start(config, metrics),
             deadline,
+            open: Vec::new(),
+            pending: Vec::new(),
+            held_rows: 0,
+            early_log: RateLimitedLog::new(Duration::from_secs(60)),
         }
     }
-}
 
-#[async_trait]
-impl Sink for PrometheusSink {
-    async fn write(&mut self, batch: RecordBatch) -> Result<()> {
+    /// Encodes rows into the shards and sends what is ready.
+    async fn send(&mut self, batch: &RecordBatch) -> Result<()> {
         let now = chrono::Utc::now().timestamp_millis();
         let shards = &mut self.shards;
-        let dropped = self.mapping.encode(&batch, now, |s| {
+        let dropped = self.mapping.encode(batch, now, |s| {
             shards.push(s.series, s.hash, s.timestamp_ms)
         })?;
         if dropped > 0 {
@@ -307,6 +323,49 @@ impl Sink for PrometheusSink {
         self.shards.send_ready().await
     }
 
+    /// Sends every held row, oldest first.
+    async fn send_held(&mut self, up_to: Option<u64>) -> Result<()> {
+        let mut kept = Vec::new();
+        for (epoch, batches) in std::mem::take(&mut self.pending) {
+            if up_to.is_some_and(|e| epoch > e) {
+                kept.push((epoch, batches));
+                continue;
+            }
+            for batch in &batches {
+                self.held_rows -= batch.num_rows();
+                self.send(batch).await?;
+            }
+        }
+        self.pending = kept;
+        if up_to.is_none() {
+            for batch in std::mem::take(&mut self.open) {
+                self.held_rows -= batch.num_rows();
+                self.send(&batch).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Sink for PrometheusSink {
+    async fn write(&mut self, batch: RecordBatch) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        self.held_rows += batch.num_rows();
+        self.open.push(batch);
+        if self.held_rows > MAX_HELD_ROWS {
+            let sink = &self.name;
+            self.early_log.log(|suppressed| {
+                tracing::warn!(%sink, rows = MAX_HELD_ROWS, suppressed,
+                    "checkpoints are not completing: rows are sent before their checkpoint");
+            });
+            self.send_held(None).await?;
+        }
+        Ok(())
+    }
+
     fn tick_interval(&self) -> Option<Duration> {
         Some((self.deadline / 4).max(Duration::from_millis(10)))
     }
@@ -316,9 +375,37 @@ impl Sink for PrometheusSink {
     }
 
     async fn pre_commit(&mut self, barrier: CheckpointBarrier) -> Result<()> {
-        self.shards.flush().await?;
-        drop(barrier);
+        let rows = std::mem::take(&mut self.open);
+        if !rows.is_empty() {
+            self.pending.push((barrier.epoch, rows));
+        }
+        barrier.ack();
         Ok(())
+    }
+
+    /// The rows waiting for their checkpoint: the restored sink sends them.
+    fn snapshot(&mut self) -> Result<Option<Snapshot>> {
+        let batches: Vec<RecordBatch> = self
+            .pending
+            .iter()
+            .flat_map(|(_, b)| b.iter().cloned())
+            .collect();
+        Ok(Some(Snapshot::new(serde_json::Value::Null, batches)))
+    }
+
+    async fn restore(&mut self, snapshot: Snapshot) -> Result<()> {
+        // The restored checkpoint is complete: what it held is sent now.
+        for batch in &snapshot.batches {
+            self.send(batch).await?;
+        }
+        self.shards.flush().await
+    }
+
+    /// The checkpoint is complete: its rows are sent, and the commit returns once the
+    /// receiver has them (a receiver outage holds the pipeline here, bounded, not lossy).
+    async fn commit(&mut self, epoch: u64) -> Result<()> {
+        self.send_held(Some(epoch)).await?;
+        self.shards.flush().await
     }
 
     async fn finish(&mut self) -> Result<()> {

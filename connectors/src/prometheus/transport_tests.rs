@@ -186,12 +186,17 @@ fn factory(pairs: &[(&str, &str)]) -> Result<PrometheusSinkFactory, String> {
     PrometheusSinkFactory::try_new(&spec, &options).map_err(|e| e.to_string())
 }
 
-/// Writes `series` rows through a sink from `factory` and finishes it.
+/// Writes `series` rows through a sink from `factory`, checkpoints them (rows are sent when
+/// their checkpoint commits) and finishes it.
 async fn write_through(factory: &PrometheusSinkFactory, metrics: &Metrics, series: usize) {
     let mut sink = factory.create(metrics).expect("sink");
     sink.write(super::tests::rows(series, 1000))
         .await
         .expect("write");
+    sink.pre_commit(weir_runtime::CheckpointBarrier::new(1))
+        .await
+        .expect("pre-commit");
+    sink.commit(1).await.expect("commit");
     sink.finish().await.expect("finish");
 }
 

@@ -9,7 +9,7 @@ pub use lookup_join::{DEFAULT_MAX_IN_FLIGHT, LookupJoin, LookupJoinSpec, LookupJ
 pub use project::ProjectOperator;
 mod session;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 mod window;
 pub use session::SessionAggregate;
 pub use window::{GroupColumn, WindowAggregate, WindowAggregateSpec, WindowKind, window_operator};

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{Array, ArrayRef, BooleanArray, TimestampMillisecondArray, UInt32Array};
 use arrow::compute::{filter, take};
-use arrow::datatypes::Schema;
+use arrow::datatypes::{DataType, Schema};
 use arrow::record_batch::RecordBatch;
 use arrow::row::{RowConverter, SortField};
 use datafusion::common::{HashMap, ScalarValue};
@@ -31,6 +31,7 @@ use super::window::{
     AggregateArguments, LateRecords, TICK, WindowAggregateSpec, WindowKind, advance,
     aggregate_inputs, event_times, key_columns, lay_out, now_ms, prepare,
 };
+use crate::checkpoint::Snapshot;
 use crate::error::{Error, Result};
 use crate::message::{Message, Watermark};
 use crate::operator::{Operator, StateReport};
@@ -43,6 +44,8 @@ pub struct SessionAggregate {
     arguments: AggregateArguments,
     /// Encodes the key columns as bytes (and back, for output).
     converter: RowConverter,
+    /// How many key columns the converter encodes.
+    key_columns: usize,
     keys: HashMap<Arc<[u8]>, KeySessions>,
     slab: Slab,
     /// Open sessions by end (`last + gap`), to close them in order.
@@ -131,6 +134,30 @@ struct Merged {
 /// A row not assigned to any session (late, or without a time).
 const DROPPED: u32 = u32::MAX;
 
+/// The JSON part of a session window's snapshot.
+#[derive(serde::Deserialize)]
+struct SessionMeta {
+    watermark: Option<i64>,
+    forwarded: Option<i64>,
+    late: u64,
+}
+
+/// A batch of `columns` named `c0`, `c1`, ... (a snapshot's columns are read by position).
+fn numbered_batch(columns: Vec<ArrayRef>) -> Result<RecordBatch> {
+    let fields: Vec<arrow::datatypes::Field> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| arrow::datatypes::Field::new(format!("c{i}"), c.data_type().clone(), true))
+        .collect();
+    let rows = columns.first().map_or(0, |c| c.len());
+    let options = arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(rows));
+    Ok(RecordBatch::try_new_with_options(
+        Arc::new(Schema::new(fields)),
+        columns,
+        &options,
+    )?)
+}
+
 impl SessionAggregate {
     pub fn try_new(spec: Arc<WindowAggregateSpec>, input_schema: &Schema) -> Result<Self> {
         let WindowKind::Session { gap } = spec.kind else {
@@ -147,6 +174,7 @@ impl SessionAggregate {
                 .collect(),
         )?;
         Ok(Self {
+            key_columns: key_schema.fields().len(),
             spec,
             gap,
             arguments,
@@ -554,6 +582,172 @@ impl Operator for SessionAggregate {
         Ok(())
     }
 
+    /// Two batches: every open session (its key columns, `start`, `last`, then each
+    /// aggregate's state columns) and every key that has emitted a session (key columns,
+    /// `emitted_end`), which decides what is late for it; plus the watermarks and the late
+    /// count. Reading a row accumulator's state consumes it, so each is rebuilt from the
+    /// state it gave.
+    fn snapshot(&mut self) -> Result<Option<Snapshot>> {
+        let mut keys = Vec::new();
+        let mut starts = Vec::new();
+        let mut lasts = Vec::new();
+        let mut states: Vec<Vec<Vec<ScalarValue>>> = self
+            .spec
+            .aggregates
+            .iter()
+            .map(|a| Ok(vec![Vec::new(); a.state_fields()?.len()]))
+            .collect::<Result<_>>()?;
+        for session in self.slab.sessions.iter_mut().flatten() {
+            keys.push(session.key.clone());
+            starts.push(session.start);
+            lasts.push(session.last);
+            for (i, acc) in session.accumulators.iter_mut().enumerate() {
+                let state = acc.state()?;
+                let arrays = state
+                    .iter()
+                    .map(|s| Ok(s.to_array()?))
+                    .collect::<Result<Vec<_>>>()?;
+                let mut fresh = self.spec.aggregates[i].create_accumulator()?;
+                fresh.merge_batch(&arrays)?;
+                *acc = fresh;
+                for (column, value) in states[i].iter_mut().zip(state) {
+                    column.push(value);
+                }
+            }
+        }
+        let parser = self.converter.parser();
+        let mut columns = self
+            .converter
+            .convert_rows(keys.iter().map(|k| parser.parse(k)))?;
+        columns.push(Arc::new(arrow::array::Int64Array::from(starts)));
+        columns.push(Arc::new(arrow::array::Int64Array::from(lasts)));
+        for column in states.into_iter().flatten() {
+            columns.push(if column.is_empty() {
+                arrow::array::new_empty_array(&DataType::Null)
+            } else {
+                ScalarValue::iter_to_array(column)?
+            });
+        }
+        let sessions = numbered_batch(columns)?;
+        let (emitted, ends): (Vec<_>, Vec<_>) = self
+            .keys
+            .iter()
+            .filter(|(_, k)| k.emitted_end != i64::MIN)
+            .map(|(key, k)| (key.clone(), k.emitted_end))
+            .unzip();
+        let mut columns = self
+            .converter
+            .convert_rows(emitted.iter().map(|k| parser.parse(k)))?;
+        columns.push(Arc::new(arrow::array::Int64Array::from(ends)));
+        let emitted = numbered_batch(columns)?;
+        let meta = serde_json::json!({
+            "watermark": self.watermark,
+            "forwarded": self.forwarded,
+            "late": self.late.count,
+        });
+        Ok(Some(Snapshot::new(meta, vec![sessions, emitted])))
+    }
+
+    fn restore(&mut self, snapshot: Snapshot) -> Result<()> {
+        let meta: SessionMeta = serde_json::from_value(snapshot.meta)
+            .map_err(|e| Error::Execution(format!("session state is unreadable: {e}")))?;
+        let [sessions, emitted] = snapshot.batches.as_slice() else {
+            return Err(Error::Execution(
+                "session state is unreadable: two batches expected".into(),
+            ));
+        };
+        let key_count = self.key_columns;
+        let state_counts = self
+            .spec
+            .aggregates
+            .iter()
+            .map(|a| Ok(a.state_fields()?.len()))
+            .collect::<Result<Vec<_>>>()?;
+        if sessions.num_columns() != key_count + 2 + state_counts.iter().sum::<usize>()
+            || emitted.num_columns() != key_count + 1
+        {
+            return Err(Error::Execution(
+                "session state does not match this query's keys and aggregates".into(),
+            ));
+        }
+        let int64 = |batch: &RecordBatch, i: usize| -> Result<arrow::array::Int64Array> {
+            batch
+                .column(i)
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .cloned()
+                .ok_or_else(|| Error::Execution("session state: bad column type".into()))
+        };
+        // Keys that emitted a session first, so that open sessions find their entry.
+        let rows = self
+            .converter
+            .convert_columns(&emitted.columns()[..key_count])?;
+        let ends = int64(emitted, key_count)?;
+        let mut idle = Vec::new();
+        for (row, end) in rows.iter().zip(ends.values()) {
+            let key: Arc<[u8]> = Arc::from(row.as_ref());
+            self.keys.insert(
+                key.clone(),
+                KeySessions {
+                    open: Vec::new(),
+                    emitted_end: *end,
+                },
+            );
+            idle.push((*end, key));
+        }
+        let rows = self
+            .converter
+            .convert_columns(&sessions.columns()[..key_count])?;
+        let (starts, lasts) = (int64(sessions, key_count)?, int64(sessions, key_count + 1)?);
+        let mut touched = Vec::with_capacity(rows.num_rows());
+        for (i, row) in rows.iter().enumerate() {
+            let mut at = key_count + 2;
+            let mut accumulators = Vec::with_capacity(state_counts.len());
+            for (a, &n) in self.spec.aggregates.iter().zip(&state_counts) {
+                let states: Vec<ArrayRef> = sessions.columns()[at..at + n]
+                    .iter()
+                    .map(|c| c.slice(i, 1))
+                    .collect();
+                at += n;
+                let mut acc = a.create_accumulator()?;
+                acc.merge_batch(&states)?;
+                accumulators.push(acc);
+            }
+            let key: Arc<[u8]> = Arc::from(row.as_ref());
+            let slot = self.slab.insert(Session {
+                key: key.clone(),
+                start: starts.value(i),
+                last: lasts.value(i),
+                indexed: None,
+                accumulators,
+            });
+            let entry = self.keys.entry(key).or_insert(KeySessions {
+                open: Vec::new(),
+                emitted_end: i64::MIN,
+            });
+            entry.open.push(slot);
+            touched.push(slot);
+        }
+        for entry in self.keys.values_mut() {
+            let slab = &self.slab;
+            entry.open.sort_by_key(|&slot| {
+                slab.sessions
+                    .get(slot)
+                    .and_then(Option::as_ref)
+                    .map_or(i64::MAX, |s| s.start)
+            });
+        }
+        // Keys with no open session wait to be forgotten, oldest first.
+        idle.retain(|(_, key)| self.keys.get(key).is_some_and(|k| k.open.is_empty()));
+        idle.sort_by_key(|(end, _)| *end);
+        self.idle = idle.into();
+        self.reindex(&touched)?;
+        self.watermark = meta.watermark;
+        self.forwarded = meta.forwarded;
+        self.late.count = meta.late;
+        Ok(())
+    }
+
     fn state_report(&self) -> Option<StateReport> {
         Some(StateReport {
             open_windows: self.by_end.len(),
@@ -567,8 +761,25 @@ impl Operator for SessionAggregate {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::{batch, drain, input_schema, spec};
+    use super::super::test_support::{Step, assert_restores, batch, drain, input_schema, spec};
     use super::*;
+
+    #[test]
+    fn sessions_resume_from_a_snapshot_as_if_never_interrupted() {
+        let script = vec![
+            Step::Batch(batch(&[(1, 1.0, 0), (2, 2.0, 300), (1, 3.0, 800)])),
+            Step::Watermark(1000),
+            // Opens k1 [2500, ..) then bridges it to [0, 1800) with 1700.
+            Step::Batch(batch(&[(1, 4.0, 2500), (1, 5.0, 1700), (3, 1.0, 1200)])),
+            Step::Watermark(2400),
+            // k2's session closed at 1300: 1250 is late for it.
+            Step::Batch(batch(&[(2, 9.0, 1250), (2, 6.0, 4000)])),
+            Step::Watermark(3600),
+            Step::Batch(batch(&[(1, 7.0, 4100)])),
+        ];
+        assert_restores(|| Box::new(operator(1000, 0)), &script);
+        assert_restores(|| Box::new(operator(1000, 800)), &script);
+    }
 
     fn operator(gap: i64, allowed_lateness: i64) -> SessionAggregate {
         SessionAggregate::try_new(

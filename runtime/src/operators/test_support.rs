@@ -14,6 +14,7 @@ use datafusion::physical_expr::expressions::col;
 
 use super::window::{GroupColumn, WindowAggregateSpec, WindowKind};
 use crate::message::Message;
+use crate::operator::Operator;
 
 pub fn input_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
@@ -99,4 +100,63 @@ pub fn drain(out: &mut Vec<Message>) -> (String, Vec<i64>) {
         lines[3..body].sort_unstable();
     }
     (lines.join("\n"), marks)
+}
+
+/// One input of a scripted run.
+pub enum Step {
+    Batch(RecordBatch),
+    Watermark(i64),
+}
+
+fn run(op: &mut dyn Operator, steps: &[Step], out: &mut Vec<Message>) {
+    for step in steps {
+        match step {
+            Step::Batch(b) => op.process_batch(b.clone(), out).expect("batch"),
+            Step::Watermark(w) => op
+                .on_watermark(crate::message::Watermark(*w), out)
+                .expect("watermark"),
+        }
+    }
+}
+
+/// Runs `steps` (then the end of input) through one operator without interruption, and
+/// again with a checkpoint after every step: the operator snapshotted there goes on, and a
+/// fresh one restored from the snapshot (through the store's encoding) replaces it for the
+/// rest. Every run must emit the same rows and watermarks.
+pub fn assert_restores(make: impl Fn() -> Box<dyn Operator>, steps: &[Step]) {
+    let mut whole = make();
+    let mut expected = Vec::new();
+    run(whole.as_mut(), steps, &mut expected);
+    whole.on_end(&mut expected).expect("end");
+    let expected = drain(&mut expected);
+    assert!(!expected.0.is_empty(), "the script emits rows");
+    for cut in 0..=steps.len() {
+        let mut first = make();
+        let mut before = Vec::new();
+        run(first.as_mut(), &steps[..cut], &mut before);
+        let snapshot = first
+            .snapshot()
+            .expect("snapshot")
+            .expect("a stateful operator has a snapshot");
+        let mut unperturbed = before.clone();
+        run(first.as_mut(), &steps[cut..], &mut unperturbed);
+        first.on_end(&mut unperturbed).expect("end");
+        assert_eq!(
+            drain(&mut unperturbed),
+            expected,
+            "taking a snapshot after step {cut} changed the output"
+        );
+        let mut restored = make();
+        restored
+            .restore(crate::checkpoint::round_trip(&snapshot))
+            .expect("restore");
+        let mut after = before;
+        run(restored.as_mut(), &steps[cut..], &mut after);
+        restored.on_end(&mut after).expect("end");
+        assert_eq!(
+            drain(&mut after),
+            expected,
+            "restoring the snapshot taken after step {cut} changed the output"
+        );
+    }
 }

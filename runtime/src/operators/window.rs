@@ -32,6 +32,7 @@ use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
 
 use super::session::SessionAggregate;
+use crate::checkpoint::Snapshot;
 use crate::error::{Error, Result};
 use crate::message::{Message, Watermark};
 use crate::operator::{Operator, StateReport};
@@ -294,6 +295,73 @@ struct FrozenPane {
     states: Vec<Vec<ArrayRef>>,
 }
 
+impl FrozenPane {
+    /// One batch: the keys (`k0`, ...), then each aggregate's states (`a0_0`, ...).
+    fn to_batch(&self) -> Result<RecordBatch> {
+        let mut fields = Vec::new();
+        let mut columns = Vec::new();
+        for (i, key) in self.keys.iter().enumerate() {
+            fields.push(Field::new(format!("k{i}"), key.data_type().clone(), true));
+            columns.push(key.clone());
+        }
+        for (a, states) in self.states.iter().enumerate() {
+            for (j, state) in states.iter().enumerate() {
+                fields.push(Field::new(
+                    format!("a{a}_{j}"),
+                    state.data_type().clone(),
+                    true,
+                ));
+                columns.push(state.clone());
+            }
+        }
+        Ok(RecordBatch::try_new(
+            Arc::new(Schema::new(fields)),
+            columns,
+        )?)
+    }
+
+    /// The inverse of [`FrozenPane::to_batch`], given the number of key columns and of each
+    /// aggregate's state columns.
+    fn from_batch(batch: &RecordBatch, keys: usize, states: &[usize]) -> Result<Self> {
+        if batch.num_columns() != keys + states.iter().sum::<usize>() {
+            return Err(Error::Execution(format!(
+                "window state has {} columns where this query keeps {}",
+                batch.num_columns(),
+                keys + states.iter().sum::<usize>()
+            )));
+        }
+        let columns = batch.columns();
+        let mut at = keys;
+        let states = states
+            .iter()
+            .map(|&n| {
+                let state = columns[at..at + n].to_vec();
+                at += n;
+                state
+            })
+            .collect();
+        Ok(Self {
+            keys: columns[..keys].to_vec(),
+            states,
+        })
+    }
+}
+
+/// The JSON part of a window's snapshot.
+#[derive(serde::Deserialize)]
+struct WindowMeta {
+    watermark: Option<i64>,
+    emitted_until: i64,
+    late: u64,
+    panes: Vec<PaneMeta>,
+}
+
+#[derive(serde::Deserialize)]
+struct PaneMeta {
+    start: i64,
+    frozen: bool,
+}
+
 impl WindowAggregate {
     pub fn try_new(spec: Arc<WindowAggregateSpec>, input_schema: &Schema) -> Result<Self> {
         if matches!(spec.kind, WindowKind::Session { .. }) {
@@ -504,22 +572,35 @@ impl WindowAggregate {
         let mut pane = self.new_pane()?;
         let mut ids = Vec::new();
         for frozen in self.frozen.range(start..end).map(|(_, f)| f) {
-            pane.groups.intern(&frozen.keys, &mut ids)?;
-            let groups = pane.groups.len();
-            for (i, acc) in pane.accumulators.iter_mut().enumerate() {
-                let states = &frozen.states[i];
-                match acc {
-                    PaneAccumulator::Groups(acc) => acc.merge_batch(states, &ids, groups)?,
-                    PaneAccumulator::Rows(accs) => {
-                        while accs.len() < groups {
-                            accs.push(self.spec.aggregates[i].create_accumulator()?);
-                        }
-                        merge_rows(accs, states, &ids)?;
+            self.merge_into(&mut pane, frozen, &mut ids)?;
+        }
+        self.evaluate(pane, start, end)
+    }
+
+    /// Adds a frozen pane's groups and states to `pane`.
+    fn merge_into(&self, pane: &mut Pane, frozen: &FrozenPane, ids: &mut Vec<usize>) -> Result<()> {
+        pane.groups.intern(&frozen.keys, ids)?;
+        let groups = pane.groups.len();
+        for (i, acc) in pane.accumulators.iter_mut().enumerate() {
+            let states = &frozen.states[i];
+            match acc {
+                PaneAccumulator::Groups(acc) => acc.merge_batch(states, ids, groups)?,
+                PaneAccumulator::Rows(accs) => {
+                    while accs.len() < groups {
+                        accs.push(self.spec.aggregates[i].create_accumulator()?);
                     }
+                    merge_rows(accs, states, ids)?;
                 }
             }
         }
-        self.evaluate(pane, start, end)
+        Ok(())
+    }
+
+    /// A pane rebuilt from its frozen form: the same groups, in the same order.
+    fn thaw(&self, frozen: &FrozenPane) -> Result<Pane> {
+        let mut pane = self.new_pane()?;
+        self.merge_into(&mut pane, frozen, &mut Vec::new())?;
+        Ok(pane)
     }
 
     /// Each pane's rows, `None` meaning the whole batch (the common case: no index list is
@@ -640,6 +721,64 @@ impl Operator for WindowAggregate {
             .saturating_sub(self.spec.allowed_lateness)
             .saturating_sub(self.spec.kind.size());
         out.push(Message::Watermark(Watermark(held)));
+        Ok(())
+    }
+
+    /// Every pane as one batch (keys, then each aggregate's state columns: Arrow arrays, as
+    /// DataFusion's multi-phase aggregation exchanges them), with the watermark, what HOP
+    /// has emitted and the late count. An open pane is frozen to read its states (which
+    /// consumes them) and thawed back from the same arrays.
+    fn snapshot(&mut self) -> Result<Option<Snapshot>> {
+        let mut panes = Vec::with_capacity(self.panes.len() + self.frozen.len());
+        let mut batches = Vec::with_capacity(panes.capacity());
+        for start in self.panes.keys().copied().collect::<Vec<_>>() {
+            let Some(pane) = self.panes.remove(&start) else {
+                continue;
+            };
+            let frozen = freeze(pane, &self.spec.aggregates)?;
+            batches.push(frozen.to_batch()?);
+            self.panes.insert(start, self.thaw(&frozen)?);
+            panes.push(serde_json::json!({"start": start, "frozen": false}));
+        }
+        for (start, frozen) in &self.frozen {
+            batches.push(frozen.to_batch()?);
+            panes.push(serde_json::json!({"start": start, "frozen": true}));
+        }
+        let meta = serde_json::json!({
+            "watermark": self.watermark,
+            "emitted_until": self.emitted_until,
+            "late": self.late.count,
+            "panes": panes,
+        });
+        Ok(Some(Snapshot::new(meta, batches)))
+    }
+
+    fn restore(&mut self, snapshot: Snapshot) -> Result<()> {
+        let meta: WindowMeta = serde_json::from_value(snapshot.meta)
+            .map_err(|e| Error::Execution(format!("window state is unreadable: {e}")))?;
+        if meta.panes.len() != snapshot.batches.len() {
+            return Err(Error::Execution(
+                "window state is unreadable: panes and batches differ".into(),
+            ));
+        }
+        let keys = self.key_schema.fields().len();
+        let states = self
+            .spec
+            .aggregates
+            .iter()
+            .map(|a| Ok(a.state_fields()?.len()))
+            .collect::<Result<Vec<_>>>()?;
+        for (pane, batch) in meta.panes.into_iter().zip(snapshot.batches) {
+            let frozen = FrozenPane::from_batch(&batch, keys, &states)?;
+            if pane.frozen {
+                self.frozen.insert(pane.start, frozen);
+            } else {
+                self.panes.insert(pane.start, self.thaw(&frozen)?);
+            }
+        }
+        self.watermark = meta.watermark;
+        self.emitted_until = meta.emitted_until;
+        self.late.count = meta.late;
         Ok(())
     }
 
@@ -802,11 +941,41 @@ fn freeze(mut pane: Pane, aggregates: &[Arc<AggregateFunctionExpr>]) -> Result<F
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::{batch, drain, input_schema, spec};
+    use super::super::test_support::{Step, assert_restores, batch, drain, input_schema, spec};
     use super::*;
 
     fn operator(kind: WindowKind, allowed_lateness: i64) -> WindowAggregate {
         WindowAggregate::try_new(spec(kind, allowed_lateness), &input_schema()).expect("operator")
+    }
+
+    /// Records over several windows, late ones included, and the watermarks that close them.
+    fn script() -> Vec<Step> {
+        vec![
+            Step::Batch(batch(&[(1, 1.0, 100), (2, 2.0, 200), (1, 3.0, 1100)])),
+            Step::Watermark(1000),
+            Step::Batch(batch(&[(1, 10.0, 500), (1, 20.0, 1500), (3, 5.0, 2500)])),
+            Step::Watermark(2000),
+            Step::Batch(batch(&[(2, 1.0, 2600), (1, 2.0, 4100)])),
+            Step::Watermark(3500),
+            Step::Batch(batch(&[(3, 7.0, 4200)])),
+        ]
+    }
+
+    #[test]
+    fn tumbling_and_hopping_windows_resume_from_a_snapshot_as_if_never_interrupted() {
+        for (kind, lateness) in [
+            (WindowKind::Tumble { size: 1000 }, 0),
+            (WindowKind::Tumble { size: 1000 }, 500),
+            (
+                WindowKind::Hop {
+                    size: 3000,
+                    slide: 1000,
+                },
+                0,
+            ),
+        ] {
+            assert_restores(|| Box::new(operator(kind, lateness)), &script());
+        }
     }
 
     #[test]

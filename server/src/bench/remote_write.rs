@@ -162,13 +162,13 @@ fn window_rows(series: usize, windows: usize) -> Vec<RecordBatch> {
 }
 
 /// The child process that decodes and counts.
-struct Receiver {
+pub(super) struct Receiver {
     child: Child,
-    port: u16,
+    pub(super) port: u16,
 }
 
 impl Receiver {
-    fn spawn() -> Result<Self, String> {
+    pub(super) fn spawn() -> Result<Self, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut child = std::process::Command::new(exe)
             .args(["bench", "remote-write-receiver"])
@@ -190,7 +190,7 @@ impl Receiver {
     }
 
     /// Samples decoded and CPU-seconds used, as the receiver reports them.
-    async fn stats(&self) -> Result<(u64, f64), String> {
+    pub(super) async fn stats(&self) -> Result<(u64, f64), String> {
         let body = reqwest::get(format!("http://127.0.0.1:{}/stats", self.port))
             .await
             .map_err(|e| e.to_string())?

@@ -1,0 +1,533 @@
+//! Checkpoints: what a job saved at one epoch, and the store that keeps the last few.
+//!
+//! A checkpoint is every participant's [`Snapshot`] (a source's positions, an operator's
+//! panes, a sink's pending files) for one epoch, plus each pipeline's plan fingerprint. The
+//! [`CheckpointStore`] writes it under `<root>/<job>/<epoch>/`: one `state.bin` holding the
+//! snapshots' batches as Arrow IPC streams, then `_manifest.json`, which says where each
+//! batch is. The manifest is written last and alone makes a checkpoint complete, so a
+//! checkpoint cut short by a crash is never read (it is deleted at the next recovery).
+//! The store is any `object_store`: a local directory, `s3://`, `gs://`, `az://`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::ipc::reader::StreamReader;
+use arrow::ipc::writer::StreamWriter;
+use arrow::record_batch::RecordBatch;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// What one participant saved for a checkpoint: small facts as JSON (positions, watermark,
+/// counters) and bulk state as Arrow batches (window panes, a view's rows), so that state
+/// survives an upgrade of anything but Arrow's stable IPC format.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub meta: serde_json::Value,
+    pub batches: Vec<RecordBatch>,
+}
+
+impl Snapshot {
+    pub fn meta(meta: serde_json::Value) -> Self {
+        Self {
+            meta,
+            batches: Vec::new(),
+        }
+    }
+
+    pub fn new(meta: serde_json::Value, batches: Vec<RecordBatch>) -> Self {
+        Self { meta, batches }
+    }
+
+    /// Approximate bytes in memory.
+    pub fn size(&self) -> usize {
+        self.batches
+            .iter()
+            .map(RecordBatch::get_array_memory_size)
+            .sum()
+    }
+}
+
+/// A job's state at one epoch.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Checkpoint {
+    pub epoch: u64,
+    /// Wall-clock time the checkpoint was started, ms since the Unix epoch.
+    pub started_ms: i64,
+    /// Per pipeline of the job, a fingerprint of its plan: state saved under another plan is
+    /// not restored.
+    pub fingerprints: BTreeMap<String, String>,
+    /// Per participant id (`<pipeline>/source`, `<pipeline>/op<i>`, `<pipeline>/sink`).
+    pub snapshots: BTreeMap<String, Snapshot>,
+}
+
+/// How one write went, for `SHOW QUERIES` and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteStats {
+    pub bytes: u64,
+    pub duration: Duration,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Manifest {
+    version: u32,
+    epoch: u64,
+    started_ms: i64,
+    fingerprints: BTreeMap<String, String>,
+    snapshots: BTreeMap<String, ManifestEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ManifestEntry {
+    meta: serde_json::Value,
+    /// Byte ranges `[start, end)` in `state.bin`, one IPC stream per batch.
+    batches: Vec<(u64, u64)>,
+}
+
+const MANIFEST: &str = "_manifest.json";
+const STATE: &str = "state.bin";
+const FORMAT_VERSION: u32 = 1;
+
+/// Where checkpoints are kept, and how many.
+#[derive(Debug, Clone)]
+pub struct CheckpointStore {
+    store: Arc<dyn ObjectStore>,
+    root: Path,
+    retain: usize,
+    location: String,
+    /// For a local directory: where it is, to remove an emptied epoch's directory (an
+    /// object store has no directories to leave behind).
+    local: Option<std::path::PathBuf>,
+}
+
+impl CheckpointStore {
+    /// A store at `location`: a local directory (created if missing), `file:///dir`, or an
+    /// object store URL. Credentials and endpoints for object stores come from the usual
+    /// environment variables (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT`, `AWS_ALLOW_HTTP`,
+    /// `GOOGLE_SERVICE_ACCOUNT`, `AZURE_STORAGE_ACCOUNT_NAME`, ...).
+    pub fn open(location: &str, retain: usize) -> Result<Self> {
+        let invalid = |e: &dyn std::fmt::Display| {
+            Error::Execution(format!("checkpoint store {location:?}: {e}"))
+        };
+        let (store, root): (Arc<dyn ObjectStore>, Path) = if location.contains("://") {
+            let url = url::Url::parse(location).map_err(|e| invalid(&e))?;
+            if url.scheme() == "file" {
+                return Self::local(std::path::Path::new(url.path()), retain);
+            }
+            let prefix = match url.scheme() {
+                "s3" | "s3a" => "AWS_",
+                "gs" => "GOOGLE_",
+                "az" | "abfs" | "abfss" | "azure" => "AZURE_",
+                other => return Err(invalid(&format!("unsupported scheme {other}://"))),
+            };
+            let options = std::env::vars()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                // Only what the builder knows; others (AWS_PROFILE, ...) are not ours.
+                .filter(|(k, _)| known_option(url.scheme(), k));
+            let (store, root) =
+                object_store::parse_url_opts(&url, options).map_err(|e| invalid(&e))?;
+            (Arc::from(store), root)
+        } else {
+            return Self::local(std::path::Path::new(location), retain);
+        };
+        Ok(Self {
+            store,
+            root,
+            retain: retain.max(1),
+            location: location.to_string(),
+            local: None,
+        })
+    }
+
+    /// A store in a local directory, created if missing.
+    pub fn local(dir: &std::path::Path, retain: usize) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
+        let store = object_store::local::LocalFileSystem::new_with_prefix(dir)
+            .map_err(|e| Error::Execution(format!("checkpoint store {}: {e}", dir.display())))?;
+        Ok(Self {
+            store: Arc::new(store),
+            root: Path::default(),
+            retain: retain.max(1),
+            location: dir.display().to_string(),
+            local: Some(dir.to_path_buf()),
+        })
+    }
+
+    /// Where the store is, for messages.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn job_dir(&self, job: &str) -> Path {
+        self.root.clone().join(job)
+    }
+
+    fn epoch_dir(&self, job: &str, epoch: u64) -> Path {
+        // Zero-padded, so that names sort as numbers.
+        self.job_dir(job).join(format!("{epoch:020}"))
+    }
+
+    /// Writes `checkpoint` for `job`; once this returns, [`CheckpointStore::latest`] finds
+    /// it. Then deletes checkpoints beyond the last `retain` complete ones.
+    pub async fn write(&self, job: &str, checkpoint: &Checkpoint) -> Result<WriteStats> {
+        let started = Instant::now();
+        let dir = self.epoch_dir(job, checkpoint.epoch);
+        let mut state = Vec::new();
+        let mut snapshots = BTreeMap::new();
+        for (id, snapshot) in &checkpoint.snapshots {
+            let mut ranges = Vec::with_capacity(snapshot.batches.len());
+            for batch in &snapshot.batches {
+                let start = state.len() as u64;
+                let mut writer = StreamWriter::try_new(&mut state, &batch.schema())?;
+                writer.write(batch)?;
+                writer.finish()?;
+                drop(writer);
+                ranges.push((start, state.len() as u64));
+            }
+            snapshots.insert(
+                id.clone(),
+                ManifestEntry {
+                    meta: snapshot.meta.clone(),
+                    batches: ranges,
+                },
+            );
+        }
+        let manifest = Manifest {
+            version: FORMAT_VERSION,
+            epoch: checkpoint.epoch,
+            started_ms: checkpoint.started_ms,
+            fingerprints: checkpoint.fingerprints.clone(),
+            snapshots,
+        };
+        let manifest = serde_json::to_vec(&manifest)
+            .map_err(|e| Error::Internal(format!("cannot encode a checkpoint manifest: {e}")))?;
+        let bytes = (state.len() + manifest.len()) as u64;
+        self.put(&dir.clone().join(STATE), state).await?;
+        self.put(&dir.join(MANIFEST), manifest).await?;
+        self.retain(job).await?;
+        Ok(WriteStats {
+            bytes,
+            duration: started.elapsed(),
+        })
+    }
+
+    async fn put(&self, path: &Path, bytes: Vec<u8>) -> Result<()> {
+        self.store
+            .put(path, PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error("write", path, e))
+    }
+
+    fn error(&self, what: &str, path: &Path, e: object_store::Error) -> Error {
+        Error::Execution(format!(
+            "checkpoint store {}: cannot {what} {path}: {e}",
+            self.location
+        ))
+    }
+
+    /// The epochs of `job` with a directory in the store, newest first, and whether each
+    /// is complete.
+    async fn epochs(&self, job: &str) -> Result<Vec<(u64, bool)>> {
+        let dir = self.job_dir(job);
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&dir))
+            .await
+            .map_err(|e| self.error("list", &dir, e))?;
+        let mut epochs = Vec::new();
+        for prefix in listing.common_prefixes {
+            let Some(epoch) = prefix.filename().and_then(|n| n.parse::<u64>().ok()) else {
+                continue;
+            };
+            let complete = match self.store.head(&prefix.clone().join(MANIFEST)).await {
+                Ok(_) => true,
+                Err(object_store::Error::NotFound { .. }) => false,
+                Err(e) => return Err(self.error("read", &prefix, e)),
+            };
+            epochs.push((epoch, complete));
+        }
+        epochs.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
+        Ok(epochs)
+    }
+
+    /// The newest complete checkpoint of `job`, if any. Checkpoints newer than it were cut
+    /// short and are deleted.
+    pub async fn latest(&self, job: &str) -> Result<Option<Checkpoint>> {
+        for (epoch, complete) in self.epochs(job).await? {
+            if complete {
+                return self.read(job, epoch).await.map(Some);
+            }
+            tracing::info!(job, epoch, store = %self.location,
+                "deleting a checkpoint that was not completed");
+            self.delete_epoch(job, epoch).await?;
+        }
+        Ok(None)
+    }
+
+    async fn read(&self, job: &str, epoch: u64) -> Result<Checkpoint> {
+        let dir = self.epoch_dir(job, epoch);
+        let manifest_path = dir.clone().join(MANIFEST);
+        let manifest = self.get(&manifest_path).await?;
+        let manifest: Manifest = serde_json::from_slice(&manifest).map_err(|e| {
+            Error::Execution(format!("checkpoint {manifest_path} is unreadable: {e}"))
+        })?;
+        if manifest.version != FORMAT_VERSION {
+            return Err(Error::Execution(format!(
+                "checkpoint {manifest_path} has format version {}; this Weir reads {FORMAT_VERSION}",
+                manifest.version
+            )));
+        }
+        let needs_state = manifest.snapshots.values().any(|s| !s.batches.is_empty());
+        let state = if needs_state {
+            self.get(&dir.join(STATE)).await?
+        } else {
+            bytes::Bytes::new()
+        };
+        let mut snapshots = BTreeMap::new();
+        for (id, entry) in manifest.snapshots {
+            let mut batches = Vec::with_capacity(entry.batches.len());
+            for (start, end) in entry.batches {
+                let bytes = usize::try_from(start)
+                    .ok()
+                    .zip(usize::try_from(end).ok())
+                    .and_then(|(s, e)| state.get(s..e))
+                    .ok_or_else(|| {
+                        Error::Execution(format!(
+                            "checkpoint {manifest_path}: state of {id} is truncated"
+                        ))
+                    })?;
+                for batch in StreamReader::try_new(std::io::Cursor::new(bytes), None)? {
+                    batches.push(batch?);
+                }
+            }
+            snapshots.insert(id, Snapshot::new(entry.meta, batches));
+        }
+        Ok(Checkpoint {
+            epoch: manifest.epoch,
+            started_ms: manifest.started_ms,
+            fingerprints: manifest.fingerprints,
+            snapshots,
+        })
+    }
+
+    async fn get(&self, path: &Path) -> Result<bytes::Bytes> {
+        let result = self
+            .store
+            .get(path)
+            .await
+            .map_err(|e| self.error("read", path, e))?;
+        result
+            .bytes()
+            .await
+            .map_err(|e| self.error("read", path, e))
+    }
+
+    /// Keeps the newest `retain` complete checkpoints and anything newer (one being written);
+    /// deletes the rest.
+    async fn retain(&self, job: &str) -> Result<()> {
+        let epochs = self.epochs(job).await?;
+        let mut complete = 0;
+        for (epoch, is_complete) in epochs {
+            if complete >= self.retain {
+                self.delete_epoch(job, epoch).await?;
+            } else if is_complete {
+                complete += 1;
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete_epoch(&self, job: &str, epoch: u64) -> Result<()> {
+        let dir = self.epoch_dir(job, epoch);
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&dir))
+            .try_collect()
+            .await
+            .map_err(|e| self.error("list", &dir, e))?;
+        // The manifest first: a checkpoint half deleted is an incomplete one, never a
+        // complete one with state missing.
+        let (manifest, rest): (Vec<_>, Vec<_>) = objects
+            .into_iter()
+            .partition(|o| o.location.filename() == Some(MANIFEST));
+        for object in manifest.into_iter().chain(rest) {
+            match self.store.delete(&object.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.error("delete", &object.location, e)),
+            }
+        }
+        if let Some(root) = &self.local {
+            let dir = root.join(job).join(format!("{epoch:020}"));
+            match std::fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(dir.display().to_string(), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes every checkpoint of `job` (its pipelines were dropped).
+    pub async fn delete_job(&self, job: &str) -> Result<()> {
+        for (epoch, _) in self.epochs(job).await? {
+            self.delete_epoch(job, epoch).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `key` (an environment variable, lower-cased) configures the object store of
+/// `scheme`; the others under the same prefix belong to other tools.
+fn known_option(scheme: &str, key: &str) -> bool {
+    use std::str::FromStr;
+    match scheme {
+        "s3" | "s3a" => object_store::aws::AmazonS3ConfigKey::from_str(key).is_ok(),
+        "gs" => object_store::gcp::GoogleConfigKey::from_str(key).is_ok(),
+        _ => object_store::azure::AzureConfigKey::from_str(key).is_ok(),
+    }
+}
+
+/// `snapshot` after a trip through the store's encoding (IPC and JSON), as a restore
+/// would see it.
+#[cfg(test)]
+pub(crate) fn round_trip(snapshot: &Snapshot) -> Snapshot {
+    let meta = serde_json::to_string(&snapshot.meta).expect("json");
+    let batches = snapshot
+        .batches
+        .iter()
+        .map(|batch| {
+            let mut bytes = Vec::new();
+            let mut writer = StreamWriter::try_new(&mut bytes, &batch.schema()).expect("ipc");
+            writer.write(batch).expect("write");
+            writer.finish().expect("finish");
+            drop(writer);
+            let mut reader =
+                StreamReader::try_new(std::io::Cursor::new(bytes), None).expect("read");
+            reader.next().expect("one batch").expect("batch")
+        })
+        .collect();
+    Snapshot::new(serde_json::from_str(&meta).expect("json"), batches)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    fn batch(values: &[i64]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("n", DataType::Int64, false),
+            Field::new("s", DataType::Utf8, true),
+        ]));
+        let names: Vec<Option<String>> = values.iter().map(|v| Some(v.to_string())).collect();
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from(values.to_vec())),
+                Arc::new(StringArray::from(names)),
+            ],
+        )
+        .expect("batch")
+    }
+
+    fn checkpoint(epoch: u64) -> Checkpoint {
+        let mut snapshots = BTreeMap::new();
+        snapshots.insert(
+            "p/source".to_string(),
+            Snapshot::meta(serde_json::json!({"offsets": {"0": epoch * 10}})),
+        );
+        snapshots.insert(
+            "p/op2".to_string(),
+            Snapshot::new(
+                serde_json::json!({"watermark": 1000}),
+                vec![batch(&[1, 2, 3]), batch(&[epoch as i64])],
+            ),
+        );
+        Checkpoint {
+            epoch,
+            started_ms: 1_700_000_000_000,
+            fingerprints: BTreeMap::from([("p".to_string(), "abc".to_string())]),
+            snapshots,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_written_checkpoint_reads_back_equal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = CheckpointStore::local(dir.path(), 3).expect("store");
+        assert_eq!(store.latest("job").await.expect("latest"), None);
+        let written = checkpoint(4);
+        let stats = store.write("job", &written).await.expect("write");
+        assert!(stats.bytes > 0);
+        assert_eq!(store.latest("job").await.expect("latest"), Some(written));
+    }
+
+    #[tokio::test]
+    async fn only_the_last_complete_checkpoints_are_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = CheckpointStore::local(dir.path(), 2).expect("store");
+        for epoch in 1..=5 {
+            store.write("job", &checkpoint(epoch)).await.expect("write");
+        }
+        let epochs = store.epochs("job").await.expect("epochs");
+        assert_eq!(epochs, vec![(5, true), (4, true)]);
+        // Jobs are independent.
+        store.write("other", &checkpoint(1)).await.expect("write");
+        assert_eq!(store.epochs("job").await.expect("epochs").len(), 2);
+        store.delete_job("job").await.expect("delete");
+        assert_eq!(store.latest("job").await.expect("latest"), None);
+        assert_eq!(
+            store
+                .latest("other")
+                .await
+                .expect("latest")
+                .map(|c| c.epoch),
+            Some(1)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_cut_short_is_never_read_and_is_cleaned_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = CheckpointStore::local(dir.path(), 3).expect("store");
+        store.write("job", &checkpoint(1)).await.expect("write");
+        // A crash between the state and the manifest of epoch 2.
+        let epoch2 = dir.path().join("job").join(format!("{:020}", 2));
+        std::fs::create_dir_all(&epoch2).expect("mkdir");
+        std::fs::write(epoch2.join(STATE), b"half").expect("write");
+        let latest = store.latest("job").await.expect("latest");
+        assert_eq!(latest.map(|c| c.epoch), Some(1));
+        assert!(
+            !epoch2.join(STATE).exists(),
+            "the torn checkpoint is deleted"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_state_file_is_an_error_not_a_silent_empty_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = CheckpointStore::local(dir.path(), 3).expect("store");
+        store.write("job", &checkpoint(1)).await.expect("write");
+        let state = dir
+            .path()
+            .join("job")
+            .join(format!("{:020}", 1))
+            .join(STATE);
+        std::fs::write(&state, b"short").expect("truncate");
+        let err = store.latest("job").await.expect_err("corrupt");
+        assert!(err.to_string().contains("truncated"), "{err}");
+    }
+
+    #[test]
+    fn unknown_schemes_are_refused() {
+        let err = CheckpointStore::open("ftp://host/x", 3).expect_err("ftp");
+        assert!(err.to_string().contains("unsupported scheme"), "{err}");
+    }
+}
