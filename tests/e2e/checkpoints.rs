@@ -350,6 +350,14 @@ fn a_job_killed_three_times_on_tansu_writes_every_window_exactly_once() {
     interrupted_job_equals_duckdb(dir.path(), &tansu.bootstrap(), 4, "", Interrupt::Kill, None);
 }
 
+#[test]
+fn a_job_stopped_three_times_on_tansu_writes_every_window_exactly_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tansu = Tansu::start(dir.path());
+    tansu.create_topic("events", 4);
+    interrupted_job_equals_duckdb(dir.path(), &tansu.bootstrap(), 4, "", Interrupt::Term, None);
+}
+
 /// A materialized view keeps its rows across a restart, and a sink created after a bounded
 /// stream finished, or later over a Kafka stream read from `earliest`, sees everything.
 #[test]
