@@ -378,6 +378,15 @@ impl CheckpointStore {
         for (epoch, _) in self.epochs(job).await? {
             self.delete_epoch(job, epoch).await?;
         }
+        // An object store has no directories; a local one keeps the job's, empty, otherwise.
+        if let Some(root) = &self.local {
+            let dir = root.join(job);
+            match std::fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(dir.display().to_string(), e)),
+            }
+        }
         Ok(())
     }
 }

@@ -455,4 +455,33 @@ fn views_keep_their_rows_and_late_pipelines_read_their_input_from_the_start() {
         vec!["5000".to_string()],
         "nothing twice after the restart"
     );
+
+    // DROP deletes a job's checkpoints: a pipeline created again under the name starts fresh.
+    let checkpoints = dir.path().join("weir-data/checkpoints");
+    assert!(checkpoints.join("flate").exists());
+    let (ok, _, err) = weir.psql_c("DROP SINK flate");
+    assert!(ok, "{err}");
+    assert!(
+        !checkpoints.join("flate").exists(),
+        "the dropped job's checkpoints are gone"
+    );
+
+    // A view whose query changed since its checkpoint starts fresh, and says so: its rows are
+    // not restored, and its Kafka consumer starts at the group's committed offset (the end).
+    let mut weir = weir;
+    assert!(weir.stop(), "{}", weir.log_text());
+    let catalog = dir.path().join("weir-data/catalog.json");
+    let text = std::fs::read_to_string(&catalog).expect("catalog");
+    let edited = text.replace("SELECT k FROM kf", "SELECT k FROM kf WHERE k >= 0");
+    assert_ne!(text, edited, "the catalog holds the view's query");
+    std::fs::write(&catalog, edited).expect("catalog");
+    let weir = Weir::start(dir.path(), None);
+    assert_eq!(count(&weir, "SELECT count(*) FROM kv"), Some(0));
+    assert_eq!(count(&weir, "SELECT count(*) FROM fv"), Some(5000));
+    assert!(
+        weir.log_text()
+            .contains("the pipeline's query or inputs changed since its last checkpoint"),
+        "{}",
+        weir.log_text()
+    );
 }
