@@ -342,20 +342,22 @@ fn a_job_stopped_three_times_on_the_mock_cluster_writes_every_window_exactly_onc
     on_the_mock_cluster(Interrupt::Term, Some(&s3), dir.path());
 }
 
-#[test]
-fn a_job_killed_three_times_on_tansu_writes_every_window_exactly_once() {
+/// [`interrupted_job_equals_duckdb`] on a tansu broker with a 4-partition topic.
+fn on_tansu(how: Interrupt) {
     let dir = tempfile::tempdir().expect("tempdir");
     let tansu = Tansu::start(dir.path());
     tansu.create_topic("events", 4);
-    interrupted_job_equals_duckdb(dir.path(), &tansu.bootstrap(), 4, "", Interrupt::Kill, None);
+    interrupted_job_equals_duckdb(dir.path(), &tansu.bootstrap(), 4, "", how, None);
+}
+
+#[test]
+fn a_job_killed_three_times_on_tansu_writes_every_window_exactly_once() {
+    on_tansu(Interrupt::Kill);
 }
 
 #[test]
 fn a_job_stopped_three_times_on_tansu_writes_every_window_exactly_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let tansu = Tansu::start(dir.path());
-    tansu.create_topic("events", 4);
-    interrupted_job_equals_duckdb(dir.path(), &tansu.bootstrap(), 4, "", Interrupt::Term, None);
+    on_tansu(Interrupt::Term);
 }
 
 /// A materialized view keeps its rows across a restart, and a sink created after a bounded
