@@ -21,6 +21,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::storage::{Location, parse_location};
 
 /// What one participant saved for a checkpoint: small facts as JSON (positions, watermark,
 /// counters) and bulk state as Arrow batches (window panes, a view's rows), so that state
@@ -110,30 +111,11 @@ impl CheckpointStore {
     /// environment variables (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT`, `AWS_ALLOW_HTTP`,
     /// `GOOGLE_SERVICE_ACCOUNT`, `AZURE_STORAGE_ACCOUNT_NAME`, ...).
     pub fn open(location: &str, retain: usize) -> Result<Self> {
-        let invalid = |e: &dyn std::fmt::Display| {
-            Error::Execution(format!("checkpoint store {location:?}: {e}"))
-        };
-        let (store, root): (Arc<dyn ObjectStore>, Path) = if location.contains("://") {
-            let url = url::Url::parse(location).map_err(|e| invalid(&e))?;
-            if url.scheme() == "file" {
-                return Self::local(std::path::Path::new(url.path()), retain);
-            }
-            let prefix = match url.scheme() {
-                "s3" | "s3a" => "AWS_",
-                "gs" => "GOOGLE_",
-                "az" | "abfs" | "abfss" | "azure" => "AZURE_",
-                other => return Err(invalid(&format!("unsupported scheme {other}://"))),
-            };
-            let options = std::env::vars()
-                .filter(|(k, _)| k.starts_with(prefix))
-                .map(|(k, v)| (k.to_ascii_lowercase(), v))
-                // Only what the builder knows; others (AWS_PROFILE, ...) are not ours.
-                .filter(|(k, _)| known_option(url.scheme(), k));
-            let (store, root) =
-                object_store::parse_url_opts(&url, options).map_err(|e| invalid(&e))?;
-            (Arc::from(store), root)
-        } else {
-            return Self::local(std::path::Path::new(location), retain);
+        let (store, root) = match parse_location(location)
+            .map_err(|e| Error::Execution(format!("checkpoint store {location:?}: {e}")))?
+        {
+            Location::Local(dir) => return Self::local(&dir, retain),
+            Location::Remote { store, root } => (store as Arc<dyn ObjectStore>, root),
         };
         Ok(Self {
             store,
@@ -393,15 +375,6 @@ impl CheckpointStore {
 
 /// Whether `key` (an environment variable, lower-cased) configures the object store of
 /// `scheme`; the others under the same prefix belong to other tools.
-fn known_option(scheme: &str, key: &str) -> bool {
-    use std::str::FromStr;
-    match scheme {
-        "s3" | "s3a" => object_store::aws::AmazonS3ConfigKey::from_str(key).is_ok(),
-        "gs" => object_store::gcp::GoogleConfigKey::from_str(key).is_ok(),
-        _ => object_store::azure::AzureConfigKey::from_str(key).is_ok(),
-    }
-}
-
 /// `snapshot` after a trip through the store's encoding (IPC and JSON), as a restore
 /// would see it.
 #[cfg(test)]

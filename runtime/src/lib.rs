@@ -26,6 +26,8 @@
 //!   written per sink).
 //! - [`sql_types`]: [`sql_type_name`], how a user would declare an Arrow type (`DESCRIBE`,
 //!   error messages).
+//! - [`storage`]: [`storage::parse_location`], a local directory or an object store URL
+//!   (checkpoints and the Parquet lake accept the same locations).
 //! - [`error`]: [`Error`], split by cause.
 
 pub mod checkpoint;
@@ -40,6 +42,7 @@ pub mod operator;
 pub mod operators;
 pub mod pipeline;
 pub mod sql_types;
+pub mod storage;
 
 pub use checkpoint::{Checkpoint, CheckpointStore, Snapshot};
 pub use error::{Error, Result};

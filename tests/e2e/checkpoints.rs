@@ -73,7 +73,8 @@ fn produce_events(bootstrap: &str, topic: &str, partitions: i32, base: i64, ndjs
 
 /// Runs the seed job (Kafka → lookup join → 10-second windows per region → Parquet lake and
 /// Prometheus), interrupting `weir` three times at random moments, and compares the results
-/// with DuckDB's. With `s3`, checkpoints go to a bucket there instead of the data directory.
+/// with DuckDB's. With `s3`, checkpoints and the lake go to a bucket there instead of the
+/// data directory (DuckDB reads a copy of the lake's published files).
 ///
 /// `stream_options` go into the stream's WITH clause (`, 'key' = 'value'`).
 fn interrupted_job_equals_duckdb(
@@ -91,6 +92,10 @@ fn interrupted_job_equals_duckdb(
     write_vehicles(&vehicles);
     produce_events(bootstrap, "events", partitions, base, &events);
     let lake = dir.join("lake");
+    let lake_path = match s3 {
+        Some(_) => "s3://weir/lake".to_string(),
+        None => lake.display().to_string(),
+    };
     let queries = dir.join("queries");
     std::fs::create_dir_all(&queries).expect("queries");
     std::fs::write(
@@ -112,7 +117,7 @@ fn interrupted_job_equals_duckdb(
              CREATE SINK prom FROM per_region WITH (connector = 'prometheus_remote_write',
                url = '{url}', metric_prefix = 'ck');",
             vehicles = vehicles.display(),
-            lake = lake.display(),
+            lake = lake_path,
             url = prometheus.write_url(),
         ),
     )
@@ -179,8 +184,14 @@ fn interrupted_job_equals_duckdb(
     let expected_rows: i64 = duckdb(&format!("SELECT count(*) FROM ({expected})"))[0]
         .parse()
         .expect("count");
+    let read_lake = || {
+        if let Some(s3) = s3 {
+            s3.mirror("weir", "lake/", ".parquet", &lake);
+        }
+    };
     let mut rows = 0;
     let done = eventually(Duration::from_secs(180), || {
+        read_lake();
         rows = try_duckdb(&format!("SELECT count(*) FROM ({actual})"))
             .ok()?
             .first()?
@@ -195,6 +206,7 @@ fn interrupted_job_equals_duckdb(
     );
     // Give a duplicate time to appear.
     std::thread::sleep(Duration::from_secs(3));
+    read_lake();
     let diff = duckdb(&format!(
         "SELECT (SELECT count(*) FROM ({actual})), \
                 (SELECT count(*) FROM (({expected}) EXCEPT ALL ({actual}))), \
@@ -280,6 +292,17 @@ fn interrupted_job_equals_duckdb(
         );
     }
     assert!(weir.stop(), "{}", weir.log_text());
+    if let Some(s3) = s3 {
+        // What the killed runs uploaded after their last checkpoints was aborted on restart:
+        // only the files the last checkpoint holds open are still uploads (one per hour of
+        // event time at most), each with its marker.
+        let uploads = s3.uploads("weir");
+        let markers = s3.keys("weir", "lake/_weir/uploads/lake/");
+        assert!(
+            uploads.len() <= 3 && uploads.len() == markers.len(),
+            "uploads in progress {uploads:?}, markers {markers:?}"
+        );
+    }
 }
 
 /// Records the restarted job's Kafka consumer has read (per-partition counters).
@@ -328,18 +351,20 @@ fn on_the_mock_cluster(how: Interrupt, s3: Option<&S3>, dir: &Path) {
     interrupted_job_equals_duckdb(dir, &bootstrap, MOCK_PARTITIONS, MOCK_SESSION, how, s3);
 }
 
+/// Checkpoints and the lake in an S3 bucket (an S3-compatible server started here): the
+/// lake's files are multipart uploads completed at checkpoints, and each restart recovers
+/// from the bucket.
 #[test]
-fn a_job_killed_three_times_on_the_mock_cluster_writes_every_window_exactly_once() {
+fn a_job_killed_three_times_on_the_mock_cluster_writes_every_window_exactly_once_to_s3() {
     let dir = tempfile::tempdir().expect("tempdir");
-    on_the_mock_cluster(Interrupt::Kill, None, dir.path());
+    let s3 = S3::start(dir.path());
+    on_the_mock_cluster(Interrupt::Kill, Some(&s3), dir.path());
 }
 
-/// Checkpoints in an S3 bucket (an S3-compatible server started here), recovered from there.
 #[test]
 fn a_job_stopped_three_times_on_the_mock_cluster_writes_every_window_exactly_once() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s3 = S3::start(dir.path());
-    on_the_mock_cluster(Interrupt::Term, Some(&s3), dir.path());
+    on_the_mock_cluster(Interrupt::Term, None, dir.path());
 }
 
 /// [`interrupted_job_equals_duckdb`] on a tansu broker with a 4-partition topic.

@@ -237,14 +237,19 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<String> {
 
 /// An HTTP/1.0 request without a body; the whole response.
 pub fn http_request(port: u16, method: &str, path: &str) -> std::io::Result<String> {
+    http_bytes(port, method, path).map(|r| String::from_utf8_lossy(&r).into_owned())
+}
+
+/// An HTTP/1.0 request without a body; the whole response, as bytes.
+pub fn http_bytes(port: u16, method: &str, path: &str) -> std::io::Result<Vec<u8>> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
     write!(
         stream,
         "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"
     )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
     Ok(response)
 }
 
@@ -758,12 +763,58 @@ impl S3 {
     pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
         let response = http_get(self.port, &format!("/{bucket}?list-type=2&prefix={prefix}"))
             .expect("moto answers");
+        assert!(
+            !response.contains("<IsTruncated>true"),
+            "more than 1000 keys under {prefix}"
+        );
         response
             .split("<Key>")
             .skip(1)
             .filter_map(|k| k.split("</Key>").next())
             .map(str::to_string)
             .collect()
+    }
+
+    /// The keys of the multipart uploads in progress in `bucket`.
+    pub fn uploads(&self, bucket: &str) -> Vec<String> {
+        let response = http_get(self.port, &format!("/{bucket}?uploads")).expect("moto answers");
+        response
+            .split("<Upload>")
+            .skip(1)
+            .filter_map(|u| u.split("<Key>").nth(1)?.split("</Key>").next())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The object `key` of `bucket`.
+    pub fn get(&self, bucket: &str, key: &str) -> Vec<u8> {
+        let response =
+            http_bytes(self.port, "GET", &format!("/{bucket}/{key}")).expect("moto answers");
+        let split = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("an HTTP response");
+        let head = String::from_utf8_lossy(&response[..split]);
+        assert!(head.contains(" 200 "), "GET {key}: {head}");
+        response[split + 4..].to_vec()
+    }
+
+    /// Copies the keys under `prefix` ending in `suffix` to `dir`, keeping their paths below
+    /// `prefix`, and skipping those copied before (published objects never change).
+    pub fn mirror(&self, bucket: &str, prefix: &str, suffix: &str, dir: &Path) {
+        for key in self.keys(bucket, prefix) {
+            let Some(relative) = key.strip_prefix(prefix).filter(|_| key.ends_with(suffix)) else {
+                continue;
+            };
+            let path = dir.join(relative.trim_start_matches('/'));
+            if path.exists() {
+                continue;
+            }
+            std::fs::create_dir_all(path.parent().expect("a parent")).expect("mirror dir");
+            let partial = path.with_extension("partial");
+            std::fs::write(&partial, self.get(bucket, &key)).expect("mirror file");
+            std::fs::rename(&partial, &path).expect("mirror file");
+        }
     }
 
     /// The environment that points `weir` at this server.
