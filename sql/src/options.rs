@@ -189,7 +189,7 @@ impl<'a> OptionReader<'a> {
     pub fn duration(&self, key: &str) -> Result<Option<Duration>, OptionError> {
         self.parsed(
             key,
-            "a duration such as '500ms', '1s', '5m', '1h'",
+            "a duration such as '500ms', '1s', '5m', '1h' (at most 100 years)",
             parse_duration,
         )
     }
@@ -245,7 +245,12 @@ impl<'a> OptionReader<'a> {
     }
 }
 
-/// Parses `'500ms'`, `'1s'`, `'5m'`, `'1h'`, `'30 s'`, `'10 seconds'`, `'2 minutes'`, `'1d'`.
+/// The longest duration an option or INTERVAL may give: far beyond any retention or window,
+/// and small enough that adding it to a clock or a timestamp in ms cannot overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Parses `'500ms'`, `'1s'`, `'5m'`, `'1h'`, `'30 s'`, `'10 seconds'`, `'2 minutes'`, `'1d'`;
+/// None for anything else, negative, or longer than [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
     let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
@@ -259,7 +264,9 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         "d" | "day" | "days" => number * 86400.0,
         _ => return None,
     };
-    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
+    Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|d| *d <= MAX_DURATION)
 }
 
 /// Parses `'1024'`, `'64KB'`, `'128MB'`, `'1GB'` (powers of 1024).
@@ -299,6 +306,11 @@ mod tests {
         assert_eq!(parse_duration("10 seconds"), Some(Duration::from_secs(10)));
         assert_eq!(parse_duration("ten"), None);
         assert_eq!(parse_duration("5 fortnights"), None);
+        // Too long for a clock: refused, not a panic.
+        assert_eq!(parse_duration("100000000000000000000s"), None);
+        assert_eq!(parse_duration("1e400s"), None);
+        assert_eq!(parse_duration("36500 days"), Some(MAX_DURATION));
+        assert_eq!(parse_duration("36501 days"), None);
     }
 
     #[test]

@@ -263,11 +263,16 @@ fn interrupted_job_equals_duckdb(
         got, want,
         "{how:?}: Prometheus holds every window with its value"
     );
+    // After a stop nothing is sent twice, so nothing is refused. (After a crash the restart
+    // sends the last checkpoint's samples again, which Prometheus refuses as out of order
+    // when it has them: docs/sql.md, prometheus_remote_write, Delivery.)
     let log = weir.log_text();
-    assert!(
-        !log.contains("out of order") && !log.contains("bad_request"),
-        "{how:?}: no sample was rejected after a restart:\n{log}"
-    );
+    if matches!(how, Interrupt::Term) {
+        assert!(
+            !log.contains("out of order") && !log.contains("bad_request"),
+            "{how:?}: no sample was rejected after a restart:\n{log}"
+        );
+    }
     if let Some(s3) = s3 {
         let keys = s3.keys("weir", "checkpoints/per_region/");
         assert!(

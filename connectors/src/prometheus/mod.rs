@@ -375,6 +375,18 @@ impl Sink for PrometheusSink {
     }
 
     async fn pre_commit(&mut self, barrier: CheckpointBarrier) -> Result<()> {
+        if barrier.last {
+            // The pipeline ends here (a stop, or a bounded input's end): everything is sent
+            // before this last checkpoint completes, so the restart has nothing to send
+            // again. Samples Prometheus already has are refused as out of order when sent
+            // again behind a later sample of their series (and the refusal rolls back the
+            // whole request), so the restart must not replay them. Should this checkpoint
+            // fail, the restart replays from the one before, as after a crash.
+            self.send_held(None).await?;
+            self.shards.flush().await?;
+            barrier.ack();
+            return Ok(());
+        }
         let rows = std::mem::take(&mut self.open);
         if !rows.is_empty() {
             self.pending.push((barrier.epoch, rows));

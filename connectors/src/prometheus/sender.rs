@@ -264,7 +264,7 @@ impl ShardSender {
                 }
             };
             if let Some(limit) = self.config.max_retry_duration
-                && first_try.elapsed() + wait > limit
+                && first_try.elapsed().saturating_add(wait) > limit
             {
                 tracing::warn!(shard = self.shard, samples, limit = ?limit,
                     "remote write: giving up on a request after max_retry_duration; its samples are dropped");
@@ -353,13 +353,23 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         .to_str()
         .ok()?
         .trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-    let ms = (at.timestamp_millis() - chrono::Utc::now().timestamp_millis()).max(0);
-    Some(Duration::from_millis(ms as u64))
+    let wait = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => {
+            let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+            let ms = at
+                .timestamp_millis()
+                .saturating_sub(chrono::Utc::now().timestamp_millis())
+                .max(0);
+            Duration::from_millis(ms as u64)
+        }
+    };
+    // A receiver asking for days is taken to mean "later", not obeyed to the letter.
+    Some(wait.min(MAX_RETRY_AFTER))
 }
+
+/// The longest `Retry-After` honoured.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// A request error without the URL (which may carry credentials).
 fn without_url(e: reqwest::Error) -> String {
@@ -398,5 +408,14 @@ mod tests {
             "soon".parse().expect("header"),
         );
         assert_eq!(retry_after(&headers), None);
+        headers.insert(
+            reqwest::header::RETRY_AFTER,
+            "18446744073709551615".parse().expect("header"),
+        );
+        assert_eq!(
+            retry_after(&headers),
+            Some(MAX_RETRY_AFTER),
+            "capped, no overflow"
+        );
     }
 }

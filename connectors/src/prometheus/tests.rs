@@ -384,3 +384,66 @@ async fn max_retry_duration_bounds_the_retries_and_counts_the_drop() {
     );
     assert_eq!(dropped, 10.0);
 }
+
+/// A sink on `url` with default options.
+fn sink_on(url: &reqwest::Url) -> Box<dyn weir_runtime::Sink> {
+    let spec = weir_runtime::connector::SinkSpec {
+        name: "prom".into(),
+        schema: schema(),
+        restoring: false,
+    };
+    let options = weir_sql::Options::try_from_pairs([
+        (
+            "connector".to_string(),
+            "prometheus_remote_write".to_string(),
+        ),
+        ("url".to_string(), url.to_string()),
+    ])
+    .expect("options");
+    let factory = super::PrometheusSinkFactory::try_new(&spec, &options).expect("factory");
+    weir_runtime::connector::SinkFactory::create(&factory, &Metrics::new()).expect("sink")
+}
+
+/// Rows wait for their checkpoint to complete and stay in its snapshot until then, so a
+/// restore sends them; at the last barrier (a stop) they are sent before it completes, and
+/// the restart has nothing to send again: Prometheus refuses samples it has as out of order
+/// once a later sample of their series has arrived.
+#[tokio::test]
+async fn rows_are_sent_at_commit_and_at_the_last_barrier_before_it() {
+    let receiver = Receiver::default();
+    let url = serve(receiver.clone()).await;
+    let mut sink = sink_on(&url);
+    sink.write(rows(3, 1000)).await.expect("write");
+    sink.pre_commit(weir_runtime::CheckpointBarrier::new(1))
+        .await
+        .expect("pre-commit");
+    let held = sink.snapshot().expect("snapshot").expect("state");
+    assert_eq!(
+        held.batches
+            .iter()
+            .map(RecordBatch::num_rows)
+            .sum::<usize>(),
+        3
+    );
+    assert!(receiver.accepted().is_empty(), "nothing before the commit");
+    sink.commit(1).await.expect("commit");
+    assert_eq!(receiver.accepted().len(), 3);
+
+    sink.write(rows(3, 2000)).await.expect("write");
+    sink.pre_commit(weir_runtime::CheckpointBarrier::new(2).into_last())
+        .await
+        .expect("last pre-commit");
+    assert_eq!(
+        receiver.accepted().len(),
+        6,
+        "sent before the last checkpoint completes"
+    );
+    let left = sink.snapshot().expect("snapshot").expect("state");
+    assert!(
+        left.batches.is_empty(),
+        "nothing for a restart to send again"
+    );
+    sink.commit(2).await.expect("commit");
+    sink.finish().await.expect("finish");
+    assert_eq!(receiver.accepted().len(), 6, "nothing twice");
+}

@@ -604,12 +604,17 @@ impl WindowAggregate {
     }
 
     /// Each pane's rows, `None` meaning the whole batch (the common case: no index list is
-    /// built), and the number of rows dropped: late ones, and those without a time.
+    /// built), and the number of rows dropped: late ones, those without a time, and those
+    /// so near the ends of the timestamp range (hundreds of millions of years away) that
+    /// their windows' bounds cannot be represented.
     fn assign_panes(&self, time: &arrow::array::TimestampMillisecondArray) -> (Vec<PaneRows>, u64) {
-        let slide = self.spec.kind.slide();
+        let (slide, size) = (self.spec.kind.slide(), self.spec.kind.size());
         let lateness = self.spec.allowed_lateness;
         let pane = |t: Option<i64>| {
-            let start = t?.div_euclid(slide) * slide;
+            // Every bound computed later lies between the pane's start and its last window's
+            // end (start + size).
+            let start = t?.div_euclid(slide).checked_mul(slide)?;
+            start.checked_add(size)?;
             let late = self
                 .watermark
                 .is_some_and(|w| (start + slide).saturating_add(lateness) <= w);
@@ -975,6 +980,38 @@ mod tests {
             ),
         ] {
             assert_restores(|| Box::new(operator(kind, lateness)), &script());
+        }
+    }
+
+    /// A record whose window cannot be bounded in an i64 of ms is dropped, not a panic.
+    #[test]
+    fn records_at_the_ends_of_the_timestamp_range_are_dropped() {
+        for kind in [
+            WindowKind::Tumble { size: 1000 },
+            WindowKind::Hop {
+                size: 3000,
+                slide: 1000,
+            },
+        ] {
+            let mut op = operator(kind, 0);
+            let mut out = Vec::new();
+            op.process_batch(
+                batch(&[(1, 1.0, i64::MAX), (2, 2.0, i64::MIN), (3, 3.0, 100)]),
+                &mut out,
+            )
+            .expect("batch");
+            op.on_watermark(Watermark(i64::MAX), &mut out)
+                .expect("watermark");
+            let (rows, _) = drain(&mut out);
+            let windows: Vec<&str> = rows
+                .lines()
+                .filter(|l| l.starts_with("| ") && !l.contains("window_start"))
+                .collect();
+            assert!(
+                !windows.is_empty() && windows.iter().all(|w| w.contains("| 3 | 1 | 3.0")),
+                "{kind:?}: only the ordinary record is in a window: {rows}"
+            );
+            assert_eq!(op.late_dropped(), 2, "{kind:?}");
         }
     }
 
