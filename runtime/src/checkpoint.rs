@@ -30,18 +30,23 @@ use crate::storage::{Location, parse_location};
 pub struct Snapshot {
     pub meta: serde_json::Value,
     pub batches: Vec<RecordBatch>,
+    /// Not saved, set at restore: the participant (a sink) had finished committing this
+    /// checkpoint before the restart ([`CheckpointStore::record_commit`]), so what it
+    /// publishes at commit is out already.
+    pub committed: bool,
 }
 
 impl Snapshot {
     pub fn meta(meta: serde_json::Value) -> Self {
-        Self {
-            meta,
-            batches: Vec::new(),
-        }
+        Self::new(meta, Vec::new())
     }
 
     pub fn new(meta: serde_json::Value, batches: Vec<RecordBatch>) -> Self {
-        Self { meta, batches }
+        Self {
+            meta,
+            batches,
+            committed: false,
+        }
     }
 
     /// Approximate bytes in memory.
@@ -90,8 +95,17 @@ struct ManifestEntry {
 }
 
 const MANIFEST: &str = "_manifest.json";
+/// Under a job: one object per sink, the last epoch it finished committing.
+const COMMITS: &str = "_commits";
 const STATE: &str = "state.bin";
 const FORMAT_VERSION: u32 = 1;
+
+/// Where a sink records the epochs it has finished committing: its job's store.
+#[derive(Debug, Clone)]
+pub struct CommitLog {
+    pub store: CheckpointStore,
+    pub job: String,
+}
 
 /// Where checkpoints are kept, and how many.
 #[derive(Debug, Clone)]
@@ -206,6 +220,23 @@ impl CheckpointStore {
             .map_err(|e| self.error("write", path, e))
     }
 
+    /// Every object under `dir`.
+    async fn list(&self, dir: &Path) -> Result<Vec<object_store::ObjectMeta>> {
+        self.store
+            .list(Some(dir))
+            .try_collect()
+            .await
+            .map_err(|e| self.error("list", dir, e))
+    }
+
+    /// Deletes `path`; gone already is fine.
+    async fn delete(&self, path: &Path) -> Result<()> {
+        match self.store.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error("delete", path, e)),
+        }
+    }
+
     fn error(&self, what: &str, path: &Path, e: object_store::Error) -> Error {
         Error::Execution(format!(
             "checkpoint store {}: cannot {what} {path}: {e}",
@@ -271,6 +302,7 @@ impl CheckpointStore {
         } else {
             bytes::Bytes::new()
         };
+        let commits = self.commits(job).await?;
         let mut snapshots = BTreeMap::new();
         for (id, entry) in manifest.snapshots {
             let mut batches = Vec::with_capacity(entry.batches.len());
@@ -288,7 +320,11 @@ impl CheckpointStore {
                     batches.push(batch?);
                 }
             }
-            snapshots.insert(id, Snapshot::new(entry.meta, batches));
+            let mut snapshot = Snapshot::new(entry.meta, batches);
+            snapshot.committed = commits
+                .get(&commit_name(&id).to_string())
+                .is_some_and(|&e| e >= manifest.epoch);
+            snapshots.insert(id, snapshot);
         }
         Ok(Checkpoint {
             epoch: manifest.epoch,
@@ -327,22 +363,14 @@ impl CheckpointStore {
 
     async fn delete_epoch(&self, job: &str, epoch: u64) -> Result<()> {
         let dir = self.epoch_dir(job, epoch);
-        let objects: Vec<_> = self
-            .store
-            .list(Some(&dir))
-            .try_collect()
-            .await
-            .map_err(|e| self.error("list", &dir, e))?;
+        let objects = self.list(&dir).await?;
         // The manifest first: a checkpoint half deleted is an incomplete one, never a
         // complete one with state missing.
         let (manifest, rest): (Vec<_>, Vec<_>) = objects
             .into_iter()
             .partition(|o| o.location.filename() == Some(MANIFEST));
         for object in manifest.into_iter().chain(rest) {
-            match self.store.delete(&object.location).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(self.error("delete", &object.location, e)),
-            }
+            self.delete(&object.location).await?;
         }
         if let Some(root) = &self.local {
             let dir = root.join(job).join(format!("{epoch:020}"));
@@ -355,10 +383,54 @@ impl CheckpointStore {
         Ok(())
     }
 
+    /// Records that `participant` of `job` (a sink, `<pipeline>/sink`) finished committing
+    /// `epoch`: a restore from that checkpoint tells it so ([`Snapshot::committed`]), and a
+    /// sink whose commit sends to a receiver that refuses repeats (Prometheus) does not send
+    /// the checkpoint's rows again.
+    pub async fn record_commit(&self, job: &str, participant: &str, epoch: u64) -> Result<()> {
+        let dir = self.job_dir(job).join(COMMITS);
+        let path = Path::from_iter(dir.parts().chain(commit_name(participant).parts()));
+        self.put(&path, epoch.to_string().into_bytes()).await
+    }
+
+    /// The last epoch each participant of `job` recorded as committed, by [`commit_name`].
+    async fn commits(&self, job: &str) -> Result<BTreeMap<String, u64>> {
+        let dir = self.job_dir(job).join(COMMITS);
+        let objects = self.list(&dir).await?;
+        let mut commits = BTreeMap::new();
+        for object in objects {
+            let Some(parts) = object.location.prefix_match(&dir) else {
+                continue;
+            };
+            let participant = Path::from_iter(parts).to_string();
+            let text = self.get(&object.location).await?;
+            if let Some(epoch) = std::str::from_utf8(&text)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+            {
+                commits.insert(participant, epoch);
+            }
+        }
+        Ok(commits)
+    }
+
     /// Deletes every checkpoint of `job` (its pipelines were dropped).
     pub async fn delete_job(&self, job: &str) -> Result<()> {
         for (epoch, _) in self.epochs(job).await? {
             self.delete_epoch(job, epoch).await?;
+        }
+        let dir = self.job_dir(job).join(COMMITS);
+        for record in self.list(&dir).await? {
+            self.delete(&record.location).await?;
+        }
+        if let Some(root) = &self.local {
+            // The records' directories, empty now.
+            let dir = root.join(job).join(COMMITS);
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(dir.display().to_string(), e)),
+            }
         }
         // An object store has no directories; a local one keeps the job's, empty, otherwise.
         if let Some(root) = &self.local {
@@ -373,8 +445,12 @@ impl CheckpointStore {
     }
 }
 
-/// Whether `key` (an environment variable, lower-cased) configures the object store of
-/// `scheme`; the others under the same prefix belong to other tools.
+/// Where under `<job>/_commits/` the commit record of `participant` is: its id's segments
+/// (`<pipeline>/sink`).
+fn commit_name(participant: &str) -> Path {
+    Path::from(participant)
+}
+
 /// `snapshot` after a trip through the store's encoding (IPC and JSON), as a restore
 /// would see it.
 #[cfg(test)]
@@ -473,6 +549,38 @@ mod tests {
                 .map(|c| c.epoch),
             Some(1)
         );
+    }
+
+    /// A sink's commit record says whether the checkpoint restored was committed by it
+    /// before the restart; DROP deletes the records with the checkpoints.
+    #[tokio::test]
+    async fn a_restore_knows_which_sinks_finished_committing_the_checkpoint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = CheckpointStore::local(dir.path(), 3).expect("store");
+        let mut written = checkpoint(4);
+        for sink in ["p/sink", "q/sink"] {
+            written
+                .snapshots
+                .insert(sink.to_string(), Snapshot::meta(serde_json::json!(null)));
+        }
+        store.write("job", &written).await.expect("write");
+        let committed = |c: &Checkpoint, id: &str| c.snapshots[id].committed;
+        let latest = store.latest("job").await.expect("latest").expect("one");
+        assert!(!committed(&latest, "p/sink") && !committed(&latest, "q/sink"));
+        store
+            .record_commit("job", "p/sink", 4)
+            .await
+            .expect("record");
+        store
+            .record_commit("job", "q/sink", 3)
+            .await
+            .expect("record");
+        let latest = store.latest("job").await.expect("latest").expect("one");
+        assert!(committed(&latest, "p/sink"), "p committed epoch 4");
+        assert!(!committed(&latest, "q/sink"), "q only got to epoch 3");
+        assert!(!committed(&latest, "p/source"));
+        store.delete_job("job").await.expect("delete");
+        assert!(!dir.path().join("job").exists(), "nothing left of the job");
     }
 
     #[tokio::test]

@@ -465,6 +465,7 @@ mod tests {
                 pipeline: "p".into(),
                 committed: Some(coordinator.committed()),
                 restore: snapshot("p/sink"),
+                commit_log: None,
             },
         );
         let mut tasks = vec![source, sink];

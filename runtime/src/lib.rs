@@ -44,7 +44,7 @@ pub mod pipeline;
 pub mod sql_types;
 pub mod storage;
 
-pub use checkpoint::{Checkpoint, CheckpointStore, Snapshot};
+pub use checkpoint::{Checkpoint, CheckpointStore, CommitLog, Snapshot};
 pub use error::{Error, Result};
 pub use message::{CheckpointBarrier, EpochDone, Message, Watermark};
 pub use metrics::Metrics;

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::CHANNEL_CAPACITY;
-use crate::checkpoint::Snapshot;
+use crate::checkpoint::{CommitLog, Snapshot};
 use crate::coordinator::SourceCheckpoints;
 use crate::error::{Error, Result};
 use crate::message::{CheckpointBarrier, Message};
@@ -508,6 +508,8 @@ pub struct SinkTask {
     pub committed: Option<watch::Receiver<u64>>,
     /// The sink's state in the checkpoint restored.
     pub restore: Option<Snapshot>,
+    /// Where to record each epoch the sink has committed (a job with a checkpoint store).
+    pub commit_log: Option<CommitLog>,
 }
 
 /// How long a stopping sink waits for its last epoch to be committed.
@@ -528,6 +530,7 @@ pub fn spawn_sink(
             pipeline,
             committed,
             restore,
+            commit_log,
         } = task;
         let restored = match restore {
             Some(snapshot) => sink.restore(snapshot).await,
@@ -542,6 +545,7 @@ pub fn spawn_sink(
                     committed,
                     pre_committed: None,
                     commit_done: 0,
+                    commit_log,
                 };
                 run.run(&mut input).await
             }
@@ -572,6 +576,7 @@ struct SinkRun<'a> {
     pre_committed: Option<u64>,
     /// The newest epoch committed.
     commit_done: u64,
+    commit_log: Option<CommitLog>,
 }
 
 impl SinkRun<'_> {
@@ -657,6 +662,12 @@ impl SinkRun<'_> {
         if epoch > self.commit_done {
             self.sink.commit(epoch).await?;
             self.commit_done = epoch;
+            if let Some(log) = &self.commit_log
+                && let Err(e) = log.store.record_commit(&log.job, &self.id, epoch).await
+            {
+                // Only costs a repeat after a crash: the restart sends the epoch again.
+                tracing::warn!(sink = %self.id, epoch, error = %e, "cannot record a commit");
+            }
         }
         Ok(())
     }
@@ -776,6 +787,7 @@ mod tests {
             pipeline: "p".into(),
             committed: None,
             restore: None,
+            commit_log: None,
         }
     }
 

@@ -25,7 +25,7 @@ use weir_runtime::message::Message;
 use weir_runtime::mv_store::{DEFAULT_MAX_ROWS, DEFAULT_RETENTION, MvSink, MvStore};
 use weir_runtime::operator::Stage;
 use weir_runtime::pipeline::{self, Fanout, PipelineStatus, SinkTask, SourceTask, StatusCell};
-use weir_runtime::{CancellationToken, Checkpoint, CheckpointStore, Metrics, Snapshot};
+use weir_runtime::{CancellationToken, Checkpoint, CheckpointStore, CommitLog, Metrics, Snapshot};
 use weir_sql::parser::ParsedStatement;
 use weir_sql::{
     CreateMaterializedView, CreateSink, CreateSource, CreateView, ObjectKind, SinkInput, Statement,
@@ -939,10 +939,12 @@ impl Engine {
                         .unwrap_or(self.checkpoint_interval),
                     store: self.store.clone(),
                 };
+                // Epochs go on from the last checkpoint even when its state is not restored
+                // (the query changed): sinks' commit records refer to them.
                 let (coordinator, checkpoints) = Coordinator::spawn(
                     name,
                     config,
-                    saved.as_ref().map_or(0, |c| c.epoch),
+                    restored.as_ref().map_or(0, |c| c.epoch),
                     self.metrics.checkpoints(name),
                 );
                 coordinator.set_fingerprint(name, fingerprint);
@@ -989,6 +991,10 @@ impl Engine {
                 pipeline: name.to_string(),
                 committed: Some(committed),
                 restore: snapshot("sink"),
+                commit_log: self.store.clone().map(|store| CommitLog {
+                    store,
+                    job: job.clone(),
+                }),
             },
         ));
         tasks.extend(pipeline::spawn_stages(

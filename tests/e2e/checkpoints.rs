@@ -122,33 +122,43 @@ fn interrupted_job_equals_duckdb(
         ),
     )
     .expect("job");
-    let (args, env) = match s3 {
+    let mut args = Vec::new();
+    let env = match s3 {
         Some(s3) => {
             s3.create_bucket("weir");
-            (
-                vec![
-                    "--checkpoint-store".to_string(),
-                    "s3://weir/checkpoints".to_string(),
-                ],
-                s3.env(),
-            )
+            args.extend([
+                "--checkpoint-store".to_string(),
+                "s3://weir/checkpoints".to_string(),
+            ]);
+            s3.env()
         }
-        None => (Vec::new(), Vec::new()),
+        None => Vec::new(),
     };
     let start = || Weir::start_with(dir, Some(&queries), &args, &env);
     let started = Instant::now();
     let mut weir = start();
-    // Three interruptions at moments spread over the run.
+    // Three interruptions at random moments after each process's first checkpoint: the
+    // restart restores a checkpoint this process took, and whatever its sinks did with it.
     let mut seed = started.elapsed().as_nanos() as u64 | 1;
+    let mut logs = Vec::new();
     for _ in 0..3 {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        std::thread::sleep(Duration::from_millis(1500 + seed % 4000));
+        let checkpointed = eventually(Duration::from_secs(60), || {
+            (checkpoints_completed(&weir) > 0).then_some(())
+        });
+        assert!(
+            checkpointed.is_some(),
+            "{how:?}: no checkpoint:\n{}",
+            weir.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(seed % 3000));
         match how {
             Interrupt::Kill => weir.kill(),
             Interrupt::Term => assert!(weir.stop(), "SIGTERM exits 0:\n{}", weir.log_text()),
         }
+        logs.push(weir.log_text());
         weir = start();
         // The restarted process gets its partitions back within seconds (static membership),
         // not after the killed member's session times out: it reads records again (those
@@ -263,11 +273,10 @@ fn interrupted_job_equals_duckdb(
         got, want,
         "{how:?}: Prometheus holds every window with its value"
     );
-    // After a stop nothing is sent twice, so nothing is refused. (After a crash the restart
-    // sends the last checkpoint's samples again, which Prometheus refuses as out of order
-    // when it has them: docs/sql.md, prometheus_remote_write, Delivery.)
-    let log = weir.log_text();
-    if matches!(how, Interrupt::Term) {
+    // Nothing Prometheus has is sent again, so nothing is refused as out of order, by any
+    // of the four processes.
+    logs.push(weir.log_text());
+    for log in &logs {
         assert!(
             !log.contains("out of order") && !log.contains("bad_request"),
             "{how:?}: no sample was rejected after a restart:\n{log}"
@@ -278,6 +287,13 @@ fn interrupted_job_equals_duckdb(
         assert!(
             keys.iter().any(|k| k.ends_with("/_manifest.json")),
             "checkpoints are in the bucket: {keys:?}"
+        );
+        let commits = s3.keys("weir", "checkpoints/per_region/_commits/");
+        assert!(
+            ["lake", "prom"].iter().all(|sink| commits
+                .iter()
+                .any(|k| k.ends_with(&format!("/{sink}/sink")))),
+            "each sink records its commits: {commits:?}"
         );
         assert!(
             !dir.join("weir-data/checkpoints").exists(),
@@ -308,6 +324,15 @@ fn interrupted_job_equals_duckdb(
             "uploads in progress {uploads:?}, markers {markers:?}"
         );
     }
+}
+
+/// Checkpoints the running process has completed.
+fn checkpoints_completed(weir: &Weir) -> u64 {
+    weir.http_get("/metrics")
+        .lines()
+        .filter(|l| l.starts_with("weir_checkpoints_completed_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Records the restarted job's Kafka consumer has read (per-partition counters).

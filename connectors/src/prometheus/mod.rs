@@ -406,7 +406,13 @@ impl Sink for PrometheusSink {
     }
 
     async fn restore(&mut self, snapshot: Snapshot) -> Result<()> {
-        // The restored checkpoint is complete: what it held is sent now.
+        if snapshot.committed {
+            // Sent before the restart, by this checkpoint's commit: sent again behind later
+            // samples of their series, Prometheus would refuse them as out of order.
+            return Ok(());
+        }
+        // The restored checkpoint is complete, but its commit may not have finished before
+        // the restart: what it held is sent now.
         for batch in &snapshot.batches {
             self.send(batch).await?;
         }

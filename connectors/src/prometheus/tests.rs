@@ -404,12 +404,13 @@ fn sink_on(url: &reqwest::Url) -> Box<dyn weir_runtime::Sink> {
     weir_runtime::connector::SinkFactory::create(&factory, &Metrics::new()).expect("sink")
 }
 
-/// Rows wait for their checkpoint to complete and stay in its snapshot until then, so a
-/// restore sends them; at the last barrier (a stop) they are sent before it completes, and
-/// the restart has nothing to send again: Prometheus refuses samples it has as out of order
-/// once a later sample of their series has arrived.
-#[tokio::test]
-async fn rows_are_sent_at_commit_and_at_the_last_barrier_before_it() {
+/// A receiver, and a sink on it holding 3 rows pre-committed at epoch 1, with its snapshot.
+async fn holding_one_epoch() -> (
+    Receiver,
+    reqwest::Url,
+    Box<dyn weir_runtime::Sink>,
+    weir_runtime::Snapshot,
+) {
     let receiver = Receiver::default();
     let url = serve(receiver.clone()).await;
     let mut sink = sink_on(&url);
@@ -418,6 +419,16 @@ async fn rows_are_sent_at_commit_and_at_the_last_barrier_before_it() {
         .await
         .expect("pre-commit");
     let held = sink.snapshot().expect("snapshot").expect("state");
+    (receiver, url, sink, held)
+}
+
+/// Rows wait for their checkpoint to complete and stay in its snapshot until then, so a
+/// restore sends them; at the last barrier (a stop) they are sent before it completes, and
+/// the restart has nothing to send again: Prometheus refuses samples it has as out of order
+/// once a later sample of their series has arrived.
+#[tokio::test]
+async fn rows_are_sent_at_commit_and_at_the_last_barrier_before_it() {
+    let (receiver, _, mut sink, held) = holding_one_epoch().await;
     assert_eq!(
         held.batches
             .iter()
@@ -446,4 +457,26 @@ async fn rows_are_sent_at_commit_and_at_the_last_barrier_before_it() {
     sink.commit(2).await.expect("commit");
     sink.finish().await.expect("finish");
     assert_eq!(receiver.accepted().len(), 6, "nothing twice");
+}
+
+/// A restore sends the checkpoint's rows again unless the sink had finished committing
+/// that checkpoint before the restart (its commit record says so).
+#[tokio::test]
+async fn a_restore_sends_the_held_rows_only_if_their_commit_did_not_finish() {
+    let (receiver, url, sink, held) = holding_one_epoch().await;
+    drop(sink); // crashed before the commit
+
+    let mut committed = held.clone();
+    committed.committed = true;
+    sink_on(&url).restore(committed).await.expect("restore");
+    assert!(
+        receiver.accepted().is_empty(),
+        "delivered before: not sent again"
+    );
+    sink_on(&url).restore(held).await.expect("restore");
+    assert_eq!(
+        receiver.accepted().len(),
+        3,
+        "not known to be delivered: sent"
+    );
 }
