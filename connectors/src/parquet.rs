@@ -411,8 +411,14 @@ fn file_state_schema() -> SchemaRef {
     ]))
 }
 
+/// An object store failure: the store's (unreachable, refused, out of quota), not a bug.
 fn store_error(what: &str) -> impl Fn(object_store::Error) -> Error + '_ {
-    move |e| Error::Execution(format!("parquet lake: {what}: {e}"))
+    move |e| {
+        Error::external(
+            weir_runtime::error::External::Connection,
+            format!("parquet lake: {what}: {e}"),
+        )
+    }
 }
 
 impl ParquetSink {

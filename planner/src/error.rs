@@ -37,6 +37,12 @@ pub enum PlanError {
         sqlstate: &'static str,
         message: String,
     },
+    /// 08xxx, 53xxx, 57xxx: a service outside Weir (broker, receiver, database) failed.
+    #[error("{message}")]
+    External {
+        sqlstate: &'static str,
+        message: String,
+    },
     /// 22000-class errors while executing.
     #[error("{0}")]
     Execution(String),
@@ -58,7 +64,7 @@ impl PlanError {
             PlanError::NotSupported(_) => "0A000",
             PlanError::MissingFile(_) => "58P01",
             PlanError::Dependent(_) => "2BP01",
-            PlanError::Plan { sqlstate, .. } => sqlstate,
+            PlanError::Plan { sqlstate, .. } | PlanError::External { sqlstate, .. } => sqlstate,
             PlanError::Execution(_) => "22000",
             PlanError::Internal(_) => "XX000",
         }
@@ -99,7 +105,7 @@ impl From<ConnectorError> for PlanError {
                 key: String::new(),
                 message: m,
             },
-            ConnectorError::Unreachable(message) => PlanError::Plan {
+            ConnectorError::Unreachable(message) => PlanError::External {
                 sqlstate: "08001",
                 message,
             },
@@ -125,6 +131,10 @@ impl From<weir_runtime::Error> for PlanError {
         match e {
             weir_runtime::Error::DataFusion(e) => e.into(),
             weir_runtime::Error::Internal(m) => PlanError::Internal(m),
+            weir_runtime::Error::External { kind, message } => PlanError::External {
+                sqlstate: kind.sqlstate(),
+                message,
+            },
             other => PlanError::Execution(other.to_string()),
         }
     }
@@ -186,4 +196,29 @@ fn strip_prefixes(message: &str) -> String {
         m = m.strip_prefix(prefix).unwrap_or(m);
     }
     m.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_runtime::error::External;
+
+    #[test]
+    fn errors_outside_weir_carry_their_class_not_internal() {
+        for (kind, sqlstate) in [
+            (External::Connection, "08006"),
+            (External::Resources, "53000"),
+            (External::Refused, "57000"),
+        ] {
+            let e = PlanError::from(weir_runtime::Error::external(kind, "broker down"));
+            assert_eq!(e.sqlstate(), sqlstate);
+            assert_eq!(
+                e.to_string(),
+                "broker down",
+                "no 'this is a bug' for {kind:?}"
+            );
+        }
+        let unreachable = PlanError::from(ConnectorError::Unreachable("no broker".into()));
+        assert_eq!(unreachable.sqlstate(), "08001");
+    }
 }

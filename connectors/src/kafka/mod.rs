@@ -131,6 +131,21 @@ impl ClientSettings {
     }
 }
 
+/// A librdkafka error by cause: a configuration the user can fix, or the broker (which
+/// cannot be reached, or refused).
+pub(crate) fn kafka_error(context: &str, e: rdkafka::error::KafkaError) -> weir_runtime::Error {
+    use rdkafka::error::KafkaError;
+    match e {
+        KafkaError::ClientConfig(..) | KafkaError::ClientCreation(_) => {
+            weir_runtime::Error::Execution(format!("{context}: {e}"))
+        }
+        other => weir_runtime::Error::external(
+            weir_runtime::error::External::Connection,
+            format!("{context}: {other}"),
+        ),
+    }
+}
+
 fn humantime(d: Duration) -> String {
     if d.subsec_millis() == 0 {
         format!("{}s", d.as_secs())

@@ -92,7 +92,7 @@ impl SinkFactory for KafkaSinkFactory {
             .client
             .config(&[("linger.ms", "20"), ("compression.type", "zstd")])
             .create_with_context(acks.clone())
-            .map_err(|e| Error::Internal(format!("cannot create the Kafka producer: {e}")))?;
+            .map_err(|e| super::kafka_error("cannot create the Kafka producer", e))?;
         let key_schema = Arc::new(self.schema.project(&self.key)?);
         Ok(Box::new(KafkaSink {
             name: self.name.clone(),
@@ -148,13 +148,18 @@ impl KafkaSink {
         tokio::task::spawn_blocking(move || producer.flush(FLUSH_TIMEOUT))
             .await
             .map_err(|e| Error::Internal(e.to_string()))?
-            .map_err(|e| Error::Internal(format!("Kafka sink {}: flush failed: {e}", self.name)))?;
+            .map_err(|e| {
+                super::kafka_error(&format!("Kafka sink {}: flush failed", self.name), e)
+            })?;
         let failed = self.acks.failed.swap(0, Ordering::Relaxed);
         if failed > 0 {
-            return Err(Error::Internal(format!(
-                "Kafka sink {}: {failed} messages were not delivered to {}",
-                self.name, self.topic
-            )));
+            return Err(Error::external(
+                weir_runtime::error::External::Connection,
+                format!(
+                    "Kafka sink {}: {failed} messages were not delivered to {}",
+                    self.name, self.topic
+                ),
+            ));
         }
         Ok(())
     }

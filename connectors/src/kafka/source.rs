@@ -517,18 +517,18 @@ impl ConsumerLoop {
             .client
             .config(&settings)
             .create_with_context(callbacks)
-            .map_err(|e| Error::Internal(format!("cannot create the Kafka consumer: {e}")))?;
+            .map_err(|e| super::kafka_error("cannot create the Kafka consumer", e))?;
         let mut partitions = HashMap::new();
         match mode {
             Mode::Group => consumer.subscribe(&[&config.topic]).map_err(|e| {
-                Error::Internal(format!("cannot subscribe to {}: {e}", config.topic))
+                super::kafka_error(&format!("cannot subscribe to {}", config.topic), e)
             })?,
             Mode::Tail => {
                 // A tail joins no group: it reads every partition from its current end.
                 let metadata = consumer
                     .fetch_metadata(Some(&config.topic), Duration::from_secs(10))
                     .map_err(|e| {
-                        Error::Internal(format!("cannot read topic {}: {e}", config.topic))
+                        super::kafka_error(&format!("cannot read topic {}", config.topic), e)
                     })?;
                 let mut tpl = TopicPartitionList::new();
                 for topic in metadata.topics() {
@@ -538,9 +538,9 @@ impl ConsumerLoop {
                         partitions.insert(p.id(), new_partition(&metrics, p.id()));
                     }
                 }
-                consumer
-                    .assign(&tpl)
-                    .map_err(|e| Error::Internal(format!("cannot assign {}: {e}", config.topic)))?;
+                consumer.assign(&tpl).map_err(|e| {
+                    super::kafka_error(&format!("cannot assign {}", config.topic), e)
+                })?;
             }
         }
         let dead_letters = match (&config.dead_letter_topic, mode) {
@@ -549,9 +549,7 @@ impl ConsumerLoop {
                     .client
                     .config(&[("linger.ms", "50")])
                     .create()
-                    .map_err(|e| {
-                        Error::Internal(format!("cannot create the dead-letter producer: {e}"))
-                    })?;
+                    .map_err(|e| super::kafka_error("cannot create the dead-letter producer", e))?;
                 Some((producer, topic.clone()))
             }
             _ => None,

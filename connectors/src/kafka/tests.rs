@@ -734,3 +734,29 @@ async fn a_kafka_table_loads_to_the_end_then_follows_updates_and_tombstones() {
     let scanned = table.scan().await.expect("scan");
     assert_eq!(scanned.iter().map(|b| b.num_rows()).sum::<usize>(), 3000);
 }
+
+#[test]
+fn broker_failures_are_external_and_configuration_the_users() {
+    use rdkafka::error::KafkaError;
+    let config = super::kafka_error("create", KafkaError::ClientCreation("bad".into()));
+    assert!(
+        matches!(config, weir_runtime::Error::Execution(_)),
+        "{config}"
+    );
+    let broker = super::kafka_error("subscribe", KafkaError::Subscription("no broker".into()));
+    assert!(
+        matches!(
+            broker,
+            weir_runtime::Error::External {
+                kind: weir_runtime::error::External::Connection,
+                ..
+            }
+        ),
+        "{broker}"
+    );
+    let text = broker.to_string();
+    assert!(
+        text.starts_with("subscribe: ") && text.contains("no broker"),
+        "{text}"
+    );
+}

@@ -108,27 +108,47 @@ impl PgConfig {
         match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(client)) => Ok(client),
             Ok(Err(e)) => Err(pg_error(&self.spec.name, &e)),
-            Err(_) => Err(Error::Execution(format!(
-                "postgres table '{}': no connection within {:?}",
-                self.spec.name, self.connect_timeout
-            ))),
+            Err(_) => Err(Error::external(
+                weir_runtime::error::External::Connection,
+                format!(
+                    "postgres table '{}': no connection within {:?}",
+                    self.spec.name, self.connect_timeout
+                ),
+            )),
         }
     }
 }
 
 /// A Postgres error as the user should read it: the server's message (with its SQLSTATE)
 /// when there is one, never the connection's password.
+///
+/// By cause: the server's errors of classes 08 (connection), 53 (resources) and 57
+/// (operator intervention: shutting down, too many connections...) and any failure without
+/// a server error (refused, reset, TLS) are the database's; the rest (a missing table, a
+/// wrong password, a bad query) are the user's to fix.
 pub(crate) fn pg_error(table: &str, e: &tokio_postgres::Error) -> Error {
+    use weir_runtime::error::External;
     match e.as_db_error() {
-        Some(db) => Error::Execution(format!(
-            "postgres table '{table}': {} (SQLSTATE {}){}",
-            db.message(),
-            db.code().code(),
-            db.hint()
-                .map(|h| format!("; hint: {h}"))
-                .unwrap_or_default()
-        )),
-        None => Error::Execution(format!("postgres table '{table}': {e}")),
+        Some(db) => {
+            let message = format!(
+                "postgres table '{table}': {} (SQLSTATE {}){}",
+                db.message(),
+                db.code().code(),
+                db.hint()
+                    .map(|h| format!("; hint: {h}"))
+                    .unwrap_or_default()
+            );
+            match db.code().code().get(..2) {
+                Some("08") => Error::external(External::Connection, message),
+                Some("53") => Error::external(External::Resources, message),
+                Some("57") => Error::external(External::Refused, message),
+                _ => Error::Execution(message),
+            }
+        }
+        None => Error::external(
+            External::Connection,
+            format!("postgres table '{table}': {e}"),
+        ),
     }
 }
 
