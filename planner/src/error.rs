@@ -156,10 +156,16 @@ impl From<DataFusionError> for PlanError {
                 message: m.clone(),
             },
             DataFusionError::SchemaError(err, _) => {
-                let message = err.to_string();
+                use datafusion::common::SchemaError;
+                let sqlstate = match err.as_ref() {
+                    SchemaError::FieldNotFound { .. } => "42703",
+                    SchemaError::AmbiguousReference { .. } => "42702",
+                    SchemaError::DuplicateQualifiedField { .. }
+                    | SchemaError::DuplicateUnqualifiedField { .. } => "42701",
+                };
                 PlanError::Plan {
-                    sqlstate: plan_sqlstate(&message),
-                    message,
+                    sqlstate,
+                    message: err.to_string(),
                 }
             }
             DataFusionError::Internal(m) => PlanError::Internal(m.clone()),
@@ -168,7 +174,9 @@ impl From<DataFusionError> for PlanError {
     }
 }
 
-/// Postgres' codes for the planning errors users hit most.
+/// Postgres' codes for the planning errors users hit most. DataFusion raises these as
+/// `Plan(String)`, with no variant to tell them apart (schema errors are mapped by variant
+/// above), so only the text can.
 fn plan_sqlstate(message: &str) -> &'static str {
     if message.contains("No field named")
         || message.contains("not found") && message.contains("column")
@@ -220,5 +228,23 @@ mod tests {
         }
         let unreachable = PlanError::from(ConnectorError::Unreachable("no broker".into()));
         assert_eq!(unreachable.sqlstate(), "08001");
+    }
+
+    #[test]
+    fn schema_errors_are_mapped_by_variant() {
+        use datafusion::common::{Column, SchemaError};
+        let missing = DataFusionError::SchemaError(
+            Box::new(SchemaError::FieldNotFound {
+                field: Box::new(Column::from_name("nope")),
+                valid_fields: vec![Column::from_name("a")],
+            }),
+            Box::new(None),
+        );
+        assert_eq!(PlanError::from(missing).sqlstate(), "42703");
+        let twice = DataFusionError::SchemaError(
+            Box::new(SchemaError::DuplicateUnqualifiedField { name: "a".into() }),
+            Box::new(None),
+        );
+        assert_eq!(PlanError::from(twice).sqlstate(), "42701");
     }
 }
