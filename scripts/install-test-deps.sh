@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need, idempotently: psql (real client), Prometheus (Debian's 2.42, the
-# remote-write receiver for the sink's end-to-end tests), PostgreSQL (lookup tables), DuckDB and
-# moto in a venv (an independent reader of the Parquet lake; an S3-compatible server), sccache and mold (cheaper builds), and the
+# remote-write receiver for the sink's end-to-end tests), PostgreSQL (lookup tables), DuckDB,
+# moto and psycopg in a venv (an independent reader of the Parquet lake; an S3-compatible server;
+# the Python driver), sccache and mold (cheaper builds), and the
 # tansu broker in .tools. Safe to run on a fresh machine or again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,11 @@ if ! .venv/bin/python -c 'import moto.server' >/dev/null 2>&1; then
     echo "installing moto (S3-compatible test server) into .venv"
     .venv/bin/pip install --quiet --disable-pip-version-check 'moto[server]>=5,<6'
 fi
+# psycopg 3: the Python driver the front-door tests log in with (SCRAM, TLS, SQLSTATEs).
+if ! .venv/bin/python -c 'import psycopg' >/dev/null 2>&1; then
+    echo "installing psycopg 3 into .venv"
+    .venv/bin/pip install --quiet --disable-pip-version-check 'psycopg[binary]>=3.2,<4'
+fi
 # tansu: a Kafka-compatible broker in one process, for the Kafka end-to-end tests. Built once per
 # machine into a cache outside the checkout (every CI run is a fresh clone), linked into .tools.
 tansu_cache="${WEIR_TOOLS_CACHE:-$HOME/.cache/weir-tools}/tansu-0.6.0"
@@ -45,4 +51,4 @@ if ! "$tansu_cache/bin/tansu" --version >/dev/null 2>&1; then
 fi
 mkdir -p .tools/bin
 ln -sf "$tansu_cache/bin/tansu" .tools/bin/tansu
-echo "test dependencies ready: $(psql --version), $(ls -d /usr/lib/postgresql/*/bin | head -1), $(prometheus --version 2>&1 | head -1), duckdb $(.venv/bin/python -c 'import duckdb; print(duckdb.__version__)'), moto $(.venv/bin/python -c 'import moto; print(moto.__version__)'), $(.tools/bin/tansu --version)"
+echo "test dependencies ready: $(psql --version), $(ls -d /usr/lib/postgresql/*/bin | head -1), $(prometheus --version 2>&1 | head -1), duckdb $(.venv/bin/python -c 'import duckdb; print(duckdb.__version__)'), moto $(.venv/bin/python -c 'import moto; print(moto.__version__)'), psycopg $(.venv/bin/python -c 'import psycopg; print(psycopg.__version__)'), $(.tools/bin/tansu --version)"

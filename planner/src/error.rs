@@ -43,6 +43,9 @@ pub enum PlanError {
         sqlstate: &'static str,
         message: String,
     },
+    /// 42501: the user lacks the privilege the statement needs.
+    #[error("{0}")]
+    Privilege(String),
     /// 22000-class errors while executing.
     #[error("{0}")]
     Execution(String),
@@ -65,6 +68,7 @@ impl PlanError {
             PlanError::MissingFile(_) => "58P01",
             PlanError::Dependent(_) => "2BP01",
             PlanError::Plan { sqlstate, .. } | PlanError::External { sqlstate, .. } => sqlstate,
+            PlanError::Privilege(_) => "42501",
             PlanError::Execution(_) => "22000",
             PlanError::Internal(_) => "XX000",
         }

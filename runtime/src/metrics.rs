@@ -30,6 +30,7 @@ pub struct Metrics {
     remote_write: RemoteWriteFamilies,
     lookup: LookupFamilies,
     checkpoint: CheckpointFamilies,
+    logins: Family<Labels, Counter>,
 }
 
 /// Families of checkpoints, per job.
@@ -185,6 +186,7 @@ impl Metrics {
             remote_write: RemoteWriteFamilies::default(),
             lookup: LookupFamilies::default(),
             checkpoint: CheckpointFamilies::default(),
+            logins: Family::default(),
         };
         let st = &metrics.state;
         for (name, help, family) in [
@@ -460,6 +462,11 @@ impl Metrics {
             "Time the last restore from a checkpoint took (reading it and restoring every participant), per job",
             cp.restore_seconds.clone(),
         );
+        registry.register(
+            "logins",
+            "Login attempts on the SQL port, per result (ok, wrong_password, rate_limited, tls_required, protocol_error)",
+            metrics.logins.clone(),
+        );
         *metrics.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         metrics
     }
@@ -537,6 +544,13 @@ impl Metrics {
             sink: sink.to_string(),
             families: self.remote_write.clone(),
         }
+    }
+
+    /// The counter of logins ending with `result`.
+    pub fn logins(&self, result: &str) -> Counter {
+        self.logins
+            .get_or_create(&vec![("result".to_string(), result.to_string())])
+            .clone()
     }
 
     /// A gauge counting running pipelines of `kind`.

@@ -28,8 +28,8 @@ use weir_runtime::pipeline::{self, Fanout, PipelineStatus, SinkTask, SourceTask,
 use weir_runtime::{CancellationToken, Checkpoint, CheckpointStore, CommitLog, Metrics, Snapshot};
 use weir_sql::parser::ParsedStatement;
 use weir_sql::{
-    CreateMaterializedView, CreateSink, CreateSource, CreateView, ObjectKind, SinkInput, Statement,
-    parse_sql_with_positions,
+    CreateMaterializedView, CreateSink, CreateSource, CreateView, ObjectKind, Privilege, ShowKind,
+    SinkInput, Statement, parse_sql_with_positions,
 };
 
 /// A view's or sink's option: how long after its end a window still takes records.
@@ -42,6 +42,27 @@ pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 const STOP_WAIT: Duration = Duration::from_secs(30);
 
 use crate::introspection;
+use crate::users::Users;
+
+/// Who runs a statement: the privileges it is checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller<'a> {
+    /// Files (`weir run`, `--queries`), the catalog's replay, and clients under `--auth
+    /// trust`: every privilege.
+    Trusted,
+    /// A user who logged in: what `GRANT` gave it, looked up at each statement (a `REVOKE`
+    /// applies to sessions already open).
+    User(&'a str),
+}
+
+impl<'a> Caller<'a> {
+    fn user(self) -> Option<&'a str> {
+        match self {
+            Caller::Trusted => None,
+            Caller::User(name) => Some(name),
+        }
+    }
+}
 
 /// The catalog name psql sees (`current_database()`).
 pub const DATABASE: &str = "weir";
@@ -172,6 +193,9 @@ pub struct Engine {
     checkpoint_interval: Duration,
     /// This data directory's stable id (Kafka static membership).
     instance_id: Option<String>,
+    /// Who may log in, and what each user may do. Not under `state`: a login or a privilege
+    /// check never waits on DDL.
+    users: Arc<Users>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -200,6 +224,10 @@ impl Engine {
             Some(dir) => Some(instance_id(dir)?),
             None => None,
         };
+        let users = Arc::new(match &config.data_dir {
+            Some(dir) => Users::open(dir)?,
+            None => Users::in_memory(),
+        });
         let mut session = SessionConfig::new()
             .with_default_catalog_and_schema(DATABASE, "public")
             .with_information_schema(true);
@@ -237,6 +265,7 @@ impl Engine {
                 .checkpoint_interval
                 .unwrap_or(DEFAULT_CHECKPOINT_INTERVAL),
             instance_id,
+            users,
         });
         let mut restored = 0;
         for object in &saved {
@@ -265,6 +294,23 @@ impl Engine {
         &self.metrics
     }
 
+    pub fn users(&self) -> &Arc<Users> {
+        &self.users
+    }
+
+    /// On a first start (no user yet), creates the admin user [`crate::users::ADMIN_USER`]
+    /// with `password`. Returns whether it did.
+    pub fn create_first_admin(&self, password: &str) -> Result<bool> {
+        use crate::users::ADMIN_USER;
+        if !self.users.is_empty() {
+            return Ok(false);
+        }
+        self.users.create(ADMIN_USER, Some(password), false)?;
+        self.users
+            .grant(Privilege::Admin, &[ADMIN_USER.to_string()], true)?;
+        Ok(true)
+    }
+
     /// Starts every pipeline defined so far; from now on new ones start at CREATE.
     pub async fn start_all(&self) -> Result<()> {
         let mut state = self.state.lock().await;
@@ -286,8 +332,15 @@ impl Engine {
         Ok(())
     }
 
-    /// Parses and executes `sql` (one or more statements); stops at the first error.
+    /// Parses and executes `sql` (one or more statements) with every privilege; stops at the
+    /// first error.
     pub async fn execute(&self, sql: &str) -> Vec<Result<Output>> {
+        self.execute_as(Caller::Trusted, sql).await
+    }
+
+    /// Parses and executes `sql` (one or more statements) for `caller`; stops at the first
+    /// error (a statement `caller` may not run is one, 42501).
+    pub async fn execute_as(&self, caller: Caller<'_>, sql: &str) -> Vec<Result<Output>> {
         let parsed = match self.parse(sql) {
             Ok(parsed) => parsed,
             Err(e) => return vec![Err(e)],
@@ -296,7 +349,7 @@ impl Engine {
         self.state.lock().await.batch_release = together.clone();
         let mut results = Vec::with_capacity(parsed.len());
         for statement in parsed {
-            let result = self.execute_statement(statement).await;
+            let result = self.execute_statement(caller, statement).await;
             let failed = result.is_err();
             results.push(result);
             if failed {
@@ -314,7 +367,10 @@ impl Engine {
     pub async fn execute_one(&self, sql: &str) -> Result<Output> {
         let mut parsed = self.parse(sql)?;
         match parsed.len() {
-            1 => self.execute_statement(parsed.remove(0)).await,
+            1 => {
+                self.execute_statement(Caller::Trusted, parsed.remove(0))
+                    .await
+            }
             0 => Ok(Output::Command("EMPTY".into())),
             _ => Err(PlanError::Syntax {
                 message: "expected one statement".into(),
@@ -355,9 +411,69 @@ impl Engine {
             .collect()
     }
 
-    async fn execute_statement(&self, parsed: ParsedStatement) -> Result<Output> {
+    /// Refuses `statement` (42501) unless `caller` holds the privilege it needs.
+    fn authorize(&self, caller: Caller<'_>, statement: &Statement) -> Result<()> {
+        let Caller::User(user) = caller else {
+            return Ok(());
+        };
+        let needed = match statement {
+            // Session settings and transaction brackets: anyone who logged in.
+            Statement::Standard(_) => return Ok(()),
+            Statement::AlterUser { name, .. } if name == user => return Ok(()),
+            Statement::Query(_)
+            | Statement::Show(_)
+            | Statement::ShowCreate { .. }
+            | Statement::Describe { .. }
+            | Statement::Explain { .. } => Privilege::Read,
+            _ => Privilege::Admin,
+        };
+        if self.users.has(user, needed) {
+            return Ok(());
+        }
+        let what = match needed {
+            Privilege::Read => "read (GRANT READ TO ...)",
+            Privilege::Admin => "admin (GRANT ADMIN TO ...)",
+        };
+        Err(PlanError::Privilege(format!(
+            "permission denied: {} needs the {what} privilege, which user \"{user}\" does not have",
+            statement.tag()
+        )))
+    }
+
+    async fn execute_statement(
+        &self,
+        caller: Caller<'_>,
+        parsed: ParsedStatement,
+    ) -> Result<Output> {
+        self.authorize(caller, &parsed.statement)?;
         let sql = parsed.sql;
         match parsed.statement {
+            Statement::CreateUser {
+                name,
+                if_not_exists,
+                password,
+            } => {
+                self.users
+                    .create(&name, password.as_deref(), if_not_exists)?;
+                Ok(Output::Command("CREATE ROLE".into()))
+            }
+            Statement::AlterUser { name, password } => {
+                self.users.set_password(&name, password.as_deref())?;
+                Ok(Output::Command("ALTER ROLE".into()))
+            }
+            Statement::DropUser { names, if_exists } => {
+                self.users.drop_users(&names, if_exists, caller.user())?;
+                Ok(Output::Command("DROP ROLE".into()))
+            }
+            Statement::Grant { privilege, users } => {
+                self.users.grant(privilege, &users, true)?;
+                Ok(Output::Command("GRANT".into()))
+            }
+            Statement::Revoke { privilege, users } => {
+                self.users.grant(privilege, &users, false)?;
+                Ok(Output::Command("REVOKE".into()))
+            }
+            Statement::Show(ShowKind::Users) => introspection::show_users(&self.users.rows()),
             Statement::CreateStream(create) => {
                 self.create_source(create, ObjectKind::Stream, sql).await
             }
@@ -1316,10 +1432,16 @@ impl Engine {
     /// The result columns and parameter types of `sql`, without running it (extended
     /// protocol's Describe). `None` when it returns no rows.
     pub async fn describe(&self, sql: &str) -> Result<Option<SchemaRef>> {
+        self.describe_as(Caller::Trusted, sql).await
+    }
+
+    /// [`Engine::describe`] for `caller`, who must be allowed to run the statement.
+    pub async fn describe_as(&self, caller: Caller<'_>, sql: &str) -> Result<Option<SchemaRef>> {
         let mut parsed = self.parse(sql)?;
         if parsed.len() != 1 {
             return Ok(None);
         }
+        self.authorize(caller, &parsed[0].statement)?;
         match parsed.remove(0).statement {
             Statement::Query(query) => {
                 let mut query = *query;
@@ -1371,6 +1493,7 @@ impl Engine {
     /// Executes a query with parameter values (extended protocol's Execute).
     pub async fn execute_with_params(
         &self,
+        caller: Caller<'_>,
         sql: &str,
         params: datafusion::common::ParamValues,
     ) -> Result<Output> {
@@ -1382,8 +1505,9 @@ impl Engine {
             });
         }
         let parsed = parsed.remove(0);
+        self.authorize(caller, &parsed.statement)?;
         let Statement::Query(query) = parsed.statement else {
-            return self.execute_statement(parsed).await;
+            return self.execute_statement(caller, parsed).await;
         };
         let mut query = *query;
         continuous::prepare(&mut query, &self.state.lock().await.catalog)?;

@@ -58,7 +58,31 @@ pub fn show_schema(kind: ShowKind) -> SchemaRef {
             "last_checkpoint",
             "restored_from",
         ]),
+        ShowKind::Users => utf8_schema(&["name", "privileges", "can_login"]),
     }
+}
+
+/// `SHOW USERS`: every user, its privileges (`admin`, `read` or none) and whether it has a
+/// password. Verifiers are never shown.
+pub fn show_users(users: &[crate::users::UserRow]) -> Result<Output> {
+    let table = users
+        .iter()
+        .map(|u| {
+            let privileges = if u.admin {
+                "admin"
+            } else if u.read {
+                "read"
+            } else {
+                ""
+            };
+            vec![
+                u.name.clone(),
+                privileges.to_string(),
+                u.can_login.to_string(),
+            ]
+        })
+        .collect();
+    text_rows(show_schema(ShowKind::Users), table)
 }
 
 /// `SHOW STREAMS | TABLES | VIEWS | MATERIALIZED VIEWS | SINKS | QUERIES`.
@@ -156,6 +180,11 @@ pub fn show(catalog: &Catalog, kind: ShowKind, running: &[PipelineRow]) -> Resul
                     ]
                 })
                 .collect()
+        }
+        ShowKind::Users => {
+            return Err(PlanError::Internal(
+                "SHOW USERS is answered from the users, not the catalog".into(),
+            ));
         }
     };
     text_rows(show_schema(kind), table)

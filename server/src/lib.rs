@@ -6,6 +6,7 @@
 //!   session, and the running pipelines.
 //! - [`introspection`]: the rows of SHOW / DESCRIBE / SHOW CREATE / EXPLAIN.
 //! - [`pg`]: the pgwire handlers (simple and extended protocol), type mapping and errors.
+//! - [`users`]: users, their SCRAM verifiers and privileges (`users.json`).
 //! - [`http`]: `GET /health` and `GET /metrics`.
 //! - `main.rs`: the CLI (`weir serve | run | check`).
 
@@ -13,5 +14,6 @@ pub mod engine;
 pub mod http;
 pub mod introspection;
 pub mod pg;
+pub mod users;
 
 pub use engine::{Engine, EngineConfig, Output};

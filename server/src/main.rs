@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use weir_connectors::Connectors;
 use weir_planner::PlanError;
 use weir_server::engine::{Engine, EngineConfig};
+use weir_server::pg::auth::{Auth, AuthMode};
 use weir_sql::Statement;
 use weir_sql::parser::parse_sql_with_positions;
 
@@ -51,6 +52,20 @@ enum Command {
         /// (credentials from the usual environment variables). Default: <data-dir>/checkpoints.
         #[arg(long)]
         checkpoint_store: Option<String>,
+        /// How SQL clients log in: `scram` (SCRAM-SHA-256 with the users CREATE USER makes;
+        /// the first start creates the admin `weir`), or `trust` (no password, every client
+        /// is an admin: local demos only).
+        #[arg(long, value_enum, default_value = "scram")]
+        auth: AuthMode,
+        /// PEM certificate chain for TLS on the SQL port (with --pg-tls-key).
+        #[arg(long, requires = "pg_tls_key")]
+        pg_tls_cert: Option<PathBuf>,
+        /// PEM private key for TLS on the SQL port (with --pg-tls-cert).
+        #[arg(long, requires = "pg_tls_cert")]
+        pg_tls_key: Option<PathBuf>,
+        /// Refuse SQL connections that do not use TLS.
+        #[arg(long, requires = "pg_tls_cert")]
+        pg_tls_required: bool,
     },
     /// Run pipelines headless until SIGINT/SIGTERM, or until every source is bounded and done.
     Run {
@@ -96,6 +111,10 @@ fn main() -> ExitCode {
                 queries,
                 checkpoint_interval,
                 checkpoint_store,
+                auth,
+                pg_tls_cert,
+                pg_tls_key,
+                pg_tls_required,
             } => {
                 let config = EngineConfig {
                     data_dir: Some(data_dir),
@@ -103,7 +122,16 @@ fn main() -> ExitCode {
                     checkpoint_store,
                     checkpoints_retained: None,
                 };
-                serve(pg_listen, http_listen, config, queries).await
+                let tls = match (pg_tls_cert, pg_tls_key) {
+                    (Some(cert), Some(key)) => Some((cert, key)),
+                    _ => None,
+                };
+                let front_door = FrontDoor {
+                    auth,
+                    tls,
+                    tls_required: pg_tls_required,
+                };
+                serve(pg_listen, http_listen, config, queries, front_door).await
             }
             Command::Run { files } => run(&files).await,
             Command::Check { files } => check(&files).await,
@@ -119,16 +147,36 @@ fn main() -> ExitCode {
     }
 }
 
+/// How the SQL port lets clients in.
+struct FrontDoor {
+    auth: AuthMode,
+    /// Certificate chain and key files.
+    tls: Option<(PathBuf, PathBuf)>,
+    tls_required: bool,
+}
+
 async fn serve(
     pg_listen: SocketAddr,
     http_listen: SocketAddr,
     config: EngineConfig,
     queries: Option<PathBuf>,
+    front_door: FrontDoor,
 ) -> Result<ExitCode, String> {
     let data_dir = config.data_dir.clone().unwrap_or_default();
+    let tls = match &front_door.tls {
+        Some((cert, key)) => Some(weir_server::pg::tls::acceptor(cert, key)?),
+        None => None,
+    };
     let engine = Engine::open(config, Arc::new(Connectors))
         .await
         .map_err(|e| e.to_string())?;
+    create_first_admin(&engine)?;
+    let auth = Arc::new(Auth::new(
+        front_door.auth,
+        front_door.tls_required,
+        engine.users().clone(),
+        engine.metrics().clone(),
+    ));
     if let Some(dir) = queries {
         for file in sql_files(&dir)? {
             load_file(&engine, &file, true).await?;
@@ -142,7 +190,10 @@ async fn serve(
         .await
         .map_err(|e| format!("cannot listen on {http_listen} (--http-listen): {e}"))?;
     tracing::info!(pg = %pg_listen, http = %http_listen, data_dir = %data_dir.display(), "weir is serving");
-    let pg_task = tokio::spawn(weir_server::pg::serve(pg, engine.clone()));
+    if front_door.auth == AuthMode::Trust {
+        tracing::warn!("--auth trust: every SQL client is an admin, without a password");
+    }
+    let pg_task = tokio::spawn(weir_server::pg::serve(pg, engine.clone(), auth, tls));
     let http_task = tokio::spawn(weir_server::http::serve(http, engine.clone()));
     wait_for_signal().await;
     tracing::info!("stopping: each pipeline takes a last checkpoint");
@@ -150,6 +201,34 @@ async fn serve(
     http_task.abort();
     engine.shutdown(SHUTDOWN_GRACE).await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// On a first start, the admin user `weir`, with `WEIR_ADMIN_PASSWORD` or a generated password
+/// printed once here (only its verifier is kept).
+fn create_first_admin(engine: &Engine) -> Result<(), String> {
+    if !engine.users().is_empty() {
+        return Ok(());
+    }
+    let (password, generated) = match std::env::var("WEIR_ADMIN_PASSWORD") {
+        Ok(p) if !p.is_empty() => (p, false),
+        _ => (
+            weir_server::users::generate_password().map_err(|e| e.to_string())?,
+            true,
+        ),
+    };
+    engine
+        .create_first_admin(&password)
+        .map_err(|e| format!("cannot create the admin user: {e}"))?;
+    let user = weir_server::users::ADMIN_USER;
+    if generated {
+        eprintln!(
+            "created the admin user '{user}' with the password: {password}\n\
+             (shown only this once; change it with ALTER USER {user} PASSWORD '...')"
+        );
+    } else {
+        tracing::info!(%user, "created the admin user with the password from WEIR_ADMIN_PASSWORD");
+    }
+    Ok(())
 }
 
 async fn run(files: &[PathBuf]) -> Result<ExitCode, String> {

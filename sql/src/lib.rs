@@ -28,6 +28,6 @@ pub use parser::{parse_sql, parse_sql_with_positions};
 pub use redact::redact_secrets;
 pub use sqlparser;
 pub use statement::{
-    CreateMaterializedView, CreateSink, CreateSource, CreateView, ObjectKind, ShowKind, SinkInput,
-    Statement, Watermark,
+    CreateMaterializedView, CreateSink, CreateSource, CreateView, ObjectKind, Privilege, ShowKind,
+    SinkInput, Statement, Watermark,
 };

@@ -9,8 +9,8 @@ use crate::dialect::WeirDialect;
 use crate::error::{Position, SqlError};
 use crate::options::Options;
 use crate::statement::{
-    CreateMaterializedView, CreateSink, CreateSource, CreateView, ObjectKind, ShowKind, SinkInput,
-    Statement, Watermark,
+    CreateMaterializedView, CreateSink, CreateSource, CreateView, ObjectKind, Privilege, ShowKind,
+    SinkInput, Statement, Watermark,
 };
 
 /// The deepest expression nesting accepted; deeper input is an error, not a stack overflow.
@@ -131,6 +131,8 @@ fn parse_statement(parser: &mut Parser<'_>) -> Result<Statement, ParserError> {
             })
         }
         Keyword::DROP => parse_drop(parser),
+        Keyword::ALTER if peek_word(parser, 1, "USER") => parse_alter_user(parser),
+        Keyword::GRANT | Keyword::REVOKE => parse_grant(parser),
         Keyword::SELECT | Keyword::WITH | Keyword::VALUES => {
             Ok(Statement::Query(parser.parse_query()?))
         }
@@ -161,6 +163,18 @@ fn peek_word(parser: &Parser<'_>, n: usize, word: &str) -> bool {
 }
 
 fn parse_create(parser: &mut Parser<'_>) -> Result<Statement, ParserError> {
+    if peek_word(parser, 1, "USER") {
+        parser.next_token(); // CREATE
+        parser.next_token(); // USER
+        let if_not_exists = parser.parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS]);
+        let name = normalize(&parser.parse_identifier()?);
+        let password = parse_user_options(parser)?.flatten();
+        return Ok(Statement::CreateUser {
+            name,
+            if_not_exists,
+            password,
+        });
+    }
     // Look ahead without consuming, so anything that is not Weir's goes to sqlparser whole.
     let kind = if peek_word(parser, 1, "STREAM") {
         Some(ObjectKind::Stream)
@@ -382,6 +396,8 @@ fn parse_show(parser: &mut Parser<'_>) -> Result<Statement, ParserError> {
         Some(ShowKind::Sinks)
     } else if peek_word(parser, 1, "QUERIES") {
         Some(ShowKind::Queries)
+    } else if peek_word(parser, 1, "USERS") {
+        Some(ShowKind::Users)
     } else if peek_word(parser, 1, "MATERIALIZED") && peek_word(parser, 2, "VIEWS") {
         Some(ShowKind::MaterializedViews)
     } else if peek_word(parser, 1, "VIEWS") {
@@ -428,7 +444,83 @@ fn parse_object_kind(parser: &mut Parser<'_>) -> Result<ObjectKind, ParserError>
     }
 }
 
+/// `[WITH] [[ENCRYPTED] PASSWORD 'secret' | PASSWORD NULL]`: `None` without a PASSWORD clause,
+/// `Some(None)` for `PASSWORD NULL`.
+fn parse_user_options(parser: &mut Parser<'_>) -> Result<Option<Option<String>>, ParserError> {
+    let _ = parser.parse_keyword(Keyword::WITH);
+    let _ = parse_word(parser, "ENCRYPTED");
+    if !parse_word(parser, "PASSWORD") {
+        return Ok(None);
+    }
+    if parser.parse_keyword(Keyword::NULL) {
+        return Ok(Some(None));
+    }
+    Ok(Some(Some(parser.parse_literal_string()?)))
+}
+
+fn parse_alter_user(parser: &mut Parser<'_>) -> Result<Statement, ParserError> {
+    parser.next_token(); // ALTER
+    parser.next_token(); // USER
+    let name = normalize(&parser.parse_identifier()?);
+    match parse_user_options(parser)? {
+        Some(password) => Ok(Statement::AlterUser { name, password }),
+        None => parser.expected("PASSWORD 'secret' or PASSWORD NULL", parser.peek_token()),
+    }
+}
+
+/// `GRANT READ | ADMIN TO user, ...`, `REVOKE READ | ADMIN FROM user, ...`; `SELECT ON ALL
+/// TABLES [IN SCHEMA public]` is Postgres' spelling of READ.
+fn parse_grant(parser: &mut Parser<'_>) -> Result<Statement, ParserError> {
+    let grant = matches!(parser.next_token().token, Token::Word(w) if w.keyword == Keyword::GRANT);
+    let privilege = if parse_word(parser, "READ") {
+        Privilege::Read
+    } else if parse_word(parser, "ADMIN") {
+        Privilege::Admin
+    } else if parser.parse_keyword(Keyword::SELECT) {
+        if !parser.parse_keywords(&[Keyword::ON, Keyword::ALL, Keyword::TABLES]) {
+            return Err(ParserError::ParserError(
+                "privileges are per server, not per object: GRANT READ TO user (or GRANT SELECT \
+                 ON ALL TABLES IN SCHEMA public TO user)"
+                    .into(),
+            ));
+        }
+        if parser.parse_keywords(&[Keyword::IN, Keyword::SCHEMA]) {
+            let schema = parser.parse_identifier()?;
+            if normalize(&schema) != "public" {
+                return Err(ParserError::ParserError(
+                    "Weir has one schema, public".into(),
+                ));
+            }
+        }
+        Privilege::Read
+    } else {
+        return parser.expected("READ, ADMIN or SELECT ON ALL TABLES", parser.peek_token());
+    };
+    parser.expect_keyword(if grant { Keyword::TO } else { Keyword::FROM })?;
+    let users = parser
+        .parse_comma_separated(|p| p.parse_identifier())?
+        .iter()
+        .map(normalize)
+        .collect();
+    Ok(if grant {
+        Statement::Grant { privilege, users }
+    } else {
+        Statement::Revoke { privilege, users }
+    })
+}
+
 fn parse_drop(parser: &mut Parser<'_>) -> Result<Statement, ParserError> {
+    if peek_word(parser, 1, "USER") {
+        parser.next_token(); // DROP
+        parser.next_token(); // USER
+        let if_exists = parser.parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
+        let names = parser
+            .parse_comma_separated(|p| p.parse_identifier())?
+            .iter()
+            .map(normalize)
+            .collect();
+        return Ok(Statement::DropUser { names, if_exists });
+    }
     let is_weir = peek_word(parser, 1, "STREAM")
         || peek_word(parser, 1, "SINK")
         || peek_word(parser, 1, "TABLE")
@@ -484,6 +576,71 @@ mod tests {
         let mut statements = parse_sql(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
         assert_eq!(statements.len(), 1, "{sql}");
         statements.remove(0)
+    }
+
+    #[test]
+    fn users_and_privileges() {
+        assert_eq!(
+            one("CREATE USER Alice WITH PASSWORD 'pw'"),
+            Statement::CreateUser {
+                name: "alice".into(),
+                if_not_exists: false,
+                password: Some("pw".into()),
+            }
+        );
+        assert_eq!(
+            one("create user if not exists \"Bob\""),
+            Statement::CreateUser {
+                name: "Bob".into(),
+                if_not_exists: true,
+                password: None,
+            }
+        );
+        assert_eq!(
+            one("ALTER USER alice PASSWORD NULL"),
+            Statement::AlterUser {
+                name: "alice".into(),
+                password: None,
+            }
+        );
+        assert_eq!(
+            one("ALTER USER alice WITH ENCRYPTED PASSWORD 'x'"),
+            Statement::AlterUser {
+                name: "alice".into(),
+                password: Some("x".into()),
+            }
+        );
+        assert_eq!(
+            one("DROP USER IF EXISTS a, b"),
+            Statement::DropUser {
+                names: vec!["a".into(), "b".into()],
+                if_exists: true,
+            }
+        );
+        assert_eq!(
+            one("GRANT SELECT ON ALL TABLES IN SCHEMA public TO a, b"),
+            Statement::Grant {
+                privilege: Privilege::Read,
+                users: vec!["a".into(), "b".into()],
+            }
+        );
+        assert_eq!(
+            one("REVOKE ADMIN FROM a"),
+            Statement::Revoke {
+                privilege: Privilege::Admin,
+                users: vec!["a".into()],
+            }
+        );
+        assert_eq!(one("SHOW USERS"), Statement::Show(ShowKind::Users));
+        for bad in [
+            "GRANT SELECT ON v TO a",
+            "GRANT READ TO",
+            "ALTER USER a",
+            "GRANT SELECT ON ALL TABLES IN SCHEMA other TO a",
+            "REVOKE READ TO a",
+        ] {
+            assert!(parse_sql(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

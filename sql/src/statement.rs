@@ -51,6 +51,26 @@ pub enum ShowKind {
     MaterializedViews,
     Sinks,
     Queries,
+    Users,
+}
+
+/// What a user may do. Two levels, over every object: privileges are per server, not per
+/// object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Privilege {
+    /// Queries (SELECT on streams, tables and views, tails too), SHOW, DESCRIBE, EXPLAIN.
+    Read,
+    /// Everything: DDL and user management, and what `Read` allows.
+    Admin,
+}
+
+impl fmt::Display for Privilege {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Privilege::Read => "read",
+            Privilege::Admin => "admin",
+        })
+    }
 }
 
 /// `WATERMARK FOR column AS expr`.
@@ -133,6 +153,32 @@ pub enum Statement {
         if_exists: bool,
         cascade: bool,
     },
+    /// `CREATE USER name [WITH] [PASSWORD 'secret']`: a user with no privileges yet.
+    CreateUser {
+        name: String,
+        if_not_exists: bool,
+        /// The password, or a SCRAM-SHA-256 verifier as Postgres prints it. `None`: the
+        /// user cannot log in until one is set.
+        password: Option<String>,
+    },
+    /// `ALTER USER name [WITH] PASSWORD 'secret' | PASSWORD NULL`.
+    AlterUser {
+        name: String,
+        password: Option<String>,
+    },
+    DropUser {
+        names: Vec<String>,
+        if_exists: bool,
+    },
+    /// `GRANT READ | ADMIN TO user, ...` (and `GRANT SELECT ON ALL TABLES ...` for READ).
+    Grant {
+        privilege: Privilege,
+        users: Vec<String>,
+    },
+    Revoke {
+        privilege: Privilege,
+        users: Vec<String>,
+    },
     /// A `SELECT` (or `WITH ... SELECT`, `VALUES`, set operation).
     Query(Box<Query>),
     /// Any other statement sqlparser knows (SET, SHOW variable, BEGIN, ...).
@@ -158,6 +204,12 @@ impl Statement {
                 ObjectKind::MaterializedView => "DROP MATERIALIZED VIEW",
                 ObjectKind::Sink => "DROP SINK",
             },
+            // Postgres' tags: a user is a role that can log in.
+            Statement::CreateUser { .. } => "CREATE ROLE",
+            Statement::AlterUser { .. } => "ALTER ROLE",
+            Statement::DropUser { .. } => "DROP ROLE",
+            Statement::Grant { .. } => "GRANT",
+            Statement::Revoke { .. } => "REVOKE",
             Statement::Query(_) => "SELECT",
             Statement::Standard(_) => "OK",
         }

@@ -51,6 +51,10 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// The admin password every test server starts with (`WEIR_ADMIN_PASSWORD`): tests log in
+/// with SCRAM, the default, like users do.
+pub const ADMIN_PASSWORD: &str = "weir-e2e-admin";
+
 /// A running `weir serve`, killed on drop.
 pub struct Weir {
     child: Option<Child>,
@@ -88,6 +92,7 @@ impl Weir {
             // Frequent checkpoints: sinks publish sooner, and every test exercises them.
             .arg("--checkpoint-interval")
             .arg("1s")
+            .env("WEIR_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"));
         if let Some(queries) = queries {
@@ -167,7 +172,7 @@ impl Weir {
 
     pub fn conn_string(&self) -> String {
         format!(
-            "host=127.0.0.1 port={} user=weir dbname=weir connect_timeout=10",
+            "host=127.0.0.1 port={} user=weir password={ADMIN_PASSWORD} dbname=weir connect_timeout=10",
             self.pg_port
         )
     }
@@ -199,6 +204,7 @@ impl Weir {
             ])
             .args(args)
             .env("PGCONNECT_TIMEOUT", "10")
+            .env("PGPASSWORD", ADMIN_PASSWORD)
             .output()
             .expect("psql is installed (scripts/test.sh installs it)")
     }

@@ -4,7 +4,10 @@
 //! Every error reaches the client as an ErrorResponse with its SQLSTATE and, for syntax
 //! errors, the position; a failing statement never affects another connection.
 
+pub mod auth;
 mod errors;
+mod scram;
+pub mod tls;
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -19,26 +22,35 @@ use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{FieldInfo, QueryResponse, Response, Tag};
 use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::PortalStore;
-use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type};
+use pgwire::api::{ClientInfo, ClientPortalStore, METADATA_USER, PgWireServerHandlers, Type};
 use pgwire::error::{PgWireError, PgWireResult};
 use pgwire::messages::PgWireBackendMessage;
 use pgwire::messages::data::DataRow;
 use tokio::net::TcpListener;
 
-use crate::engine::{Engine, Output, Tail};
+use self::auth::{Auth, AuthMode};
+use crate::engine::{Caller, Engine, Output, Tail};
 pub use errors::to_pg_error;
 
-/// Accepts connections forever; each runs on its own task.
-pub async fn serve(listener: TcpListener, engine: Arc<Engine>) {
-    let handlers = Arc::new(Handlers {
-        backend: Arc::new(Backend::new(engine)),
-    });
+/// Accepts connections forever; each runs on its own task. `tls`: offered to every client
+/// (and required if `auth` says so).
+pub async fn serve(
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    auth: Arc<Auth>,
+    tls: Option<pgwire::tokio::TlsAcceptor>,
+) {
+    let backend = Arc::new(Backend::new(engine, auth.mode));
     loop {
         match listener.accept().await {
             Ok((socket, peer)) => {
-                let handlers = handlers.clone();
+                let handlers = Handlers {
+                    backend: backend.clone(),
+                    auth: auth.clone(),
+                };
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = pgwire::tokio::process_socket(socket, None, handlers).await {
+                    if let Err(e) = pgwire::tokio::process_socket(socket, tls, handlers).await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                 });
@@ -51,11 +63,18 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>) {
     }
 }
 
+/// One connection's handlers: the shared backend, and a startup handler of its own (it holds
+/// the connection's SCRAM exchange).
 struct Handlers {
     backend: Arc<Backend>,
+    auth: Arc<Auth>,
 }
 
 impl PgWireServerHandlers for Handlers {
+    fn startup_handler(&self) -> Arc<impl pgwire::api::auth::StartupHandler> {
+        Arc::new(self.auth.startup())
+    }
+
     fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
         self.backend.clone()
     }
@@ -69,16 +88,33 @@ impl PgWireServerHandlers for Handlers {
 pub struct Backend {
     engine: Arc<Engine>,
     parser: Arc<Parser>,
+    mode: AuthMode,
 }
 
 impl Backend {
-    pub fn new(engine: Arc<Engine>) -> Self {
+    pub fn new(engine: Arc<Engine>, mode: AuthMode) -> Self {
         Self {
             parser: Arc::new(Parser {
                 engine: engine.clone(),
+                mode,
             }),
             engine,
+            mode,
         }
+    }
+}
+
+/// Who a connection's statements run as: its user, or anyone under `--auth trust`.
+fn caller<C: ClientInfo>(mode: AuthMode, client: &C) -> Caller<'_> {
+    match mode {
+        AuthMode::Trust => Caller::Trusted,
+        AuthMode::Scram => Caller::User(
+            client
+                .metadata()
+                .get(METADATA_USER)
+                .map(String::as_str)
+                .unwrap_or_default(),
+        ),
     }
 }
 
@@ -94,6 +130,7 @@ pub struct Prepared {
 /// Plans statements at Parse time so Describe can answer without running them.
 pub struct Parser {
     engine: Arc<Engine>,
+    mode: AuthMode,
 }
 
 #[async_trait]
@@ -102,7 +139,7 @@ impl QueryParser for Parser {
 
     async fn parse_sql<C>(
         &self,
-        _client: &C,
+        client: &C,
         sql: &str,
         _types: &[Option<Type>],
     ) -> PgWireResult<Option<Prepared>>
@@ -111,7 +148,7 @@ impl QueryParser for Parser {
     {
         let schema = self
             .engine
-            .describe(sql)
+            .describe_as(caller(self.mode, client), sql)
             .await
             .map_err(|e| to_pg_error(&e, sql))?;
         let parameter_types = self
@@ -152,7 +189,7 @@ impl QueryParser for Parser {
 
 #[async_trait]
 impl SimpleQueryHandler for Backend {
-    async fn do_query<C>(&self, _client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::PortalStore: PortalStore,
@@ -160,7 +197,11 @@ impl SimpleQueryHandler for Backend {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let mut responses = Vec::new();
-        for result in self.engine.execute(query).await {
+        for result in self
+            .engine
+            .execute_as(caller(self.mode, client), query)
+            .await
+        {
             match result {
                 Ok(output) => responses.push(to_response(output, &Format::UnifiedText)?),
                 Err(e) => {
@@ -184,7 +225,7 @@ impl ExtendedQueryHandler for Backend {
 
     async fn do_query<C>(
         &self,
-        _client: &mut C,
+        client: &mut C,
         portal: &Portal<Prepared>,
         _max_rows: usize,
     ) -> PgWireResult<Response>
@@ -203,7 +244,7 @@ impl ExtendedQueryHandler for Backend {
         let params = deserialize_parameters(portal, &types)?;
         let output = self
             .engine
-            .execute_with_params(&prepared.sql, params)
+            .execute_with_params(caller(self.mode, client), &prepared.sql, params)
             .await
             .map_err(|e| to_pg_error(&e, &prepared.sql))?;
         to_response(output, &portal.result_column_format)
