@@ -458,6 +458,12 @@ mod tests {
             assert_eq!(Verifier::parse(bad), None, "{bad}");
         }
         let users = Users::in_memory();
+        // A valid verifier given as the password is stored as it is.
+        let given = Verifier::with_salt("pw", b"0123456789abcdef", 4096).expect("ok");
+        users
+            .create("b", Some(&given.to_string()), false)
+            .expect("ok");
+        assert_eq!(users.verifier("b"), Some(given));
         assert!(
             users
                 .create("a", Some("SCRAM-SHA-256$4096:x$y:z"), false)

@@ -1,8 +1,9 @@
 //! TLS on the SQL port (rustls with ring): the server's certificate chain and key, from PEM.
 //!
-//! Clients ask with an SSLRequest (`sslmode=require`, `verify-ca`, `verify-full`) or, from
-//! Postgres 17's libpq, directly (`sslnegotiation=direct`, ALPN `postgresql`); pgwire handles
-//! both. Client certificates are not asked for: users authenticate with SCRAM.
+//! Clients ask with an SSLRequest (`sslmode=require`, `verify-ca`, `verify-full`; tested with
+//! psql and psycopg). pgwire also accepts direct TLS (`sslnegotiation=direct`), which needs
+//! the ALPN protocol `postgresql` set below; that path is not tested yet. Client certificates
+//! are not asked for: users authenticate with SCRAM.
 
 use std::path::Path;
 use std::sync::Arc;
