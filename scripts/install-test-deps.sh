@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need, idempotently: psql (real client), Prometheus (Debian's 2.42, the
-# remote-write receiver for the sink's end-to-end tests), PostgreSQL (lookup tables), DuckDB,
+# remote-write receiver for the sink's end-to-end tests), PostgreSQL (lookup tables), the JDK
+# with Debian's PostgreSQL JDBC driver and Node.js with node-postgres (client tests), DuckDB,
 # moto and psycopg in a venv (an independent reader of the Parquet lake; an S3-compatible server;
 # the Python driver), sccache and mold (cheaper builds), and the
 # tansu broker in .tools. Safe to run on a fresh machine or again.
@@ -22,6 +23,10 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v sccache >/dev/null 2>&1 || missing+=(sccache)
 command -v mold >/dev/null 2>&1 || missing+=(mold)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+command -v javac >/dev/null 2>&1 || missing+=(openjdk-17-jdk-headless)
+ls /usr/share/java/postgresql.jar >/dev/null 2>&1 || missing+=(libpostgresql-jdbc-java)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
     apt_install "${missing[@]}"
@@ -42,6 +47,12 @@ if ! .venv/bin/python -c 'import psycopg' >/dev/null 2>&1; then
     echo "installing psycopg 3 into .venv"
     .venv/bin/pip install --quiet --disable-pip-version-check 'psycopg[binary]>=3.2,<4'
 fi
+# node-postgres (npm `pg`): the Node.js driver the client-compatibility tests use.
+if [ ! -f .tools/node/node_modules/pg/package.json ]; then
+    echo "installing node-postgres into .tools/node"
+    mkdir -p .tools/node
+    npm install --silent --no-audit --no-fund --prefix .tools/node 'pg@^8.13'
+fi
 # tansu: a Kafka-compatible broker in one process, for the Kafka end-to-end tests. Built once per
 # machine into a cache outside the checkout (every CI run is a fresh clone), linked into .tools.
 tansu_cache="${WEIR_TOOLS_CACHE:-$HOME/.cache/weir-tools}/tansu-0.6.0"
@@ -51,4 +62,4 @@ if ! "$tansu_cache/bin/tansu" --version >/dev/null 2>&1; then
 fi
 mkdir -p .tools/bin
 ln -sf "$tansu_cache/bin/tansu" .tools/bin/tansu
-echo "test dependencies ready: $(psql --version), $(ls -d /usr/lib/postgresql/*/bin | head -1), $(prometheus --version 2>&1 | head -1), duckdb $(.venv/bin/python -c 'import duckdb; print(duckdb.__version__)'), moto $(.venv/bin/python -c 'import moto; print(moto.__version__)'), psycopg $(.venv/bin/python -c 'import psycopg; print(psycopg.__version__)'), $(.tools/bin/tansu --version)"
+echo "test dependencies ready: $(psql --version), $(ls -d /usr/lib/postgresql/*/bin | head -1), $(prometheus --version 2>&1 | head -1), duckdb $(.venv/bin/python -c 'import duckdb; print(duckdb.__version__)'), moto $(.venv/bin/python -c 'import moto; print(moto.__version__)'), psycopg $(.venv/bin/python -c 'import psycopg; print(psycopg.__version__)'), node-postgres $(node -p "require('./.tools/node/node_modules/pg/package.json').version"), $(javac -version 2>&1), $(.tools/bin/tansu --version)"

@@ -134,7 +134,7 @@ async fn main() {
         // Each file gets a fresh engine; relative paths in files resolve from tests/.
         let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
         let make_db = || async {
-            let engine = Engine::open(EngineConfig::default(), Arc::new(Connectors))
+            let engine = Engine::open(EngineConfig::default(), Arc::new(Connectors::default()))
                 .await
                 .expect("engine");
             engine.start_all().await.expect("start");

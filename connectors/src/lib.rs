@@ -16,6 +16,7 @@
 //! - [`postgres`]: Postgres tables for lookup joins (whole table in memory, or a partial
 //!   cache in front of batched key queries).
 //! - [`secret`]: passwords and tokens in options (`${ENV}`, `*_file`), never printed.
+//! - [`paths`]: the local paths options may name, confined to roots by `weir serve`.
 //! - [`blackhole`]: counts and discards (benchmarks).
 
 pub mod blackhole;
@@ -24,6 +25,7 @@ pub mod decode;
 pub mod file;
 pub mod kafka;
 pub mod parquet;
+pub mod paths;
 pub mod postgres;
 pub mod prometheus;
 pub mod secret;
@@ -36,9 +38,21 @@ use weir_runtime::connector::{
 };
 use weir_sql::Options;
 
-/// Every connector this build knows.
+use crate::paths::AllowedPaths;
+
+/// Every connector this build knows. Before a connector sees its options, every path they
+/// name is checked against the [`AllowedPaths`].
 #[derive(Debug, Default)]
-pub struct Connectors;
+pub struct Connectors {
+    paths: AllowedPaths,
+}
+
+impl Connectors {
+    /// Connectors whose options may only name paths that `paths` allows.
+    pub fn confined(paths: AllowedPaths) -> Self {
+        Self { paths }
+    }
+}
 
 fn connector_name(options: &Options) -> Result<String, ConnectorError> {
     let reader = options.reader();
@@ -52,6 +66,7 @@ impl ConnectorRegistry for Connectors {
         spec: &SourceSpec,
         options: &Options,
     ) -> Result<Arc<dyn SourceFactory>, ConnectorError> {
+        self.paths.check_options(options)?;
         let schema = spec.schema.clone();
         // Sources with one ordered input follow each batch with the watermark it reaches.
         let event_time = spec.event_time.as_ref().and_then(|et| {
@@ -85,6 +100,7 @@ impl ConnectorRegistry for Connectors {
         spec: &TableSpec,
         options: &Options,
     ) -> Result<Arc<dyn TableFactory>, ConnectorError> {
+        self.paths.check_options(options)?;
         match connector_name(options)?.as_str() {
             "file" => Ok(Arc::new(file::FileTableFactory::try_new(spec, options)?)),
             "postgres" => Ok(Arc::new(postgres::PostgresTableFactory::try_new(
@@ -103,6 +119,7 @@ impl ConnectorRegistry for Connectors {
         spec: &SinkSpec,
         options: &Options,
     ) -> Result<Arc<dyn SinkFactory>, ConnectorError> {
+        self.paths.check_options(options)?;
         match connector_name(options)?.as_str() {
             "parquet" => Ok(Arc::new(parquet::ParquetSinkFactory::try_new(
                 &spec.name,

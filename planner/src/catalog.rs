@@ -88,14 +88,36 @@ impl Catalog {
     }
 
     /// A catalog persisted under `data_dir`; returns the objects saved there, to replay.
+    ///
+    /// The catalog holds the statements as written, literal secrets in `WITH` options
+    /// included (a `${ENV}` reference stays a reference), so the file is the owner's only
+    /// (0600), as are the directories this creates (0700); a catalog file that others could
+    /// read is made private.
     pub fn open(data_dir: &Path) -> Result<(Self, Vec<PersistedObject>)> {
-        std::fs::create_dir_all(data_dir).map_err(|e| {
-            PlanError::Execution(format!(
-                "cannot create data directory '{}': {e}",
-                data_dir.display()
-            ))
-        })?;
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .map_err(|e| {
+                PlanError::Execution(format!(
+                    "cannot create data directory '{}': {e}",
+                    data_dir.display()
+                ))
+            })?;
         let file = data_dir.join(CATALOG_FILE);
+        if let Ok(meta) = std::fs::metadata(&file)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).map_err(
+                |e| {
+                    PlanError::Execution(format!(
+                        "cannot make '{}' private (it holds secrets): {e}",
+                        file.display()
+                    ))
+                },
+            )?;
+        }
         let saved = match std::fs::read(&file) {
             Ok(bytes) => {
                 let catalog: PersistedCatalog = serde_json::from_slice(&bytes).map_err(|e| {
@@ -212,11 +234,56 @@ impl Catalog {
         };
         let bytes = serde_json::to_vec_pretty(&catalog)
             .map_err(|e| PlanError::Internal(format!("cannot serialize catalog: {e}")))?;
-        let tmp = file.with_extension("json.tmp");
-        std::fs::write(&tmp, bytes)
-            .and_then(|()| std::fs::rename(&tmp, file))
-            .map_err(|e| {
-                PlanError::Execution(format!("cannot write catalog '{}': {e}", file.display()))
-            })
+        write_private(file, &bytes).map_err(|e| {
+            PlanError::Execution(format!("cannot write catalog '{}': {e}", file.display()))
+        })
+    }
+}
+
+/// Writes `bytes` to `file` atomically, readable and writable by the owner only.
+pub fn write_private(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = file.with_extension("json.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    out.write_all(bytes)?;
+    out.sync_all()?;
+    std::fs::rename(&tmp, file)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    #[test]
+    fn the_catalog_file_and_a_new_data_directory_are_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data_dir = dir.path().join("data");
+        let (_catalog, saved) = Catalog::open(&data_dir).expect("open");
+        assert!(saved.is_empty());
+        assert_eq!(mode(&data_dir), 0o700);
+        // A catalog an older version wrote readable by all is made private at open.
+        let file = data_dir.join(CATALOG_FILE);
+        std::fs::write(&file, br#"{"version": 1, "objects": []}"#).expect("write");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        Catalog::open(&data_dir).expect("reopen");
+        assert_eq!(mode(&file), 0o600);
+        write_private(&file, b"{}").expect("write");
+        assert_eq!(mode(&file), 0o600);
     }
 }

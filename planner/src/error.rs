@@ -117,6 +117,7 @@ impl From<ConnectorError> for PlanError {
                 sqlstate: "42704",
                 message,
             },
+            ConnectorError::NotAllowed(message) => PlanError::Privilege(message),
         }
     }
 }

@@ -33,6 +33,10 @@ pub enum ConnectorError {
     /// An object named by the options (a Kafka topic) does not exist (SQLSTATE 42704).
     #[error("{0}")]
     MissingObject(String),
+    /// A path outside the server's allowed roots, or an option SQL clients may not set
+    /// (SQLSTATE 42501).
+    #[error("{0}")]
+    NotAllowed(String),
 }
 
 /// The event time a stream declares with `WATERMARK FOR column AS column - delay`.

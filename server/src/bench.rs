@@ -628,7 +628,7 @@ async fn bench_engine(
     let scratch = Scratch::new(args)?;
     let engine = Engine::open(
         engine_config(Some(&scratch.0.join("data")), interval),
-        Arc::new(Connectors),
+        Arc::new(Connectors::default()),
     )
     .await
     .map_err(|e| e.to_string())?;

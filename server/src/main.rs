@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use weir_connectors::Connectors;
+use weir_connectors::paths::AllowedPaths;
 use weir_planner::PlanError;
 use weir_server::engine::{Engine, EngineConfig};
 use weir_server::pg::auth::{Auth, AuthMode};
@@ -66,6 +67,11 @@ enum Command {
         /// Refuse SQL connections that do not use TLS.
         #[arg(long, requires = "pg_tls_cert")]
         pg_tls_required: bool,
+        /// A directory whose files `file` and `parquet` connectors (and `*_file` options) may
+        /// use; repeat for more. The data directory is always allowed. Default: the data
+        /// directory and the working directory.
+        #[arg(long = "allow-path", value_name = "DIR")]
+        allow_paths: Vec<PathBuf>,
     },
     /// Run pipelines headless until SIGINT/SIGTERM, or until every source is bounded and done.
     Run {
@@ -115,7 +121,13 @@ fn main() -> ExitCode {
                 pg_tls_cert,
                 pg_tls_key,
                 pg_tls_required,
+                allow_paths,
             } => {
+                let mut roots = allow_paths;
+                if roots.is_empty() {
+                    roots.push(PathBuf::from("."));
+                }
+                roots.push(data_dir.clone());
                 let config = EngineConfig {
                     data_dir: Some(data_dir),
                     checkpoint_interval: Some(checkpoint_interval),
@@ -131,7 +143,7 @@ fn main() -> ExitCode {
                     tls,
                     tls_required: pg_tls_required,
                 };
-                serve(pg_listen, http_listen, config, queries, front_door).await
+                serve(pg_listen, http_listen, config, queries, front_door, roots).await
             }
             Command::Run { files } => run(&files).await,
             Command::Check { files } => check(&files).await,
@@ -161,13 +173,24 @@ async fn serve(
     config: EngineConfig,
     queries: Option<PathBuf>,
     front_door: FrontDoor,
+    allowed_roots: Vec<PathBuf>,
 ) -> Result<ExitCode, String> {
     let data_dir = config.data_dir.clone().unwrap_or_default();
+    let paths = AllowedPaths::under(allowed_roots)
+        .map_err(|e| format!("cannot resolve the allowed paths (--allow-path): {e}"))?;
     let tls = match &front_door.tls {
         Some((cert, key)) => Some(weir_server::pg::tls::acceptor(cert, key)?),
         None => None,
     };
-    let engine = Engine::open(config, Arc::new(Connectors))
+    let allowed = paths
+        .roots()
+        .unwrap_or_default()
+        .iter()
+        .map(|r| r.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    tracing::info!(%allowed, "connectors may use files under these directories");
+    let engine = Engine::open(config, Arc::new(Connectors::confined(paths)))
         .await
         .map_err(|e| e.to_string())?;
     create_first_admin(&engine)?;
@@ -232,7 +255,7 @@ fn create_first_admin(engine: &Engine) -> Result<(), String> {
 }
 
 async fn run(files: &[PathBuf]) -> Result<ExitCode, String> {
-    let engine = Engine::open(EngineConfig::default(), Arc::new(Connectors))
+    let engine = Engine::open(EngineConfig::default(), Arc::new(Connectors::default()))
         .await
         .map_err(|e| e.to_string())?;
     for file in files {
@@ -288,7 +311,7 @@ async fn load_file(engine: &Engine, file: &Path, keep_existing: bool) -> Result<
 }
 
 async fn check(files: &[PathBuf]) -> Result<ExitCode, String> {
-    let engine = Engine::open(EngineConfig::default(), Arc::new(Connectors))
+    let engine = Engine::open(EngineConfig::default(), Arc::new(Connectors::default()))
         .await
         .map_err(|e| e.to_string())?;
     let mut errors = 0usize;

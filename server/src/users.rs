@@ -21,6 +21,7 @@ use ring::rand::SecureRandom;
 use ring::{digest, hmac, pbkdf2};
 use serde::{Deserialize, Serialize};
 use weir_planner::PlanError;
+use weir_planner::catalog::write_private;
 use weir_sql::Privilege;
 
 /// The file, under the data directory, holding users.
@@ -352,22 +353,6 @@ impl Users {
             PlanError::Execution(format!("cannot write users '{}': {e}", file.display()))
         })
     }
-}
-
-/// Writes `bytes` to `file` atomically, readable and writable by the owner only.
-pub fn write_private(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = file.with_extension("json.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut out = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    out.write_all(bytes)?;
-    out.sync_all()?;
-    std::fs::rename(&tmp, file)
 }
 
 /// A password's verifier text; a password that already is a SCRAM verifier (as `pg_dumpall`

@@ -108,10 +108,14 @@ fn malformed_records_are_counted_skipped_and_dead_lettered() {
 fn a_missing_file_is_an_error_at_create_and_the_server_keeps_running() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut weir = Weir::start(dir.path(), None);
-    let (ok, _, err) = weir.psql_c("CREATE STREAM s (k BIGINT) WITH (connector = 'file', path = '/definitely/not/here.ndjson')");
+    let missing = dir.path().join("definitely/not/here.ndjson");
+    let (ok, _, err) = weir.psql_c(&format!(
+        "CREATE STREAM s (k BIGINT) WITH (connector = 'file', path = '{}')",
+        missing.display()
+    ));
     assert!(!ok);
     assert!(
-        err.contains("58P01") && err.contains("/definitely/not/here.ndjson"),
+        err.contains("58P01") && err.contains("definitely/not/here.ndjson"),
         "{err}"
     );
     assert!(weir.is_running());

@@ -1,6 +1,7 @@
 //! The SQL port's front door with real clients: SCRAM-SHA-256 logins from psql, psycopg and
 //! tokio-postgres, privileges (read and admin), the first admin's password, failed-login rate
-//! limiting, and TLS with `sslmode=verify-full` against a test CA.
+//! limiting, TLS with `sslmode=verify-full` against a test CA, secrets kept out of the catalog
+//! and connector paths confined to the allowed roots.
 
 use std::path::Path;
 use std::process::Command;
@@ -315,6 +316,160 @@ async fn the_first_admin_password_is_generated_once_and_failed_logins_are_limite
     );
     let (ok, out) = psql_as(&weir, "weir", &password, "SELECT 1");
     assert!(!ok && out.contains("too many failed logins"), "{out}");
+}
+
+/// Runs `sql` as the admin; the SQLSTATE it fails with, or `None`.
+async fn sqlstate(client: &tokio_postgres::Client, sql: &str) -> Option<String> {
+    match client.batch_execute(sql).await {
+        Ok(()) => None,
+        Err(e) => Some(code(&e).map_or_else(|| e.to_string(), str::to_string)),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_stay_references_and_connectors_only_touch_allowed_paths() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let work = dir.path().join("work");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&work).expect("mkdir");
+    std::fs::create_dir_all(&outside).expect("mkdir");
+    for d in [&work, &outside] {
+        std::fs::write(d.join("events.ndjson"), "{\"k\": 1}\n{\"k\": 2}\n").expect("write");
+    }
+    std::os::unix::fs::symlink(&outside, work.join("link")).expect("symlink");
+    let token = [(
+        "WEIR_E2E_TOKEN".to_string(),
+        "token-from-the-environment".to_string(),
+    )];
+    let mut weir = Weir::start_with(&work, None, &[], &token);
+    let admin = login(&weir, "weir", ADMIN_PASSWORD).await.expect("admin");
+
+    // By default: the working directory and the data directory.
+    let stream = |name: &str, path: &str| {
+        format!("CREATE STREAM {name} (k BIGINT) WITH (connector = 'file', path = '{path}')")
+    };
+    assert_eq!(
+        sqlstate(&admin, &stream("here", "events.ndjson")).await,
+        None
+    );
+    let view = "CREATE STREAM g (vehicle_id BIGINT, ts TIMESTAMP(3), \
+                  WATERMARK FOR ts AS ts - INTERVAL '1' SECOND) WITH (connector = 'datagen'); \
+                CREATE MATERIALIZED VIEW per_5s AS SELECT window_start, window_end, count(*) AS n \
+                  FROM TUMBLE(g, ts, INTERVAL '5' SECOND) GROUP BY window_start, window_end";
+    assert_eq!(sqlstate(&admin, view).await, None);
+    let work_file = work.join("events.ndjson");
+    let absolute = work_file.to_str().expect("utf8");
+    assert_eq!(sqlstate(&admin, &stream("here_abs", absolute)).await, None);
+    let outside_file = outside.join("events.ndjson");
+    let refused = [
+        stream("abs", outside_file.to_str().expect("utf8")),
+        stream("dotdot", "../outside/events.ndjson"),
+        stream("link", "link/events.ndjson"),
+        stream("etc", "/etc/passwd"),
+        format!(
+            "CREATE SINK lake WITH (connector = 'parquet', path = 'file://{}') AS SELECT k FROM here",
+            outside.join("lake").display()
+        ),
+        "CREATE SINK p FROM per_5s WITH (connector = 'prometheus_remote_write', \
+           url = 'http://127.0.0.1:1/api/v1/write', bearer_token_file = '/etc/hostname')"
+            .to_string(),
+    ];
+    for sql in &refused {
+        assert_eq!(
+            sqlstate(&admin, sql).await.as_deref(),
+            Some("42501"),
+            "{sql}"
+        );
+    }
+    let err = admin
+        .batch_execute(&stream("etc", "/etc/passwd"))
+        .await
+        .expect_err("outside");
+    let message = err.as_db_error().map(|e| e.message().to_string());
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("--allow-path")),
+        "the error says what to do: {message:?}"
+    );
+    assert_eq!(
+        sqlstate(
+            &admin,
+            "CREATE SINK lake WITH (connector = 'parquet', path = 'weir-data/lake') AS SELECT k FROM here"
+        )
+        .await,
+        None,
+        "the data directory is allowed"
+    );
+
+    // A secret given as ${ENV} is kept as the reference; a literal one is kept in a catalog
+    // only the owner can read, and SHOW CREATE hides it.
+    for (name, auth) in [
+        ("from_env", "bearer_token = '${WEIR_E2E_TOKEN}'"),
+        (
+            "literal",
+            "'basic_auth.username' = 'u', 'basic_auth.password' = 'literal-secret'",
+        ),
+    ] {
+        let sql = format!(
+            "CREATE SINK {name} FROM per_5s WITH (connector = 'prometheus_remote_write', \
+               url = 'http://127.0.0.1:1/api/v1/write', {auth})"
+        );
+        assert_eq!(sqlstate(&admin, &sql).await, None, "{sql}");
+    }
+    let catalog_file = work.join("weir-data/catalog.json");
+    let catalog = std::fs::read_to_string(&catalog_file).expect("catalog.json");
+    assert!(catalog.contains("${WEIR_E2E_TOKEN}"), "{catalog}");
+    assert!(!catalog.contains("token-from-the-environment"), "{catalog}");
+    let mode = std::fs::metadata(&catalog_file)
+        .expect("metadata")
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    let rows = admin
+        .simple_query("SHOW CREATE SINK literal")
+        .await
+        .expect("show create");
+    let shown = format!("{rows:?}");
+    assert!(
+        shown.contains("***") && !shown.contains("literal-secret"),
+        "{shown}"
+    );
+
+    // Restarted with --allow-path: that directory and the data directory, no longer the
+    // working directory. The saved objects are replayed through the same check.
+    drop(admin);
+    assert!(weir.stop());
+    let args = ["--allow-path".to_string(), outside.display().to_string()];
+    let weir = Weir::start_with(&work, None, &args, &token);
+    let admin = login(&weir, "weir", ADMIN_PASSWORD).await.expect("admin");
+    assert_eq!(
+        sqlstate(&admin, &stream("abs", outside_file.to_str().expect("utf8"))).await,
+        None
+    );
+    assert_eq!(
+        sqlstate(&admin, &stream("here2", absolute))
+            .await
+            .as_deref(),
+        Some("42501")
+    );
+    // The stream in the working directory is not restored: logged, and kept in the catalog
+    // for the next start. The sinks are, their ${ENV} resolved again.
+    let log = weir.log_text();
+    assert!(
+        log.contains("cannot restore catalog object") && log.contains("outside the paths"),
+        "{log}"
+    );
+    let catalog = std::fs::read_to_string(&catalog_file).expect("catalog.json");
+    assert!(catalog.contains("here_abs"), "{catalog}");
+    let rows = admin.simple_query("SHOW SINKS").await.expect("show sinks");
+    let shown = format!("{rows:?}");
+    assert!(
+        shown.contains("from_env") && shown.contains("literal"),
+        "{shown}"
+    );
 }
 
 /// A test CA and a server certificate for `localhost` only, as PEM files in `dir`.

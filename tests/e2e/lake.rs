@@ -23,7 +23,19 @@ fn the_demo_serves_psql_and_its_lake_equals_the_query_over_the_raw_events() {
     // README: give this one the same `queries/`.
     std::os::unix::fs::symlink(repo_root().join("queries"), dir.path().join("queries"))
         .expect("symlink");
-    let mut weir = Weir::start(dir.path(), Some(&repo_root().join("queries/demo")));
+    // The link leads out of the working directory: allow where it leads too.
+    let allow = [
+        "--allow-path".to_string(),
+        ".".to_string(),
+        "--allow-path".to_string(),
+        repo_root().join("queries").display().to_string(),
+    ];
+    let mut weir = Weir::start_with(
+        dir.path(),
+        Some(&repo_root().join("queries/demo")),
+        &allow,
+        &[],
+    );
 
     let (ok, out, err) = weir.psql_c("\\d");
     assert!(ok, "{err}");

@@ -234,7 +234,7 @@ pub async fn checkpoint(args: &BenchArgs) -> Result<ExitCode, String> {
     );
     let engine = Engine::open(
         engine_config(Some(&data), Some(interval)),
-        Arc::new(Connectors),
+        Arc::new(Connectors::default()),
     )
     .await
     .map_err(|e| e.to_string())?;
@@ -283,7 +283,7 @@ pub async fn checkpoint(args: &BenchArgs) -> Result<ExitCode, String> {
     let reopened = Instant::now();
     let engine = Engine::open(
         engine_config(Some(&data), Some(interval)),
-        Arc::new(Connectors),
+        Arc::new(Connectors::default()),
     )
     .await
     .map_err(|e| e.to_string())?;
