@@ -242,7 +242,7 @@ impl Engine {
         datafusion_pg_catalog::setup_pg_catalog(
             &ctx,
             DATABASE,
-            datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider,
+            crate::users::CatalogRoles(users.clone()),
         )
         .map_err(|e| PlanError::Internal(format!("cannot set up pg_catalog: {e}")))?;
         let engine = Arc::new(Self {
@@ -774,9 +774,10 @@ impl Engine {
     }
 
     async fn logical_plan(&self, query: sqlparser::ast::Query) -> Result<LogicalPlan> {
-        let statement = self
-            .pg_parser
-            .rewrite(sqlparser::ast::Statement::Query(Box::new(query)));
+        let statement = crate::compat::rewrite(
+            self.pg_parser
+                .rewrite(sqlparser::ast::Statement::Query(Box::new(query))),
+        );
         let state = self.ctx.state();
         let plan = state
             .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(
@@ -1517,7 +1518,6 @@ impl Engine {
     }
 }
 
-/// Whether a statement is a query over `pg_catalog` or `information_schema`.
 /// A `checkpoint.interval` from a WITH clause, checked.
 fn checkpoint_interval(interval: Option<Duration>) -> Result<Option<Duration>> {
     match interval {
@@ -1575,6 +1575,7 @@ fn instance_id(dir: &std::path::Path) -> Result<String> {
     Ok(id)
 }
 
+/// Whether a statement is a query over `pg_catalog` or `information_schema`.
 fn reads_system_catalog(parsed: &ParsedStatement) -> bool {
     let Statement::Query(query) = &parsed.statement else {
         return false;

@@ -4,12 +4,14 @@
 //!
 //! - [`engine`]: [`Engine`], which executes every statement, owns the catalog, the DataFusion
 //!   session, and the running pipelines.
+//! - [`compat`]: rewrites for Postgres clients' catalog queries (`ARRAY(subquery)`).
 //! - [`introspection`]: the rows of SHOW / DESCRIBE / SHOW CREATE / EXPLAIN.
 //! - [`pg`]: the pgwire handlers (simple and extended protocol), type mapping and errors.
 //! - [`users`]: users, their SCRAM verifiers and privileges (`users.json`).
 //! - [`http`]: `GET /health` and `GET /metrics`.
 //! - `main.rs`: the CLI (`weir serve | run | check`).
 
+pub mod compat;
 pub mod engine;
 pub mod http;
 pub mod introspection;

@@ -378,6 +378,36 @@ fn verifier_text(password: &str) -> Result<String> {
     Ok(Verifier::new(password)?.to_string())
 }
 
+/// `pg_catalog.pg_roles` (psql's `\du`) from the users: admins show as superusers that may
+/// create roles, a user without a password as one that cannot log in.
+#[derive(Debug, Clone)]
+pub struct CatalogRoles(pub std::sync::Arc<Users>);
+
+#[async_trait::async_trait]
+impl datafusion_pg_catalog::pg_catalog::context::PgCatalogContextProvider for CatalogRoles {
+    async fn roles(&self) -> Vec<String> {
+        self.0.rows().into_iter().map(|row| row.name).collect()
+    }
+
+    /// Never `None`: pg_catalog unwraps it, and a user may be dropped between the two calls
+    /// (such a user then shows without privileges).
+    async fn role(&self, name: &str) -> Option<datafusion_pg_catalog::pg_catalog::context::Role> {
+        let row = self.0.rows().into_iter().find(|row| row.name == name);
+        let (admin, can_login) = row.map_or((false, false), |r| (r.admin, r.can_login));
+        Some(datafusion_pg_catalog::pg_catalog::context::Role {
+            name: name.to_string(),
+            is_superuser: admin,
+            can_login,
+            can_create_db: false,
+            can_create_role: admin,
+            can_create_user: admin,
+            can_replication: false,
+            grants: Vec::new(),
+            inherited_roles: Vec::new(),
+        })
+    }
+}
+
 fn no_such_role(name: &str) -> PlanError {
     PlanError::Plan {
         sqlstate: "42704",

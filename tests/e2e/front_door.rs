@@ -246,6 +246,15 @@ async fn scram_logins_and_privileges_from_psql_psycopg_and_tokio_postgres() {
         })
         .collect();
     assert_eq!(users, ["nobody||true", "reader||true", "weir|admin|true"]);
+    // psql's \du reads the same users from pg_roles.
+    let (ok, out) = psql_as(&weir, "weir", ADMIN_PASSWORD, "\\du");
+    assert!(ok, "{out}");
+    let roles: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        roles,
+        ["nobody||", "reader||", "weir|Superuser, Create role|"],
+        "{out}"
+    );
     admin
         .batch_execute("DROP USER nobody")
         .await
