@@ -274,11 +274,13 @@ fn interrupted_job_equals_duckdb(
         "{how:?}: Prometheus holds every window with its value"
     );
     // Nothing Prometheus has is sent again, so nothing is refused as out of order, by any
-    // of the four processes.
+    // of the four processes, except in the one case docs/sql.md names: a kill inside a
+    // commit, whose epoch the restart sends again (and says so).
     logs.push(weir.log_text());
     for log in &logs {
+        let resent = log.contains("commit had not finished before the restart");
         assert!(
-            !log.contains("out of order") && !log.contains("bad_request"),
+            resent || !(log.contains("out of order") || log.contains("bad_request")),
             "{how:?}: no sample was rejected after a restart:\n{log}"
         );
     }

@@ -412,7 +412,15 @@ impl Sink for PrometheusSink {
             return Ok(());
         }
         // The restored checkpoint is complete, but its commit may not have finished before
-        // the restart: what it held is sent now.
+        // the restart: what it held is sent now. Samples of it that had arrived are refused
+        // as out of order (docs/sql.md, "Checkpoints and delivery").
+        let rows: usize = snapshot.batches.iter().map(RecordBatch::num_rows).sum();
+        if rows > 0 {
+            tracing::info!(
+                rows,
+                "the restored checkpoint's commit had not finished before the restart: sending its rows again"
+            );
+        }
         for batch in &snapshot.batches {
             self.send(batch).await?;
         }
