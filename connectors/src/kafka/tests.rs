@@ -275,7 +275,18 @@ async fn a_stalled_pipeline_pauses_the_partitions_and_keeps_the_group() {
 async fn two_readers_in_one_group_split_the_partitions_and_rebalance() {
     let cluster = cluster("split", 4);
     let bootstrap = cluster.bootstrap_servers();
-    let factory = factory(&bootstrap, "split", &[("group.id", "g2")], None);
+    // The mock group coordinator waits a session timeout (less a second) for the members
+    // to rejoin when one joins: with Kafka's default of 45 s the first rebalance alone took
+    // most of the wait on a loaded machine. The smallest session it accepts keeps it short.
+    let factory = factory(
+        &bootstrap,
+        "split",
+        &[
+            ("group.id", "g2"),
+            ("properties.session.timeout.ms", "6000"),
+        ],
+        None,
+    );
     let mut a = Reader::start(&factory);
     let mut b = Reader::start(&factory);
     // Keep producing to every partition until both readers have data.
