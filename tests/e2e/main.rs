@@ -8,6 +8,7 @@ mod harness;
 mod bad_input;
 mod catalog;
 mod checkpoints;
+mod clients;
 mod front_door;
 mod kafka;
 mod lake;
