@@ -411,13 +411,11 @@ fn file_state_schema() -> SchemaRef {
     ]))
 }
 
-/// An object store failure: the store's (unreachable, refused, out of quota), not a bug.
+/// An object store failure, by cause (unreachable, refused, out of space), not a bug.
 fn store_error(what: &str) -> impl Fn(object_store::Error) -> Error + '_ {
     move |e| {
-        Error::external(
-            weir_runtime::error::External::Connection,
-            format!("parquet lake: {what}: {e}"),
-        )
+        let message = format!("parquet lake: {what}: {e}");
+        weir_runtime::storage::store_error(e, message)
     }
 }
 

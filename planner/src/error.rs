@@ -174,6 +174,20 @@ impl From<DataFusionError> for PlanError {
                 }
             }
             DataFusionError::Internal(m) => PlanError::Internal(m.clone()),
+            // Weir's own functions run inside DataFusion and raise Weir's errors through it.
+            DataFusionError::External(inner) => match inner.downcast_ref::<PlanError>() {
+                Some(own) => PlanError::Plan {
+                    sqlstate: own.sqlstate(),
+                    message: own.to_string(),
+                },
+                None => match inner.downcast_ref::<weir_runtime::Error>() {
+                    Some(weir_runtime::Error::External { kind, message }) => PlanError::External {
+                        sqlstate: kind.sqlstate(),
+                        message: message.clone(),
+                    },
+                    _ => PlanError::Execution(inner.to_string()),
+                },
+            },
             other => PlanError::Execution(strip_prefixes(&other.to_string())),
         }
     }

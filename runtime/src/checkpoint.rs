@@ -238,10 +238,11 @@ impl CheckpointStore {
     }
 
     fn error(&self, what: &str, path: &Path, e: object_store::Error) -> Error {
-        Error::Execution(format!(
+        let message = format!(
             "checkpoint store {}: cannot {what} {path}: {e}",
             self.location
-        ))
+        );
+        crate::storage::store_error(e, message)
     }
 
     /// The epochs of `job` with a directory in the store, newest first, and whether each

@@ -475,6 +475,7 @@ mod tests {
             fanout,
             &Metrics::new(),
             "p",
+            &StatusCell::default(),
         ));
         Run { tasks, coordinator }
     }

@@ -28,7 +28,32 @@ pub enum PipelineStatus {
     /// A bounded input was fully processed.
     Finished,
     Stopped,
-    Failed(String),
+    Failed(Failure),
+}
+
+/// Why a pipeline failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub cause: String,
+    /// The cause is outside Weir (a broker, a receiver, a database, an object store): it
+    /// may pass, so the pipeline is worth restarting.
+    pub external: bool,
+}
+
+impl Failure {
+    /// The failure an error stands for; only [`Error::External`] is external.
+    pub fn of(error: &Error) -> Self {
+        Self {
+            cause: error.to_string(),
+            external: matches!(error, Error::External { .. }),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.cause)
+    }
 }
 
 impl std::fmt::Display for PipelineStatus {
@@ -141,6 +166,34 @@ pub struct SourceTask {
     pub instance_id: Option<String>,
 }
 
+/// Spawns one of a pipeline's tasks. A panic in it (a bug) fails the pipeline, with the
+/// panic's message as the cause, instead of ending the task unseen; the server goes on.
+fn spawn_task(
+    status: StatusCell,
+    pipeline: String,
+    task: &'static str,
+    future: impl std::future::Future<Output = ()> + Send + 'static,
+) -> JoinHandle<()> {
+    use futures::FutureExt;
+    tokio::spawn(async move {
+        if let Err(panic) = std::panic::AssertUnwindSafe(future).catch_unwind().await {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".into());
+            tracing::error!(pipeline = %pipeline, task, panic = %message,
+                "a pipeline task panicked (a bug in Weir); the pipeline is failed");
+            status.set(PipelineStatus::Failed(Failure {
+                cause: format!(
+                    "internal error (this is a bug in Weir): the {task} panicked: {message}"
+                ),
+                external: false,
+            }));
+        }
+    })
+}
+
 /// Runs `source` on its own task; returns the channel it writes to. A bounded input that
 /// ends is followed by `End`, the job's last barrier (after `End` has flushed everything
 /// downstream) and `Stop`; a stopped one by `Stop`.
@@ -149,7 +202,8 @@ pub fn spawn_source(
     task: SourceTask,
 ) -> (mpsc::Receiver<Message>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-    let handle = tokio::spawn(async move {
+    let (status, pipeline) = (task.status.clone(), task.pipeline.clone());
+    let handle = spawn_task(status, pipeline, "source", async move {
         let SourceTask {
             shutdown,
             release,
@@ -190,7 +244,7 @@ pub fn spawn_source(
             Ok(SourceExit::Stopped) => status.set(PipelineStatus::Stopped),
             Err(e) => {
                 tracing::error!(pipeline = %pipeline, error = %e, "source failed; pipeline stops");
-                status.set(PipelineStatus::Failed(e.to_string()));
+                status.set(PipelineStatus::Failed(Failure::of(&e)));
             }
         }
         ctx.emit_final(Message::Stop).await;
@@ -215,8 +269,9 @@ pub fn spawn_chain(
     output: Arc<Fanout>,
     metrics: &Metrics,
     pipeline: &str,
+    status: &StatusCell,
 ) -> JoinHandle<()> {
-    spawn_chain_at(input, operators, 0, output, metrics, pipeline)
+    spawn_chain_at(input, operators, 0, output, metrics, pipeline, status)
 }
 
 /// Runs a pipeline's stages: each run of synchronous operators on one task (as
@@ -228,6 +283,7 @@ pub fn spawn_stages(
     output: Arc<Fanout>,
     metrics: &Metrics,
     pipeline: &str,
+    status: &StatusCell,
 ) -> Vec<JoinHandle<()>> {
     // Group consecutive synchronous operators; remember each group's first index (metrics
     // label operators by their position in the whole chain).
@@ -259,10 +315,12 @@ pub fn spawn_stages(
         };
         let next = (g != last).then(|| out.subscribe());
         tasks.push(match group {
-            Group::Sync(first, ops) => spawn_chain_at(input, ops, first, out, metrics, pipeline),
+            Group::Sync(first, ops) => {
+                spawn_chain_at(input, ops, first, out, metrics, pipeline, status)
+            }
             Group::Async(index, op) => {
                 let m = metrics.operator(pipeline, op.name(), index, false);
-                spawn_async_stage(input, op, out, m, pipeline.to_string(), index)
+                spawn_async_stage(input, op, out, m, pipeline.to_string(), index, status)
             }
         });
         match next {
@@ -280,6 +338,7 @@ fn spawn_chain_at(
     output: Arc<Fanout>,
     metrics: &Metrics,
     pipeline: &str,
+    status: &StatusCell,
 ) -> JoinHandle<()> {
     let op_metrics: Vec<OperatorMetrics> = operators
         .iter()
@@ -301,37 +360,42 @@ fn spawn_chain_at(
         pipeline: pipeline.to_string(),
         error_log: RateLimitedLog::new(Duration::from_secs(10)),
     };
-    tokio::spawn(async move {
-        let mut ticks = chain.tick_every.map(|every| {
-            let mut interval = tokio::time::interval(every);
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            interval
-        });
-        loop {
-            let message = match ticks.as_mut() {
-                Some(ticks) => tokio::select! {
-                    message = input.recv() => message,
-                    _ = ticks.tick() => {
-                        for message in chain.run(None) {
-                            output.send(message).await;
+    spawn_task(
+        status.clone(),
+        pipeline.to_string(),
+        "operators",
+        async move {
+            let mut ticks = chain.tick_every.map(|every| {
+                let mut interval = tokio::time::interval(every);
+                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                interval
+            });
+            loop {
+                let message = match ticks.as_mut() {
+                    Some(ticks) => tokio::select! {
+                        message = input.recv() => message,
+                        _ = ticks.tick() => {
+                            for message in chain.run(None) {
+                                output.send(message).await;
+                            }
+                            continue;
                         }
-                        continue;
-                    }
-                },
-                None => input.recv().await,
-            };
-            let Some(message) = message else { break };
-            let stop = matches!(message, Message::Stop);
-            for message in chain.run(Some(message)) {
-                output.send(message).await;
+                    },
+                    None => input.recv().await,
+                };
+                let Some(message) = message else { break };
+                let stop = matches!(message, Message::Stop);
+                for message in chain.run(Some(message)) {
+                    output.send(message).await;
+                }
+                if stop {
+                    return;
+                }
             }
-            if stop {
-                return;
-            }
-        }
-        // The input closed without Stop (upstream task died): still end the output.
-        output.send(Message::Stop).await;
-    })
+            // The input closed without Stop (upstream task died): still end the output.
+            output.send(Message::Stop).await;
+        },
+    )
 }
 
 /// Runs one [`AsyncOperator`]: up to its `max_in_flight` batches at once, outputs (and the
@@ -343,6 +407,7 @@ fn spawn_async_stage(
     metrics: OperatorMetrics,
     pipeline: String,
     index: usize,
+    status: &StatusCell,
 ) -> JoinHandle<()> {
     use futures::StreamExt;
     use futures::stream::FuturesOrdered;
@@ -353,62 +418,67 @@ fn spawn_async_stage(
         std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<Message>>> + Send>>;
 
     let max_in_flight = op.max_in_flight().max(1);
-    tokio::spawn(async move {
-        let mut error_log = RateLimitedLog::new(Duration::from_secs(10));
-        let mut in_flight: FuturesOrdered<Slot> = FuturesOrdered::new();
-        let mut input_done = false;
-        loop {
-            tokio::select! {
-                biased;
-                Some(done) = in_flight.next(), if !in_flight.is_empty() => match done {
-                    Ok(Some(message)) => {
-                        let stop = matches!(message, Message::Stop);
-                        if let Message::Data(batch) = &message {
-                            metrics.records_out.inc_by(batch.num_rows() as u64);
-                        }
-                        output.send(message).await;
-                        if stop {
-                            return;
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        metrics.errors.inc();
-                        error_log.log(|suppressed| {
-                            tracing::warn!(pipeline = %pipeline, operator = index, error = %e,
-                                suppressed, "operator failed on a batch; batch dropped");
-                        });
-                    }
-                },
-                message = input.recv(), if !input_done && in_flight.len() < max_in_flight => {
-                    let message = message.unwrap_or(Message::Stop);
-                    input_done = matches!(message, Message::Stop);
-                    let slot: Slot = match message {
-                        Message::Data(batch) => {
-                            metrics.records_in.inc_by(batch.num_rows() as u64);
-                            match op.process_batch(batch) {
-                                // A panic is a bug: it drops the batch like an error (counted,
-                                // logged) instead of ending the stage and the pipeline with it.
-                                Ok(future) => Box::pin(async move {
-                                    use futures::FutureExt;
-                                    match std::panic::AssertUnwindSafe(future).catch_unwind().await {
-                                        Ok(output) => Ok(output?.map(Message::Data)),
-                                        Err(_) => Err(Error::Internal(
-                                            "an operator panicked on a batch".into(),
-                                        )),
-                                    }
-                                }),
-                                Err(e) => Box::pin(std::future::ready(Err(e))),
+    spawn_task(
+        status.clone(),
+        pipeline.clone(),
+        "lookup stage",
+        async move {
+            let mut error_log = RateLimitedLog::new(Duration::from_secs(10));
+            let mut in_flight: FuturesOrdered<Slot> = FuturesOrdered::new();
+            let mut input_done = false;
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(done) = in_flight.next(), if !in_flight.is_empty() => match done {
+                        Ok(Some(message)) => {
+                            let stop = matches!(message, Message::Stop);
+                            if let Message::Data(batch) = &message {
+                                metrics.records_out.inc_by(batch.num_rows() as u64);
+                            }
+                            output.send(message).await;
+                            if stop {
+                                return;
                             }
                         }
-                        other => Box::pin(std::future::ready(Ok(Some(other)))),
-                    };
-                    in_flight.push_back(slot);
+                        Ok(None) => {}
+                        Err(e) => {
+                            metrics.errors.inc();
+                            error_log.log(|suppressed| {
+                                tracing::warn!(pipeline = %pipeline, operator = index, error = %e,
+                                    suppressed, "operator failed on a batch; batch dropped");
+                            });
+                        }
+                    },
+                    message = input.recv(), if !input_done && in_flight.len() < max_in_flight => {
+                        let message = message.unwrap_or(Message::Stop);
+                        input_done = matches!(message, Message::Stop);
+                        let slot: Slot = match message {
+                            Message::Data(batch) => {
+                                metrics.records_in.inc_by(batch.num_rows() as u64);
+                                match op.process_batch(batch) {
+                                    // A panic is a bug: it drops the batch like an error (counted,
+                                    // logged) instead of ending the stage and the pipeline with it.
+                                    Ok(future) => Box::pin(async move {
+                                        use futures::FutureExt;
+                                        match std::panic::AssertUnwindSafe(future).catch_unwind().await {
+                                            Ok(output) => Ok(output?.map(Message::Data)),
+                                            Err(_) => Err(Error::Internal(
+                                                "an operator panicked on a batch".into(),
+                                            )),
+                                        }
+                                    }),
+                                    Err(e) => Box::pin(std::future::ready(Err(e))),
+                                }
+                            }
+                            other => Box::pin(std::future::ready(Ok(Some(other)))),
+                        };
+                        in_flight.push_back(slot);
+                    }
+                    else => return,
                 }
-                else => return,
             }
-        }
-    })
+        },
+    )
 }
 
 /// A pipeline's operators and their counters.
@@ -523,7 +593,8 @@ pub fn spawn_sink(
     mut input: mpsc::Receiver<Message>,
     task: SinkTask,
 ) -> JoinHandle<()> {
-    tokio::spawn(async move {
+    let (status, pipeline) = (task.status.clone(), task.pipeline.clone());
+    spawn_task(status, pipeline, "sink", async move {
         let SinkTask {
             metrics,
             status,
@@ -555,7 +626,7 @@ pub fn spawn_sink(
         if let Err(e) = result.and(finished) {
             metrics.errors.inc();
             tracing::error!(pipeline = %pipeline, error = %e, "sink failed");
-            status.set(PipelineStatus::Failed(e.to_string()));
+            status.set(PipelineStatus::Failed(Failure::of(&e)));
             // Rows are lost here: no epoch still to come may count as durable, or the
             // source would commit offsets past them. (Dropping a barrier fails it.)
             while let Some(message) = input.recv().await {
@@ -856,7 +927,7 @@ mod tests {
             fanout.subscribe(),
             sink_task(metrics.sink("p", "b"), status.clone()),
         );
-        let chain = spawn_chain(rx, vec![], fanout, &metrics, "p");
+        let chain = spawn_chain(rx, vec![], fanout, &metrics, "p", &status);
         // Subscribers wired after the source task was spawned still see the first batch.
         tokio::task::yield_now().await;
         release.cancel();
@@ -911,5 +982,60 @@ mod tests {
         join(task).await.expect("no panic");
         assert!(saw_stop);
         assert_eq!(status.get(), PipelineStatus::Stopped);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_operator_fails_the_pipeline_as_a_bug_and_its_task_ends() {
+        struct Panics;
+        impl Operator for Panics {
+            fn name(&self) -> &'static str {
+                "panics"
+            }
+            fn process_batch(&mut self, _: RecordBatch, _: &mut Vec<Message>) -> Result<()> {
+                panic!("index out of bounds");
+            }
+        }
+        let metrics = Metrics::new();
+        let status = StatusCell::default();
+        let released = CancellationToken::new();
+        released.cancel();
+        let (rx, source) = spawn_source(
+            Box::new(Numbers(vec![1, 2, 3])),
+            source_task(
+                CancellationToken::new(),
+                released,
+                metrics.source("numbers", "p", "numbers"),
+                status.clone(),
+            ),
+        );
+        let chain = spawn_chain(
+            rx,
+            vec![Box::new(Panics)],
+            Fanout::new(),
+            &metrics,
+            "p",
+            &status,
+        );
+        join(chain).await.expect("the panic is caught in the task");
+        let _ = join(source).await;
+        match status.get() {
+            PipelineStatus::Failed(failure) => {
+                assert!(!failure.external, "a panic is a bug, not an outage");
+                assert!(
+                    failure.cause.contains("bug in Weir")
+                        && failure.cause.contains("index out of bounds"),
+                    "{failure}"
+                );
+            }
+            other => panic!("expected a failure, got {other}"),
+        }
+    }
+
+    #[test]
+    fn only_external_errors_are_external_failures() {
+        use crate::error::External;
+        assert!(Failure::of(&Error::external(External::Connection, "broker gone")).external);
+        assert!(!Failure::of(&Error::Execution("bad option".into())).external);
+        assert!(!Failure::of(&Error::Internal("bug".into())).external);
     }
 }

@@ -33,6 +33,33 @@ pub enum Location {
     },
 }
 
+/// An object store's failure as Weir's error, by cause: refused (57000: permissions,
+/// credentials), out of space (53000), or the store (or the disk under a local one) failing
+/// or out of reach (08006). A path the store does not know or cannot take is the caller's
+/// to word (22000): it is a fault of the request, not of the store.
+pub fn store_error(e: object_store::Error, message: String) -> crate::Error {
+    use crate::error::External;
+    use object_store::Error as E;
+    let kind = match &e {
+        E::PermissionDenied { .. } | E::Unauthenticated { .. } => External::Refused,
+        E::NotFound { .. } | E::InvalidPath { .. } | E::AlreadyExists { .. } => {
+            return crate::Error::Execution(message);
+        }
+        E::Generic { source, .. } => match source
+            .downcast_ref::<std::io::Error>()
+            .map(std::io::Error::kind)
+        {
+            Some(std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded) => {
+                External::Resources
+            }
+            Some(std::io::ErrorKind::PermissionDenied) => External::Refused,
+            _ => External::Connection,
+        },
+        _ => External::Connection,
+    };
+    crate::Error::external(kind, message)
+}
+
 /// Parses `location`; errors are messages for the user, naming what is wrong.
 pub fn parse_location(location: &str) -> Result<Location, String> {
     if !location.contains("://") {
@@ -81,6 +108,45 @@ pub fn parse_location(location: &str) -> Result<Location, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_errors_are_classed_by_cause() {
+        use crate::Error;
+        use crate::error::External;
+        let kind = |e: object_store::Error| match store_error(e, "m".into()) {
+            Error::External { kind, .. } => Some(kind),
+            _ => None,
+        };
+        let path = || "a/b".to_string();
+        assert_eq!(
+            kind(object_store::Error::PermissionDenied {
+                path: path(),
+                source: "no".into()
+            }),
+            Some(External::Refused)
+        );
+        assert_eq!(
+            kind(object_store::Error::Generic {
+                store: "S3",
+                source: "connection refused".into()
+            }),
+            Some(External::Connection)
+        );
+        assert_eq!(
+            kind(object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: Box::new(std::io::Error::from(std::io::ErrorKind::StorageFull)),
+            }),
+            Some(External::Resources)
+        );
+        assert_eq!(
+            kind(object_store::Error::NotFound {
+                path: path(),
+                source: "gone".into()
+            }),
+            None
+        );
+    }
 
     #[test]
     fn paths_and_file_urls_are_local_and_buckets_are_remote() {

@@ -57,6 +57,7 @@ pub fn show_schema(kind: ShowKind) -> SchemaRef {
             "uptime",
             "last_checkpoint",
             "restored_from",
+            "restarts",
         ]),
         ShowKind::Users => utf8_schema(&["name", "privileges", "can_login"]),
     }
@@ -177,6 +178,11 @@ pub fn show(catalog: &Catalog, kind: ShowKind, running: &[PipelineRow]) -> Resul
                         format!("{}s", row.started.elapsed().as_secs()),
                         last,
                         restored,
+                        match &row.restarts {
+                            (0, None) => "0".to_string(),
+                            (n, None) => n.to_string(),
+                            (n, Some(cause)) => format!("{n} (last failure: {cause})"),
+                        },
                     ]
                 })
                 .collect()
@@ -253,21 +259,40 @@ pub fn show_variable_schema() -> SchemaRef {
     utf8_schema(&["setting"])
 }
 
-/// `SHOW <variable>` for the few settings clients ask about.
-pub fn show_variable(name: &str) -> Result<Output> {
-    let value = match name {
+/// The Postgres version Weir answers as (in the startup's `server_version` too): clients
+/// gate features on it, and Weir's catalog answers psql and drivers of that version.
+pub const SERVER_VERSION: &str = "16.6 (Weir)";
+
+/// The few settings clients ask about (`SHOW name`, `current_setting('name')`); `None`
+/// for any other. They are fixed: `SET` is accepted and changes nothing.
+pub fn setting(name: &str) -> Option<&'static str> {
+    Some(match name.to_ascii_lowercase().as_str() {
         "transaction isolation level" | "transaction_isolation" => "read committed",
         "search_path" => "public",
-        "server_version" => "15.0 (Weir)",
+        "server_version" => SERVER_VERSION,
+        "server_version_num" => "160006",
         "server_encoding" | "client_encoding" => "UTF8",
         "timezone" | "time zone" => "UTC",
         "datestyle" => "ISO, MDY",
+        "intervalstyle" => "postgres",
+        "integer_datetimes" => "on",
         "standard_conforming_strings" => "on",
-        other => {
-            return Err(PlanError::Undefined(format!(
-                "unrecognized configuration parameter \"{other}\""
-            )));
-        }
-    };
+        "max_identifier_length" => "63",
+        "default_transaction_read_only" => "off",
+        _ => return None,
+    })
+}
+
+/// The error for a setting [`setting`] does not know (42704, as Postgres).
+pub fn unknown_setting(name: &str) -> PlanError {
+    PlanError::Plan {
+        sqlstate: "42704",
+        message: format!("unrecognized configuration parameter \"{name}\""),
+    }
+}
+
+/// `SHOW <variable>` for the few settings clients ask about.
+pub fn show_variable(name: &str) -> Result<Output> {
+    let value = setting(name).ok_or_else(|| unknown_setting(name))?;
     text_rows(show_variable_schema(), vec![vec![value.to_string()]])
 }

@@ -13,6 +13,8 @@
 
 pub mod compat;
 pub mod engine;
+#[cfg(test)]
+mod fuzz;
 pub mod http;
 pub mod introspection;
 pub mod pg;

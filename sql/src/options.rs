@@ -249,22 +249,31 @@ impl<'a> OptionReader<'a> {
 /// and small enough that adding it to a clock or a timestamp in ms cannot overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
 
-/// Parses `'500ms'`, `'1s'`, `'5m'`, `'1h'`, `'30 s'`, `'10 seconds'`, `'2 minutes'`, `'1d'`;
-/// None for anything else, negative, or longer than [`MAX_DURATION`].
+/// Parses a duration with humantime: `'500ms'`, `'1s'`, `'5m'`, `'1h'`, `'30 s'`,
+/// `'10 seconds'`, `'1.5s'`, `'1h 30m'`, `'1d'`, `'2 weeks'`, and the unit names SQL's INTERVAL
+/// uses (`'500 millisecond'`); case does not matter (`'5M'` is five minutes). None for anything
+/// else, for months and years (not a fixed length), and for more than [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number.parse().ok()?;
-    let seconds = match unit.trim().to_ascii_lowercase().as_str() {
-        "ms" | "milli" | "millis" | "millisecond" | "milliseconds" => number / 1000.0,
-        "s" | "sec" | "secs" | "second" | "seconds" => number,
-        "m" | "min" | "mins" | "minute" | "minutes" => number * 60.0,
-        "h" | "hour" | "hours" => number * 3600.0,
-        "d" | "day" | "days" => number * 86400.0,
-        _ => return None,
-    };
-    Duration::try_from_secs_f64(seconds)
+    let text = text.trim().to_ascii_lowercase();
+    let mut spelled = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(start) = rest.find(|c: char| c.is_ascii_alphabetic()) {
+        let (before, word) = rest.split_at(start);
+        let end = word
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(word.len());
+        let (word, after) = word.split_at(end);
+        spelled.push_str(before);
+        spelled.push_str(match word {
+            "milli" | "millisecond" | "milliseconds" => "ms",
+            "microsecond" | "microseconds" => "us",
+            "month" | "months" | "year" | "years" | "yr" | "yrs" | "y" => return None,
+            other => other,
+        });
+        rest = after;
+    }
+    spelled.push_str(rest);
+    humantime::parse_duration(&spelled)
         .ok()
         .filter(|d| *d <= MAX_DURATION)
 }
@@ -306,6 +315,16 @@ mod tests {
         assert_eq!(parse_duration("10 seconds"), Some(Duration::from_secs(10)));
         assert_eq!(parse_duration("ten"), None);
         assert_eq!(parse_duration("5 fortnights"), None);
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1h 30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(
+            parse_duration("500 MILLISECOND"),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(parse_duration("5M"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1 month"), None, "not a fixed length");
+        assert_eq!(parse_duration("-5s"), None);
+        assert_eq!(parse_duration(""), None);
         // Too long for a clock: refused, not a panic.
         assert_eq!(parse_duration("100000000000000000000s"), None);
         assert_eq!(parse_duration("1e400s"), None);

@@ -223,6 +223,13 @@ impl Weir {
         http_get(self.http_port, path).expect("weir answers HTTP")
     }
 
+    /// `GET /health`'s JSON.
+    pub fn health(&self) -> serde_json::Value {
+        let response = self.http_get("/health");
+        let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("/health is JSON: {e}: {response}"))
+    }
+
     /// The process's resident set size in bytes (Linux).
     pub fn rss_bytes(&self) -> u64 {
         let pid = self.child.as_ref().map(Child::id).unwrap_or_default();

@@ -289,3 +289,86 @@ fn a_psql_live_tail_over_a_kafka_stream_returns_fresh_records() {
         "only fresh, matching records: {ids:?}"
     );
 }
+
+#[test]
+fn a_pipeline_whose_broker_dies_fails_with_the_cause_and_recovers_when_it_returns() {
+    const N: u64 = 20_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut tansu = Tansu::start(dir.path());
+    tansu.create_topic("ev", 4);
+    produce(&tansu.bootstrap(), "ev", (0..N).map(|i| keyed(i, event(i))));
+    let weir = Weir::start(dir.path(), None);
+    let lake = dir.path().join("lake");
+    create_stream_and_lake(
+        &weir,
+        &tansu.bootstrap(),
+        &lake,
+        ", 'broker.timeout' = '3s'",
+    );
+    let first = eventually(Duration::from_secs(120), || {
+        lake_totals(&lake).filter(|t| t.0 >= N)
+    });
+    assert!(first.is_some(), "{}", weir.log_text());
+
+    tansu.kill();
+    // SHOW QUERIES and /health say the pipeline failed, and why.
+    let failed = eventually(Duration::from_secs(60), || {
+        let (ok, out, _) = weir.psql_c("SHOW QUERIES");
+        (ok && out.contains("failed: no Kafka broker")).then_some(out)
+    });
+    assert!(
+        failed.is_some(),
+        "SHOW QUERIES shows the failure\n{}",
+        weir.log_text()
+    );
+    let health = eventually(Duration::from_secs(60), || {
+        let health = weir.health();
+        (health["status"] == "failing").then_some(health)
+    })
+    .expect("/health shows the failure");
+    let pipeline = &health["pipelines"][0];
+    assert_eq!(pipeline["name"], "ev_lake", "{health}");
+    assert_eq!(pipeline["status"], "failed", "{health}");
+    assert!(
+        pipeline["cause"]
+            .as_str()
+            .is_some_and(|c| c.contains(&tansu.bootstrap())),
+        "the cause names the broker: {health}"
+    );
+
+    // The broker returns: a restart from the last checkpoint picks up where it was, and
+    // the lake holds every event exactly once.
+    tansu.restart();
+    produce(
+        &tansu.bootstrap(),
+        "ev",
+        (N..2 * N).map(|i| keyed(i, event(i))),
+    );
+    let totals = eventually(Duration::from_secs(180), || {
+        lake_totals(&lake).filter(|t| t.1 >= 2 * N)
+    });
+    let (rows, distinct, sum_id, _) =
+        totals.unwrap_or_else(|| panic!("lake: {:?}\n{}", lake_totals(&lake), weir.log_text()));
+    assert_eq!(
+        (rows, distinct),
+        (2 * N, 2 * N),
+        "nothing lost, nothing twice"
+    );
+    assert_eq!(sum_id, 2 * N * (2 * N - 1) / 2);
+    let recovered = eventually(Duration::from_secs(60), || {
+        let (ok, out, _) = weir.psql_c("SHOW QUERIES");
+        (ok && out.contains("running") && out.contains("(last failure: no Kafka broker"))
+            .then_some(out)
+    });
+    assert!(
+        recovered.is_some(),
+        "SHOW QUERIES counts the restart\n{}",
+        weir.log_text()
+    );
+    let health = weir.health();
+    assert_eq!(health["status"], "ok", "{health}");
+    assert!(
+        health["pipelines"][0]["restarts"].as_u64() >= Some(1),
+        "{health}"
+    );
+}

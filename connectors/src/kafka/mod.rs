@@ -234,6 +234,9 @@ impl KafkaSourceFactory {
             .duration("connect.timeout")?
             .unwrap_or(Duration::from_secs(10));
         let dead_letter_topic = reader.string("dead_letter.topic").map(str::to_string);
+        let broker_timeout = reader
+            .duration("broker.timeout")?
+            .unwrap_or(Duration::from_secs(60));
         reader.finish()?;
 
         // librdkafka rejects unknown or invalid properties when a client is created.
@@ -269,6 +272,7 @@ impl KafkaSourceFactory {
                 schema: spec.schema.clone(),
                 event_time,
                 idle_timeout,
+                broker_timeout,
                 dead_letter_topic,
             }),
         })

@@ -75,6 +75,9 @@ pub(super) struct SourceConfig {
     pub event_time: Option<EventTimeColumn>,
     pub idle_timeout: Duration,
     pub dead_letter_topic: Option<String>,
+    /// How long every broker may be unreachable before the source fails (08006) and its
+    /// pipeline is restarted from its last checkpoint.
+    pub broker_timeout: Duration,
 }
 
 /// A pipeline's reader (in the consumer group, committing) or a live tail's (no group, no
@@ -88,8 +91,17 @@ pub(super) enum Mode {
 pub(super) struct KafkaSource {
     config: Arc<SourceConfig>,
     mode: Mode,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Result<()>>>,
+    /// Tells the consumer thread to stop; set when the source stops, and when it is
+    /// dropped unstopped (its task aborted), so that no consumer outlives its pipeline.
+    stop: Arc<std::sync::atomic::AtomicBool>,
     resume: Position,
+}
+
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+    }
 }
 
 impl KafkaSource {
@@ -98,6 +110,7 @@ impl KafkaSource {
             config,
             mode,
             thread: None,
+            stop: Arc::default(),
             resume: Position::default(),
         }
     }
@@ -126,7 +139,7 @@ struct Checkpointing {
 impl Source for KafkaSource {
     async fn run(&mut self, ctx: &mut SourceContext) -> Result<SourceExit> {
         let (tx, mut rx) = mpsc::channel(2);
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = self.stop.clone();
         let checkpointing = Checkpointing {
             requests: ctx.take_checkpoints(),
             participant: ctx.participant().to_string(),
@@ -143,11 +156,11 @@ impl Source for KafkaSource {
                 .name(format!("kafka-{}", config.stream))
                 .spawn(move || {
                     let stream = config.stream.clone();
-                    if let Err(e) =
-                        ConsumerLoop::run(config, mode, metrics, tx, checkpointing, &stop)
-                    {
+                    let result = ConsumerLoop::run(config, mode, metrics, tx, checkpointing, &stop);
+                    if let Err(e) = &result {
                         tracing::error!(stream = %stream, error = %e, "Kafka consumer stopped");
                     }
+                    result
                 })
                 .map_err(|e| Error::Internal(format!("cannot start the Kafka consumer: {e}")))?
         };
@@ -163,8 +176,8 @@ impl Source for KafkaSource {
                             break;
                         }
                     }
-                    None => return Err(Error::Internal(format!(
-                        "the Kafka consumer of stream {} ended", self.config.stream))),
+                    // The consumer thread ended by itself: its error is the source's.
+                    None => return Err(self.consumer_error().await),
                 },
             }
         }
@@ -184,9 +197,32 @@ impl Source for KafkaSource {
     }
 
     async fn close(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            // The thread waits (bounded) for the last epoch, commits it and closes the consumer.
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        self.join_consumer().await;
+    }
+}
+
+impl KafkaSource {
+    /// Why the consumer thread ended unasked.
+    async fn consumer_error(&mut self) -> Error {
+        match self.join_consumer().await {
+            Some(Err(e)) => e,
+            _ => Error::Internal(format!(
+                "the Kafka consumer of stream {} ended",
+                self.config.stream
+            )),
+        }
+    }
+
+    /// Waits for the consumer thread (which waits, bounded, for the last epoch, commits it
+    /// and closes the consumer); its result, if it had not been joined yet.
+    async fn join_consumer(&mut self) -> Option<Result<()>> {
+        let thread = self.thread.take()?;
+        match tokio::task::spawn_blocking(move || thread.join()).await {
+            Ok(Ok(result)) => Some(result),
+            _ => Some(Err(Error::Internal(format!(
+                "the Kafka consumer of stream {} panicked",
+                self.config.stream
+            )))),
         }
     }
 }
@@ -203,6 +239,10 @@ struct Callbacks {
     caught_up: Mutex<HashMap<i32, bool>>,
     /// Where partitions resume when assigned: the restored checkpoint's offsets.
     resume: Mutex<HashMap<i32, i64>>,
+    /// Since when statistics have shown no broker up (`None` while one is), and the last
+    /// client error: for a source whose brokers all stay unreachable. Statistics come with
+    /// polls, so a consumer held back by a slow pipeline does not count as cut off.
+    brokers_down: Mutex<(Option<Instant>, Option<String>)>,
 }
 
 enum RebalanceEvent {
@@ -221,6 +261,14 @@ impl Callbacks {
 
 impl ClientContext for Callbacks {
     fn stats(&self, statistics: Statistics) {
+        {
+            let mut down = self.brokers_down.lock().unwrap_or_else(|e| e.into_inner());
+            if statistics.brokers.values().any(|b| b.state == "UP") {
+                *down = (None, None);
+            } else if down.0.is_none() {
+                down.0 = Some(Instant::now());
+            }
+        }
         if let Some(topic) = statistics.topics.get(&self.topic) {
             for (id, partition) in &topic.partitions {
                 if *id >= 0 && partition.consumer_lag >= 0 {
@@ -237,6 +285,10 @@ impl ClientContext for Callbacks {
 
     fn error(&self, error: KafkaError, reason: &str) {
         self.metrics.client_errors().inc();
+        self.brokers_down
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1 = Some(format!("{error} ({reason})"));
         let mut log = self.error_log.lock().unwrap_or_else(|e| e.into_inner());
         log.log(|suppressed| {
             tracing::warn!(stream = %self.stream, error = %error, reason, suppressed,
@@ -495,6 +547,7 @@ impl ConsumerLoop {
             error_log: Mutex::new(RateLimitedLog::new(Duration::from_secs(10))),
             caught_up: Mutex::new(HashMap::new()),
             resume: Mutex::new(checkpointing.resume.offsets.clone()),
+            brokers_down: Mutex::new((None, None)),
         };
         let mut settings = vec![
             ("group.id", group_id.as_str()),
@@ -591,6 +644,32 @@ impl ConsumerLoop {
         })
     }
 
+    /// Fails when no broker has been up for `broker.timeout`: the pipeline is restarted
+    /// from its last checkpoint (with backoff) instead of waiting without a word.
+    fn check_brokers(&self) -> Result<()> {
+        let (down_since, last_error) = self
+            .consumer
+            .context()
+            .brokers_down
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if down_since.is_none_or(|t| t.elapsed() <= self.config.broker_timeout) {
+            return Ok(());
+        }
+        Err(Error::external(
+            weir_runtime::error::External::Connection,
+            format!(
+                "no Kafka broker at '{}' has been reachable for {}{}",
+                self.config.client.bootstrap,
+                super::humantime(self.config.broker_timeout),
+                last_error
+                    .map(|e| format!(" (last error: {e})"))
+                    .unwrap_or_default()
+            ),
+        ))
+    }
+
     /// One round: poll a batch, hand it on, then watermark, barrier and commit housekeeping.
     fn step(&mut self) -> Result<Step> {
         loop {
@@ -615,6 +694,7 @@ impl ConsumerLoop {
                 None => break,
             }
         }
+        self.check_brokers()?;
         self.apply_rebalances();
         if self.pending.len() > 0 && !self.flush()? {
             return Ok(Step::Gone);

@@ -227,6 +227,7 @@ impl Login {
         client.set_pid_and_secret_key(pid, secret);
         let mut parameters = DefaultServerParameterProvider::default();
         parameters.is_superuser = superuser;
+        parameters.server_version = crate::introspection::SERVER_VERSION.to_string();
         finish_authentication(client, &parameters).await
     }
 }

@@ -1,0 +1,496 @@
+//! Running pipelines: start, stop, shut down.
+//!
+//! Starting and stopping are split around the engine's lock: what waits on the world (a
+//! checkpoint read from the store, a job's last checkpoint at a stop, tasks ending) runs
+//! without it, and the bookkeeping (the running pipelines, their jobs) under it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+use weir_planner::catalog::Catalog;
+use weir_planner::{PlanError, Result};
+use weir_runtime::coordinator::{CheckpointConfig, Coordinator};
+use weir_runtime::mv_store::MvSink;
+use weir_runtime::operator::Stage;
+use weir_runtime::pipeline::{self, Fanout, PipelineStatus, SinkTask, SourceTask, StatusCell};
+use weir_runtime::{CancellationToken, Checkpoint, CommitLog, Snapshot};
+use weir_sql::ObjectKind;
+
+use super::{Engine, Job, PipelineRow, Running, State};
+
+/// How long a stop waits for a job's last checkpoint before tearing it down.
+const STOP_WAIT: Duration = Duration::from_secs(30);
+
+/// A pipeline taken out of the engine's state by [`Engine::take_pipeline`], to be stopped
+/// by [`Engine::stop_pipeline`] without the lock.
+pub(super) struct Stopping {
+    name: String,
+    running: Running,
+    /// The job it heads, if it heads one.
+    job: Option<Job>,
+}
+
+impl State {
+    /// One row per running pipeline, for `SHOW QUERIES`.
+    pub(super) fn pipeline_rows(&self) -> Vec<PipelineRow> {
+        self.running
+            .iter()
+            .map(|(n, r)| PipelineRow {
+                name: n.clone(),
+                kind: r.kind,
+                input: r.input.clone(),
+                status: r.status.get(),
+                started: r.started,
+                restarts: self
+                    .restarts
+                    .get(&r.job)
+                    .map(|x| (x.total, x.last_failure.clone()))
+                    .unwrap_or_default(),
+                checkpoints: self
+                    .jobs
+                    .get(&r.job)
+                    .map(|j| j.coordinator.info())
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
+impl Engine {
+    /// Starts every pipeline defined so far, and the supervisor that restarts those that
+    /// fail; from now on new ones start at CREATE.
+    pub async fn start_all(self: &Arc<Self>) -> Result<()> {
+        let names: Vec<String> = {
+            let mut state = self.lock();
+            state.started = true;
+            state
+                .catalog
+                .in_order()
+                .filter(|e| matches!(e.kind, ObjectKind::MaterializedView | ObjectKind::Sink))
+                .map(|e| e.name.clone())
+                .collect()
+        };
+        for name in names {
+            // One pipeline that cannot start (its checkpoint unreadable, say) does not keep
+            // the others from running; SHOW QUERIES says why.
+            if let Err(e) = self.start_saved(&name).await {
+                tracing::error!(pipeline = %name, error = %e, "pipeline cannot start");
+            }
+        }
+        self.release.cancel();
+        self.start_supervisor();
+        Ok(())
+    }
+
+    /// Starts the pipeline of catalog object `name`, restored from its last checkpoint.
+    async fn start_saved(&self, name: &str) -> Result<()> {
+        let checkpoint = self.saved_checkpoint(name).await?;
+        let mut state = self.lock();
+        self.start_pipeline(&mut state, name, checkpoint, &self.release)
+    }
+
+    /// [`Engine::stored_checkpoint`] of catalog object `name`.
+    pub(super) async fn saved_checkpoint(&self, name: &str) -> Result<Option<Arc<Checkpoint>>> {
+        let input = self
+            .lock()
+            .catalog
+            .get(name)
+            .and_then(|e| e.depends_on.first().cloned())
+            .ok_or_else(|| PlanError::Internal(format!("pipeline {name} reads nothing")))?;
+        self.stored_checkpoint(name, &input).await
+    }
+
+    /// The last complete checkpoint of the job that pipeline `name` heads when it reads
+    /// `input`, read from the store (which may be remote) without the lock. `None` when it
+    /// joins the job of the view it reads, or has none.
+    pub(super) async fn stored_checkpoint(
+        &self,
+        name: &str,
+        input: &str,
+    ) -> Result<Option<Arc<Checkpoint>>> {
+        let Some(store) = &self.store else {
+            return Ok(None);
+        };
+        let joins_view = self
+            .lock()
+            .running
+            .get(input)
+            .is_some_and(|r| r.output.is_some());
+        if joins_view {
+            return Ok(None);
+        }
+        match store.latest(name).await {
+            Ok(checkpoint) => Ok(checkpoint.map(Arc::new)),
+            Err(e) => Err(match PlanError::from(e) {
+                PlanError::External { sqlstate, message } => PlanError::External {
+                    sqlstate,
+                    message: format!("cannot read the last checkpoint of {name}: {message}"),
+                },
+                other => other,
+            }),
+        }
+    }
+
+    /// Starts the pipeline of view or sink `name`: a job of its own when it reads a stream
+    /// (restored from `stored`, its job's last checkpoint), or a part of the view's job when
+    /// it reads a materialized view. Its sources begin once `release` is cancelled.
+    pub(super) fn start_pipeline(
+        &self,
+        state: &mut State,
+        name: &str,
+        stored: Option<Arc<Checkpoint>>,
+        release: &CancellationToken,
+    ) -> Result<()> {
+        let entry = state
+            .catalog
+            .get(name)
+            .ok_or_else(|| PlanError::Internal(format!("starting unknown pipeline {name}")))?
+            .clone();
+        let restore_started = Instant::now();
+        let stop = self.shutdown.child_token();
+        let status = StatusCell::default();
+        let mut tasks = Vec::new();
+        let input_name = entry
+            .depends_on
+            .first()
+            .cloned()
+            .ok_or_else(|| PlanError::Internal(format!("pipeline {name} reads nothing")))?;
+        let fingerprint = fingerprint(&state.catalog, name);
+        let view_output = state
+            .running
+            .get(&input_name)
+            .and_then(|r| r.output.clone().map(|o| (o, r.job.clone())));
+        // The job's checkpoint, if it has one and this pipeline's plan is the one saved.
+        let (job, restored) = match &view_output {
+            Some((_, job)) => {
+                let restored = state.jobs.get(job).and_then(|j| j.restored.clone());
+                (job.clone(), restored)
+            }
+            None => (name.to_string(), stored),
+        };
+        let saved = restored.as_ref().and_then(|c| {
+            match c.fingerprints.get(name) {
+                Some(f) if *f == fingerprint => Some(c.clone()),
+                Some(_) => {
+                    tracing::warn!(pipeline = %name, epoch = c.epoch,
+                        "the pipeline's query or inputs changed since its last checkpoint: it starts fresh");
+                    None
+                }
+                None => None,
+            }
+        });
+        let snapshot = |participant: &str| -> Option<Snapshot> {
+            saved
+                .as_ref()
+                .and_then(|c| c.snapshots.get(&format!("{name}/{participant}")).cloned())
+        };
+        let fanout = Fanout::new();
+        let mut stages = match &entry.plan {
+            Some(plan) => plan.stages(&self.metrics, name)?,
+            None => Vec::new(),
+        };
+        for (i, stage) in stages.iter_mut().enumerate() {
+            if let Stage::Sync(op) = stage
+                && let Some(state) = snapshot(&format!("op{i}"))
+            {
+                op.restore(state).map_err(|e| {
+                    PlanError::Internal(format!(
+                        "cannot restore operator {i} of {name} from its checkpoint: {e}"
+                    ))
+                })?;
+            }
+        }
+        let mut output = None;
+        let (sink, label): (Box<dyn weir_runtime::Sink>, &str) = match entry.kind {
+            ObjectKind::MaterializedView => {
+                let store = entry
+                    .store
+                    .clone()
+                    .ok_or_else(|| PlanError::Internal(format!("view {name} has no store")))?;
+                output = Some(fanout.clone());
+                (Box::new(MvSink(store)), "view")
+            }
+            ObjectKind::Sink => {
+                let factory = entry
+                    .sink
+                    .clone()
+                    .ok_or_else(|| PlanError::Internal(format!("sink {name} has no factory")))?;
+                (factory.create(&self.metrics)?, factory.connector())
+            }
+            other => return Err(PlanError::Internal(format!("a {other} has no pipeline"))),
+        };
+        // Only now, with everything that can fail created, start reading.
+        // The rows entering this pipeline's operators: a fresh source, or a view's output.
+        let (input, committed) = match view_output {
+            Some((view_output, job)) => {
+                let coordinator = &state
+                    .jobs
+                    .get(&job)
+                    .ok_or_else(|| PlanError::Internal(format!("no job {job}")))?
+                    .coordinator;
+                coordinator.set_fingerprint(name, fingerprint);
+                (view_output.subscribe(), coordinator.committed())
+            }
+            None => {
+                let source_entry = state.catalog.get_kind(&input_name, ObjectKind::Stream)?;
+                let factory = source_entry.source.clone().ok_or_else(|| {
+                    PlanError::Internal(format!("stream {input_name} has no source"))
+                })?;
+                let config = CheckpointConfig {
+                    interval: entry
+                        .checkpoint_interval
+                        .unwrap_or(self.checkpoint_interval),
+                    store: self.store.clone(),
+                };
+                // Epochs go on from the last checkpoint even when its state is not restored
+                // (the query changed): sinks' commit records refer to them.
+                let (coordinator, checkpoints) = Coordinator::spawn(
+                    name,
+                    config,
+                    restored.as_ref().map_or(0, |c| c.epoch),
+                    self.metrics.checkpoints(name),
+                );
+                coordinator.set_fingerprint(name, fingerprint);
+                let committed = coordinator.committed();
+                let (rx, task) = pipeline::spawn_source(
+                    factory.create()?,
+                    SourceTask {
+                        shutdown: stop.clone(),
+                        release: release.clone(),
+                        metrics: self.metrics.source(&input_name, name, factory.connector()),
+                        status: status.clone(),
+                        pipeline: name.to_string(),
+                        checkpoints: Some(checkpoints),
+                        restore: snapshot("source"),
+                        instance_id: self.instance_id.clone(),
+                    },
+                );
+                tasks.push(task);
+                if let Some(c) = &saved {
+                    coordinator.restored(c.epoch, restore_started.elapsed());
+                    self.metrics
+                        .checkpoints(name)
+                        .restore_seconds
+                        .set(restore_started.elapsed().as_secs_f64());
+                    tracing::info!(pipeline = %name, epoch = c.epoch,
+                        ms = restore_started.elapsed().as_millis() as u64, "restored from checkpoint");
+                }
+                state.jobs.insert(
+                    name.to_string(),
+                    Job {
+                        coordinator,
+                        restored: saved.clone(),
+                    },
+                );
+                (rx, committed)
+            }
+        };
+        tasks.push(pipeline::spawn_sink(
+            sink,
+            fanout.subscribe(),
+            SinkTask {
+                metrics: self.metrics.sink(name, label),
+                status: status.clone(),
+                pipeline: name.to_string(),
+                committed: Some(committed),
+                restore: snapshot("sink"),
+                commit_log: self.store.clone().map(|store| CommitLog {
+                    store,
+                    job: job.clone(),
+                }),
+            },
+        ));
+        tasks.extend(pipeline::spawn_stages(
+            input,
+            stages,
+            fanout,
+            &self.metrics,
+            name,
+            &status,
+        ));
+        self.metrics
+            .pipelines_running(&entry.kind.to_string())
+            .inc();
+        state.running.insert(
+            name.to_string(),
+            Running {
+                kind: entry.kind,
+                input: input_name,
+                stop,
+                status,
+                output,
+                tasks,
+                started: Instant::now(),
+                job,
+            },
+        );
+        Ok(())
+    }
+
+    /// Takes pipeline `name` out of the running ones. One reading a view leaves its job at
+    /// once: the job's next checkpoint no longer has it.
+    pub(super) fn take_pipeline(&self, state: &mut State, name: &str) -> Option<Stopping> {
+        let running = state.running.remove(name)?;
+        self.metrics
+            .pipelines_running(&running.kind.to_string())
+            .dec();
+        let job = if running.job == name {
+            state.jobs.remove(name)
+        } else {
+            if let Some(job) = state.jobs.get(&running.job) {
+                job.coordinator.remove_pipeline(name);
+            }
+            None
+        };
+        Some(Stopping {
+            name: name.to_string(),
+            running,
+            job,
+        })
+    }
+
+    /// Stops a pipeline [`Engine::take_pipeline`] took out. A job's pipeline takes a last
+    /// checkpoint (its source stops where it is; nothing partial is emitted) and ends its
+    /// job; with `delete_checkpoints` (a DROP) the job's checkpoints go too, so that a
+    /// pipeline created again under the name starts fresh. A pipeline reading a view is
+    /// torn down; the pipelines reading a view are stopped before it (DROP orders them so).
+    pub(super) async fn stop_pipeline(&self, stopping: Stopping, delete_checkpoints: bool) {
+        let Stopping {
+            name,
+            mut running,
+            job,
+        } = stopping;
+        if running.job != name {
+            for task in running.tasks.drain(..) {
+                task.abort();
+            }
+            return;
+        }
+        let headed_job = job.is_some();
+        if let Some(mut job) = job
+            && !job.coordinator.stop(STOP_WAIT).await
+        {
+            tracing::warn!(pipeline = %name,
+                "the last checkpoint did not complete in time; the pipeline resumes from the one before");
+        }
+        running.stop.cancel();
+        end_tasks(&name, &mut running, Duration::from_secs(10)).await;
+        if delete_checkpoints
+            && headed_job
+            && let Some(store) = &self.store
+            && let Err(e) = store.delete_job(&name).await
+        {
+            tracing::warn!(pipeline = %name, error = %e, "cannot delete the checkpoints of a dropped pipeline");
+        }
+    }
+
+    /// Tears a pipeline [`Engine::take_pipeline`] took out down without a last checkpoint,
+    /// as a crash would (a restart after a failure): its source stops where it is, nothing
+    /// more is committed, and a task still running after a few seconds is aborted.
+    pub(super) async fn abort_pipeline(&self, stopping: Stopping) {
+        let Stopping {
+            name,
+            mut running,
+            job,
+        } = stopping;
+        // The coordinator's task ends with it: no checkpoint is taken or completed now.
+        drop(job);
+        running.stop.cancel();
+        end_tasks(&name, &mut running, Duration::from_secs(5)).await;
+    }
+
+    /// Stops every pipeline: each job takes a last checkpoint (sources stop where they are,
+    /// sinks publish what it covers, nothing partial is emitted), then its tasks end. A job
+    /// whose checkpoint does not complete within `grace` is torn down; it resumes from its
+    /// previous checkpoint.
+    pub async fn shutdown(&self, grace: Duration) {
+        let mut jobs: Vec<(String, Job)> = {
+            let mut state = self.lock();
+            // Nothing starts from now on: not a CREATE's pipeline, not a restart.
+            state.started = false;
+            state.jobs.drain().collect()
+        };
+        let stops = jobs.iter_mut().map(|(_, job)| job.coordinator.stop(grace));
+        let stopped = futures::future::join_all(stops).await;
+        for ((name, _), ok) in jobs.iter().zip(stopped) {
+            if !ok {
+                tracing::warn!(pipeline = %name, ?grace,
+                    "the last checkpoint did not complete in time; the pipeline resumes from the one before");
+            }
+        }
+        let all = futures::future::join_all(self.take_tasks());
+        if tokio::time::timeout(Duration::from_secs(10), all)
+            .await
+            .is_err()
+        {
+            tracing::warn!("some pipelines did not end after their last checkpoint");
+        }
+        self.shutdown.cancel();
+    }
+
+    /// Waits until every pipeline has finished by itself (all sources bounded and done).
+    pub async fn wait_finished(&self) {
+        futures::future::join_all(self.take_tasks()).await;
+    }
+
+    /// Every running pipeline's tasks, to wait for without the lock.
+    fn take_tasks(&self) -> Vec<JoinHandle<()>> {
+        self.lock()
+            .running
+            .values_mut()
+            .flat_map(|r| r.tasks.drain(..))
+            .collect()
+    }
+
+    /// Every running pipeline's row, as `SHOW QUERIES` and `/health` report them.
+    pub fn pipelines(&self) -> Vec<PipelineRow> {
+        self.lock().pipeline_rows()
+    }
+
+    /// Failures of pipelines, by name.
+    pub async fn failures(&self) -> Vec<(String, String)> {
+        self.lock()
+            .running
+            .iter()
+            .map(|(n, r)| (n, &r.status))
+            .filter_map(|(n, status)| match status.get() {
+                PipelineStatus::Failed(e) => Some((n.clone(), e.cause)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// What a pipeline's saved state depends on: its own statement and those of everything it
+/// reads, transitively. State saved under another fingerprint is not restored.
+fn fingerprint(catalog: &Catalog, name: &str) -> String {
+    let mut seen = Vec::new();
+    let mut stack = vec![name.to_string()];
+    while let Some(object) = stack.pop() {
+        if seen.contains(&object) {
+            continue;
+        }
+        if let Some(entry) = catalog.get(&object) {
+            stack.extend(entry.depends_on.iter().cloned());
+        }
+        seen.push(object);
+    }
+    seen.sort();
+    seen.iter()
+        .filter_map(|o| catalog.get(o).map(|e| e.sql.trim().to_string()))
+        .collect::<Vec<_>>()
+        .join(";\n")
+}
+
+/// Waits up to `wait` for each of a pipeline's tasks to end, and aborts one that has not
+/// (waiting for that to take effect: nothing of the old pipeline runs once this returns).
+async fn end_tasks(name: &str, running: &mut Running, wait: Duration) {
+    for mut task in running.tasks.drain(..) {
+        if tokio::time::timeout(wait, &mut task).await.is_err() {
+            tracing::warn!(pipeline = %name, ?wait, "pipeline did not stop in time; aborted");
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
