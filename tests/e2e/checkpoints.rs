@@ -303,10 +303,15 @@ fn interrupted_job_equals_duckdb(
         );
         // The last process restored its pipeline from the bucket.
         let (ok, out, err) = weir.psql_c("SHOW QUERIES");
+        let column = out
+            .lines()
+            .next()
+            .and_then(|header| header.split('|').position(|c| c == "restored_from"))
+            .unwrap_or_else(|| panic!("a restored_from column: {out}"));
         let restored = out
             .lines()
             .find(|l| l.starts_with("per_region|"))
-            .and_then(|l| l.rsplit('|').next())
+            .and_then(|l| l.split('|').nth(column))
             .unwrap_or_default()
             .to_string();
         assert!(
