@@ -615,9 +615,10 @@ impl WindowAggregate {
             // end (start + size).
             let start = t?.div_euclid(slide).checked_mul(slide)?;
             start.checked_add(size)?;
+            let next = start.checked_add(slide)?;
             let late = self
                 .watermark
-                .is_some_and(|w| (start + slide).saturating_add(lateness) <= w);
+                .is_some_and(|w| next.saturating_add(lateness) <= w);
             (!late).then_some(start)
         };
         let mut late = 0u64;

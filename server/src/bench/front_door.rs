@@ -69,9 +69,11 @@ pub async fn run(args: &BenchArgs) -> Result<ExitCode, String> {
         "host=127.0.0.1 port={pg_port} user=weir password={PASSWORD} dbname=weir sslmode=require"
     );
     let ready = Instant::now();
-    while connect(&conninfo, &tls).await.is_err() {
+    while let Err(e) = connect(&conninfo, &tls).await {
         if ready.elapsed() > Duration::from_secs(30) {
-            return Err("weir serve did not accept a TLS login within 30 s".into());
+            return Err(format!(
+                "weir serve did not accept a TLS login within 30 s: {e}"
+            ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -150,9 +152,10 @@ pub async fn run(args: &BenchArgs) -> Result<ExitCode, String> {
                     .await
                     .map_err(|e| e.to_string())?;
                 let mut latencies = Vec::new();
+                // datagen's vehicle ids run from 1 to the cardinality.
                 let mut id = c as i64;
                 while Instant::now() < deadline {
-                    id = (id * 7919 + 13) % 1000;
+                    id = (id * 7919 + 13) % 1000 + 1;
                     let at = Instant::now();
                     let rows = client
                         .query(&statement, &[&id])
@@ -206,6 +209,9 @@ fn self_signed(cert: &Path, key: &Path) -> Result<(), String> {
         ])
         .args(["-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"])
         .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        // A leaf, not a CA (openssl's default), for rustls to accept it as a server's.
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-addext", "extendedKeyUsage=serverAuth"])
         .arg("-keyout")
         .arg(key)
         .arg("-out")
