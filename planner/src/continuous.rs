@@ -53,6 +53,21 @@ pub struct ContinuousPlan {
     pub views: Vec<String>,
 }
 
+/// How a continuous query can be split over workers that each read a share of the input.
+#[derive(Debug)]
+pub enum Partitioning {
+    /// Every step works row by row: each worker runs all of them on its share.
+    RowByRow,
+    /// Step `step` (a window `GROUP BY`) and those after it need all the rows of a key in
+    /// one place: the rows are exchanged by `keys` (over that step's input) before it.
+    ByKey {
+        step: usize,
+        keys: Vec<Arc<dyn PhysicalExpr>>,
+    },
+    /// More than one keyed step: the query runs on one worker.
+    Single,
+}
+
 #[derive(Debug)]
 enum Step {
     Filter {
@@ -108,6 +123,23 @@ impl ContinuousPlan {
                 })
             })
             .collect()
+    }
+
+    /// How the query splits over a pipeline's workers (see `weir_runtime::exchange`).
+    pub fn partitioning(&self) -> Partitioning {
+        let mut keyed = self
+            .steps
+            .iter()
+            .enumerate()
+            .filter_map(|(i, step)| match step {
+                Step::Window { spec, .. } => Some((i, spec.keys.clone())),
+                _ => None,
+            });
+        match (keyed.next(), keyed.next()) {
+            (None, _) => Partitioning::RowByRow,
+            (Some((step, keys)), None) => Partitioning::ByKey { step, keys },
+            (Some(_), Some(_)) => Partitioning::Single,
+        }
     }
 
     /// Whether it aggregates per window.

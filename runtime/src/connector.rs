@@ -82,6 +82,26 @@ pub trait SourceFactory: Send + Sync + Debug {
         self.create()
     }
 
+    /// Whether several sources of one pipeline can each read a share of the input (see
+    /// [`crate::SourceContext::worker`]): Kafka, by partition. False (the default) runs the
+    /// pipeline on one worker.
+    fn splittable(&self) -> bool {
+        false
+    }
+
+    /// One position for a source from the positions several workers saved (their shares may
+    /// have been split differently). Only a [`SourceFactory::splittable`] source is ever
+    /// asked to merge more than one.
+    fn merge_positions(&self, mut positions: Vec<crate::Snapshot>) -> Result<crate::Snapshot> {
+        match (positions.pop(), positions.is_empty()) {
+            (Some(position), true) => Ok(position),
+            _ => Err(crate::Error::Internal(format!(
+                "a {} source cannot merge positions saved by several workers",
+                self.connector()
+            ))),
+        }
+    }
+
     /// Columns the source adds after the declared ones, selectable by name but left out of
     /// `SELECT *` (Kafka's `_key`, `_partition`, `_offset`, `_timestamp`).
     fn hidden_columns(&self) -> Vec<arrow::datatypes::FieldRef> {

@@ -85,9 +85,25 @@ impl Coordinator {
         restored: u64,
         metrics: CheckpointMetrics,
     ) -> (Self, SourceCheckpoints) {
-        let (barriers_tx, barriers_rx) = mpsc::channel(1);
+        let (coordinator, mut sources) = Self::spawn_sources(job, config, restored, metrics, 1);
+        let source = sources.pop().expect("one source");
+        (coordinator, source)
+    }
+
+    /// As [`Coordinator::spawn`], for a job read by `sources` sources (a pipeline's workers):
+    /// each gets a copy of every barrier, and the last checkpoint after a bounded input waits
+    /// until every one of them has finished.
+    pub fn spawn_sources(
+        job: &str,
+        config: CheckpointConfig,
+        restored: u64,
+        metrics: CheckpointMetrics,
+        sources: usize,
+    ) -> (Self, Vec<SourceCheckpoints>) {
         let (committed_tx, committed_rx) = watch::channel(restored);
-        let (control_tx, control_rx) = mpsc::channel(4);
+        let (control_tx, control_rx) = mpsc::channel(4 + sources);
+        let (barriers_tx, barriers_rx): (Vec<_>, Vec<_>) =
+            (0..sources.max(1)).map(|_| mpsc::channel(1)).unzip();
         let info = Arc::new(Mutex::new(CheckpointInfo::default()));
         let fingerprints = Arc::new(Mutex::new(BTreeMap::new()));
         let task = Task {
@@ -95,6 +111,7 @@ impl Coordinator {
             config,
             epoch: restored,
             barriers: barriers_tx,
+            unfinished: sources.max(1),
             committed: committed_tx,
             control: control_rx,
             info: info.clone(),
@@ -102,19 +119,23 @@ impl Coordinator {
             metrics,
         };
         let handle = tokio::spawn(task.run());
+        let sources = barriers_rx
+            .into_iter()
+            .map(|barriers| SourceCheckpoints {
+                barriers,
+                committed: committed_rx.clone(),
+                finished: control_tx.clone(),
+            })
+            .collect();
         (
             Self {
-                control: control_tx.clone(),
-                committed: committed_rx.clone(),
+                control: control_tx,
+                committed: committed_rx,
                 info,
                 fingerprints,
                 task: Some(handle),
             },
-            SourceCheckpoints {
-                barriers: barriers_rx,
-                committed: committed_rx,
-                finished: control_tx,
-            },
+            sources,
         )
     }
 
@@ -178,7 +199,10 @@ struct Task {
     job: String,
     config: CheckpointConfig,
     epoch: u64,
-    barriers: mpsc::Sender<CheckpointBarrier>,
+    /// One per source.
+    barriers: Vec<mpsc::Sender<CheckpointBarrier>>,
+    /// Sources whose bounded input has not ended yet.
+    unfinished: usize,
     committed: watch::Sender<u64>,
     control: mpsc::Receiver<Control>,
     info: Arc<Mutex<CheckpointInfo>>,
@@ -198,7 +222,13 @@ impl Task {
             let stopping = tokio::select! {
                 _ = ticks.tick() => None,
                 control = self.control.recv() => match control {
-                    Some(Control::Finished) => Some(None),
+                    Some(Control::Finished) => {
+                        self.unfinished = self.unfinished.saturating_sub(1);
+                        if self.unfinished > 0 {
+                            continue;
+                        }
+                        Some(None)
+                    }
                     Some(Control::Stop(done)) => Some(Some(done)),
                     None => return,
                 },
@@ -229,8 +259,17 @@ impl Task {
         if last {
             barrier = barrier.into_last();
         }
-        if self.barriers.send(barrier).await.is_err() {
-            return false;
+        // Every source gets a copy; the last one the original, so that none is dropped
+        // here unacknowledged.
+        if let Some((last, others)) = self.barriers.split_last() {
+            for source in others {
+                if source.send(barrier.clone()).await.is_err() {
+                    return false;
+                }
+            }
+            if last.send(barrier).await.is_err() {
+                return false;
+            }
         }
         self.epoch = epoch;
         let Ok(done) = done_rx.await else {
@@ -307,7 +346,7 @@ mod tests {
     use crate::operator::{Sink, Source, SourceContext, SourceExit, Stage};
     use crate::operators::test_support::{batch, input_schema, spec};
     use crate::operators::{WindowAggregate, WindowKind};
-    use crate::pipeline::{self, Fanout, SinkTask, SourceTask, StatusCell};
+    use crate::pipeline::{self, Fanout, SinkTask, SourceTask, StatusCell, Worker};
     use tokio_util::sync::CancellationToken;
 
     /// `batches` batches of 10 records, 100 ms of event time each, a watermark after each;
@@ -449,6 +488,7 @@ mod tests {
                 checkpoints: Some(checkpoints),
                 restore: snapshot("p/source"),
                 instance_id: None,
+                worker: Worker::ONLY,
             },
         );
         let fanout = Fanout::new();
@@ -472,8 +512,10 @@ mod tests {
         tasks.extend(pipeline::spawn_stages(
             rx,
             vec![Stage::Sync(Box::new(window))],
+            0,
             fanout,
             &Metrics::new(),
+            "p",
             "p",
             &StatusCell::default(),
         ));

@@ -14,6 +14,8 @@
 //!   [`lookup::TableVersion`], an indexed in-memory version of a table swapped whole on reload.
 //! - [`pipeline`]: a source, a chain of operators and a [`pipeline::Fanout`] to any number of
 //!   consumers, connected by bounded channels; [`pipeline::Pipeline::spawn`] runs them on tokio.
+//! - [`exchange`]: a pipeline's workers: [`exchange::spawn_router`] sends each row to the
+//!   worker its key hashes to, [`exchange::spawn_merge`] joins inputs with aligned barriers.
 //! - [`checkpoint`]: [`Snapshot`] (what one participant saves: JSON facts and Arrow
 //!   batches), [`Checkpoint`] (a job's snapshots at one epoch) and [`CheckpointStore`]
 //!   (complete checkpoints only, the last few kept, in any `object_store`).
@@ -34,6 +36,7 @@ pub mod checkpoint;
 pub mod connector;
 pub mod coordinator;
 pub mod error;
+pub mod exchange;
 pub mod lookup;
 pub mod message;
 pub mod metrics;

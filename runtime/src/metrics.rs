@@ -502,12 +502,14 @@ impl Metrics {
             records_in: self.records_in.get_or_create(&labels).clone(),
             records_out: self.records_out.get_or_create(&labels).clone(),
             errors: self.operator_errors.get_or_create(&labels).clone(),
-            state: stateful.then(|| StateMetrics {
-                open_windows: self.state.open_windows.get_or_create(&labels).clone(),
-                keys: self.state.keys.get_or_create(&labels).clone(),
-                bytes: self.state.bytes.get_or_create(&labels).clone(),
-                emit_lag: self.state.emit_lag.get_or_create(&labels).clone(),
-                late: self.state.late.get_or_create(&labels).clone(),
+            state: stateful.then(|| {
+                StateMetrics::new(
+                    self.state.open_windows.get_or_create(&labels).clone(),
+                    self.state.keys.get_or_create(&labels).clone(),
+                    self.state.bytes.get_or_create(&labels).clone(),
+                    self.state.emit_lag.get_or_create(&labels).clone(),
+                    self.state.late.get_or_create(&labels).clone(),
+                )
             }),
         }
     }
@@ -632,7 +634,9 @@ struct StateFamilies {
     late: Family<Labels, Counter>,
 }
 
-/// The state of one stateful operator, as [`crate::operator::StateReport`] tells it.
+/// The state of one stateful operator, as [`crate::operator::StateReport`] tells it. The
+/// copies of an operator in a pipeline's workers share the series: each adds what it holds
+/// (keys, bytes, panes, late records) and takes it back when it goes away.
 #[derive(Clone, Debug)]
 pub struct StateMetrics {
     open_windows: Gauge,
@@ -640,20 +644,70 @@ pub struct StateMetrics {
     bytes: Gauge,
     emit_lag: Gauge,
     late: Counter,
+    /// What this copy of the operator has added to the gauges and the counter.
+    added: Arc<Mutex<Added>>,
+}
+
+#[derive(Debug, Default)]
+struct Added {
+    open_windows: i64,
+    keys: i64,
+    bytes: i64,
+    /// Late records counted so far; `None` until the first report, whose count (restored
+    /// from a checkpoint, and so counted by the run that dropped them) is the baseline.
+    late: Option<u64>,
+    gauges: Option<(Gauge, Gauge, Gauge)>,
+}
+
+impl Drop for Added {
+    fn drop(&mut self) {
+        if let Some((open_windows, keys, bytes)) = &self.gauges {
+            open_windows.dec_by(self.open_windows);
+            keys.dec_by(self.keys);
+            bytes.dec_by(self.bytes);
+        }
+    }
 }
 
 impl StateMetrics {
+    fn new(open_windows: Gauge, keys: Gauge, bytes: Gauge, emit_lag: Gauge, late: Counter) -> Self {
+        let added = Added {
+            gauges: Some((open_windows.clone(), keys.clone(), bytes.clone())),
+            ..Added::default()
+        };
+        Self {
+            open_windows,
+            keys,
+            bytes,
+            emit_lag,
+            late,
+            added: Arc::new(Mutex::new(added)),
+        }
+    }
+
     pub fn record(&self, report: &crate::operator::StateReport) {
         let gauge = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
-        self.open_windows.set(gauge(report.open_windows));
-        self.keys.set(gauge(report.keys));
-        self.bytes.set(gauge(report.bytes));
+        let mut guard = self.added.lock().unwrap_or_else(|e| e.into_inner());
+        let added = &mut *guard;
+        for (gauge_, value, previous) in [
+            (
+                &self.open_windows,
+                gauge(report.open_windows),
+                &mut added.open_windows,
+            ),
+            (&self.keys, gauge(report.keys), &mut added.keys),
+            (&self.bytes, gauge(report.bytes), &mut added.bytes),
+        ] {
+            gauge_.inc_by(value.saturating_sub(*previous));
+            *previous = value;
+        }
         if let Some(lag) = report.emit_lag_ms {
             self.emit_lag.set(lag);
         }
-        let counted = self.late.get();
+        let counted = *added.late.get_or_insert(report.late_dropped);
         if report.late_dropped > counted {
             self.late.inc_by(report.late_dropped - counted);
+            added.late = Some(report.late_dropped);
         }
     }
 }

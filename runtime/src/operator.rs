@@ -159,6 +159,7 @@ pub struct SourceContext {
     id: String,
     pipeline: String,
     instance_id: Option<String>,
+    worker: crate::pipeline::Worker,
 }
 
 /// The watermark of a source that reads in event-time order per batch (a file, datagen):
@@ -205,6 +206,7 @@ impl SourceContext {
             id: "source".to_string(),
             pipeline: String::new(),
             instance_id: None,
+            worker: crate::pipeline::Worker::ONLY,
         }
     }
 
@@ -222,6 +224,20 @@ impl SourceContext {
         self.checkpoints = checkpoints;
         self.instance_id = instance_id;
         self
+    }
+
+    /// The source of worker `worker` of its pipeline: it saves its state as
+    /// `<pipeline>/w<i>/source` when there are several, and reads its share of the input.
+    pub fn for_worker(mut self, worker: crate::pipeline::Worker) -> Self {
+        self.id = format!("{}/source", worker.participant(&self.pipeline));
+        self.worker = worker;
+        self
+    }
+
+    /// Which share of the input this source reads (a Kafka source: the partitions whose
+    /// number modulo the count is its index).
+    pub fn worker(&self) -> crate::pipeline::Worker {
+        self.worker
     }
 
     /// The source's participant id in checkpoints.

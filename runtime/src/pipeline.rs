@@ -147,6 +147,28 @@ impl Fanout {
     }
 }
 
+/// One of a pipeline's workers (see [`crate::exchange`]): which, and how many there are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Worker {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Worker {
+    /// A pipeline that runs on one worker.
+    pub const ONLY: Worker = Worker { index: 0, count: 1 };
+
+    /// The prefix of this worker's participant ids in checkpoints: `<pipeline>` with one
+    /// worker (as before workers existed), `<pipeline>/w<index>` with several.
+    pub fn participant(&self, pipeline: &str) -> String {
+        if self.count <= 1 {
+            pipeline.to_string()
+        } else {
+            format!("{pipeline}/w{}", self.index)
+        }
+    }
+}
+
 /// How a source task runs.
 pub struct SourceTask {
     /// Cancelled to stop at once (no last checkpoint): a live tail, or a stop that timed out.
@@ -164,11 +186,13 @@ pub struct SourceTask {
     pub restore: Option<Snapshot>,
     /// The process's stable id (Kafka static membership), if it has a data directory.
     pub instance_id: Option<String>,
+    /// Which share of the input this source reads.
+    pub worker: Worker,
 }
 
 /// Spawns one of a pipeline's tasks. A panic in it (a bug) fails the pipeline, with the
 /// panic's message as the cause, instead of ending the task unseen; the server goes on.
-fn spawn_task(
+pub(crate) fn spawn_task(
     status: StatusCell,
     pipeline: String,
     task: &'static str,
@@ -213,6 +237,7 @@ pub fn spawn_source(
             checkpoints,
             restore,
             instance_id,
+            worker,
         } = task;
         // Wait until every consumer is subscribed, so none misses the first rows.
         tokio::select! {
@@ -220,11 +245,9 @@ pub fn spawn_source(
             () = shutdown.cancelled() => {}
         }
         let finished_before = restore.as_ref().is_some_and(is_finished);
-        let mut ctx = SourceContext::new(tx, shutdown, metrics).for_pipeline(
-            &pipeline,
-            checkpoints,
-            instance_id,
-        );
+        let mut ctx = SourceContext::new(tx, shutdown, metrics)
+            .for_pipeline(&pipeline, checkpoints, instance_id)
+            .for_worker(worker);
         let exit = match restore {
             // The input was read to its end before the checkpoint: nothing more to read.
             _ if finished_before => Ok(SourceExit::Finished),
@@ -271,18 +294,32 @@ pub fn spawn_chain(
     pipeline: &str,
     status: &StatusCell,
 ) -> JoinHandle<()> {
-    spawn_chain_at(input, operators, 0, output, metrics, pipeline, status)
+    let participant = pipeline.to_string();
+    spawn_chain_at(
+        input,
+        operators,
+        0,
+        output,
+        metrics,
+        pipeline,
+        &participant,
+        status,
+    )
 }
 
 /// Runs a pipeline's stages: each run of synchronous operators on one task (as
 /// [`spawn_chain`]), each [`AsyncOperator`] on a task of its own, connected by bounded
-/// channels, the last one sending to `output`.
+/// channels, the last one sending to `output`. Operators save their state as
+/// `<participant>/op<i>`, `i` counting from `first_index` (see [`Worker::participant`]).
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_stages(
     input: mpsc::Receiver<Message>,
     stages: Vec<Stage>,
+    first_index: usize,
     output: Arc<Fanout>,
     metrics: &Metrics,
     pipeline: &str,
+    participant: &str,
     status: &StatusCell,
 ) -> Vec<JoinHandle<()>> {
     // Group consecutive synchronous operators; remember each group's first index (metrics
@@ -293,6 +330,7 @@ pub fn spawn_stages(
     }
     let mut groups: Vec<Group> = Vec::new();
     for (i, stage) in stages.into_iter().enumerate() {
+        let i = first_index + i;
         match stage {
             Stage::Sync(op) => match groups.last_mut() {
                 Some(Group::Sync(_, ops)) => ops.push(op),
@@ -302,7 +340,7 @@ pub fn spawn_stages(
         }
     }
     if groups.is_empty() {
-        groups.push(Group::Sync(0, Vec::new()));
+        groups.push(Group::Sync(first_index, Vec::new()));
     }
     let last = groups.len() - 1;
     let mut input = input;
@@ -315,9 +353,16 @@ pub fn spawn_stages(
         };
         let next = (g != last).then(|| out.subscribe());
         tasks.push(match group {
-            Group::Sync(first, ops) => {
-                spawn_chain_at(input, ops, first, out, metrics, pipeline, status)
-            }
+            Group::Sync(first, ops) => spawn_chain_at(
+                input,
+                ops,
+                first,
+                out,
+                metrics,
+                pipeline,
+                participant,
+                status,
+            ),
             Group::Async(index, op) => {
                 let m = metrics.operator(pipeline, op.name(), index, false);
                 spawn_async_stage(input, op, out, m, pipeline.to_string(), index, status)
@@ -331,6 +376,7 @@ pub fn spawn_stages(
     tasks
 }
 
+#[allow(clippy::too_many_arguments)]
 fn spawn_chain_at(
     mut input: mpsc::Receiver<Message>,
     operators: Vec<Box<dyn Operator>>,
@@ -338,6 +384,7 @@ fn spawn_chain_at(
     output: Arc<Fanout>,
     metrics: &Metrics,
     pipeline: &str,
+    participant: &str,
     status: &StatusCell,
 ) -> JoinHandle<()> {
     let op_metrics: Vec<OperatorMetrics> = operators
@@ -358,6 +405,7 @@ fn spawn_chain_at(
         first_index,
         metrics: op_metrics,
         pipeline: pipeline.to_string(),
+        participant: participant.to_string(),
         error_log: RateLimitedLog::new(Duration::from_secs(10)),
     };
     spawn_task(
@@ -488,6 +536,8 @@ struct Chain {
     first_index: usize,
     metrics: Vec<OperatorMetrics>,
     pipeline: String,
+    /// The prefix of the operators' participant ids (`<participant>/op<i>`).
+    participant: String,
     error_log: RateLimitedLog,
     tick_every: Option<Duration>,
 }
@@ -524,7 +574,7 @@ impl Chain {
                     Message::Barrier(b) => match op.snapshot() {
                         Ok(snapshot) => {
                             if let Some(snapshot) = snapshot {
-                                b.save(format!("{}/op{i}", self.pipeline), snapshot);
+                                b.save(format!("{}/op{i}", self.participant), snapshot);
                             }
                             op.on_barrier(b, &mut next)
                         }
@@ -848,6 +898,7 @@ mod tests {
             checkpoints: None,
             restore: None,
             instance_id: None,
+            worker: Worker::ONLY,
         }
     }
 

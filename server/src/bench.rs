@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 use weir_connectors::Connectors;
 use weir_server::engine::{Engine, EngineConfig};
 
+mod cluster;
 mod front_door;
 mod pipeline;
 mod remote_write;
@@ -46,6 +47,15 @@ pub struct BenchArgs {
     /// Default: `10s` for pipeline and checkpoint, `none` for the others.
     #[arg(long)]
     checkpoint_interval: Option<String>,
+    /// Workers per pipeline over Kafka (`kafka`, `pipeline`, `checkpoint`, `cluster-run`).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// cluster-run: the topic to read (produced by `cluster`).
+    #[arg(long, hide = true)]
+    topic: Option<String>,
+    /// cluster-run: window rows to wait for.
+    #[arg(long, hide = true, default_value_t = 0)]
+    window_rows: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -85,6 +95,13 @@ enum Which {
     /// 1 M keys of TUMBLE state (Kafka mock cluster): a checkpoint's duration and size, then
     /// the restore in a new engine on the same data directory.
     Checkpoint,
+    /// TUMBLE(1 minute) count, sum, max GROUP BY k over Kafka (the mock cluster in this
+    /// process, k not the message key): one worker pinned to one core against one process
+    /// with two workers, each run a child process.
+    Cluster,
+    /// One run of `cluster`.
+    #[value(hide = true)]
+    ClusterRun,
     /// A `weir serve` child with SCRAM-SHA-256 and TLS required: connections per second
     /// (handshake, login, one query), then SELECTs on a 100 k-row materialized view from 32
     /// concurrent clients (queries/s, p50 and p99 latency).
@@ -112,6 +129,8 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         Which::Pipeline => pipeline::pipeline(&args).await,
         Which::Checkpoint => pipeline::checkpoint(&args).await,
         Which::FrontDoor => front_door::run(&args).await,
+        Which::Cluster => cluster::cluster(&args).await,
+        Which::ClusterRun => cluster::cluster_run(&args).await,
     }
 }
 
@@ -633,7 +652,10 @@ async fn bench_engine(
     let interval = checkpoint_interval(args, default)?;
     let scratch = Scratch::new(args)?;
     let engine = Engine::open(
-        engine_config(Some(&scratch.0.join("data")), interval),
+        EngineConfig {
+            workers: Some(args.workers),
+            ..engine_config(Some(&scratch.0.join("data")), interval)
+        },
         Arc::new(Connectors::default()),
     )
     .await

@@ -72,12 +72,19 @@ enum Command {
         /// directory and the working directory.
         #[arg(long = "allow-path", value_name = "DIR")]
         allow_paths: Vec<PathBuf>,
+        /// Workers per pipeline over Kafka, each reading a share of the partitions, with
+        /// rows exchanged by key before a window. Default: the number of cores.
+        #[arg(long)]
+        workers: Option<usize>,
     },
     /// Run pipelines headless until SIGINT/SIGTERM, or until every source is bounded and done.
     Run {
         /// SQL files, executed in order.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Workers per pipeline over Kafka (see `serve --workers`).
+        #[arg(long)]
+        workers: Option<usize>,
     },
     /// Parse and plan SQL files offline; print `file:line:col: message` per error.
     Check {
@@ -122,6 +129,7 @@ fn main() -> ExitCode {
                 pg_tls_key,
                 pg_tls_required,
                 allow_paths,
+                workers,
             } => {
                 let mut roots = allow_paths;
                 if roots.is_empty() {
@@ -133,6 +141,7 @@ fn main() -> ExitCode {
                     checkpoint_interval: Some(checkpoint_interval),
                     checkpoint_store,
                     checkpoints_retained: None,
+                    workers,
                 };
                 let tls = match (pg_tls_cert, pg_tls_key) {
                     (Some(cert), Some(key)) => Some((cert, key)),
@@ -145,7 +154,7 @@ fn main() -> ExitCode {
                 };
                 serve(pg_listen, http_listen, config, queries, front_door, roots).await
             }
-            Command::Run { files } => run(&files).await,
+            Command::Run { files, workers } => run(&files, workers).await,
             Command::Check { files } => check(&files).await,
             Command::Bench(args) => bench::run(args).await,
         }
@@ -254,8 +263,12 @@ fn create_first_admin(engine: &Engine) -> Result<(), String> {
     Ok(())
 }
 
-async fn run(files: &[PathBuf]) -> Result<ExitCode, String> {
-    let engine = Engine::open(EngineConfig::default(), Arc::new(Connectors::default()))
+async fn run(files: &[PathBuf], workers: Option<usize>) -> Result<ExitCode, String> {
+    let config = EngineConfig {
+        workers,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::open(config, Arc::new(Connectors::default()))
         .await
         .map_err(|e| e.to_string())?;
     for file in files {

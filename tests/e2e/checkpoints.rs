@@ -76,7 +76,9 @@ fn produce_events(bootstrap: &str, topic: &str, partitions: i32, base: i64, ndjs
 /// with DuckDB's. With `s3`, checkpoints and the lake go to a bucket there instead of the
 /// data directory (DuckDB reads a copy of the lake's published files).
 ///
-/// `stream_options` go into the stream's WITH clause (`, 'key' = 'value'`).
+/// `stream_options` go into the stream's WITH clause (`, 'key' = 'value'`). With
+/// `workers` > 1 the job runs on that many workers, each reading a share of the partitions,
+/// the rows exchanged by region before the window: every checkpoint aligns their barriers.
 fn interrupted_job_equals_duckdb(
     dir: &Path,
     bootstrap: &str,
@@ -84,6 +86,7 @@ fn interrupted_job_equals_duckdb(
     stream_options: &str,
     how: Interrupt,
     s3: Option<&S3>,
+    workers: usize,
 ) {
     let prometheus = Prometheus::start(dir);
     let base = (chrono::Utc::now().timestamp_millis() - SPAN_MS - 600_000) / 10_000 * 10_000;
@@ -122,7 +125,7 @@ fn interrupted_job_equals_duckdb(
         ),
     )
     .expect("job");
-    let mut args = Vec::new();
+    let mut args = vec!["--workers".to_string(), workers.to_string()];
     let env = match s3 {
         Some(s3) => {
             s3.create_bucket("weir");
@@ -379,47 +382,58 @@ const MOCK_PARTITIONS: i32 = 32;
 const MOCK_SESSION: &str = ", 'properties.session.timeout.ms' = '6000'";
 
 /// [`interrupted_job_equals_duckdb`] on a mock cluster of this process.
-fn on_the_mock_cluster(how: Interrupt, s3: Option<&S3>, dir: &Path) {
+fn on_the_mock_cluster(how: Interrupt, s3: Option<&S3>, dir: &Path, workers: usize) {
     let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
     cluster
         .create_topic("events", MOCK_PARTITIONS, 1)
         .expect("topic");
     let bootstrap = cluster.bootstrap_servers();
-    interrupted_job_equals_duckdb(dir, &bootstrap, MOCK_PARTITIONS, MOCK_SESSION, how, s3);
+    interrupted_job_equals_duckdb(
+        dir,
+        &bootstrap,
+        MOCK_PARTITIONS,
+        MOCK_SESSION,
+        how,
+        s3,
+        workers,
+    );
 }
 
 /// Checkpoints and the lake in an S3 bucket (an S3-compatible server started here): the
 /// lake's files are multipart uploads completed at checkpoints, and each restart recovers
 /// from the bucket.
 #[test]
-fn a_job_killed_three_times_on_the_mock_cluster_writes_every_window_exactly_once_to_s3() {
+fn a_job_on_two_workers_killed_three_times_on_the_mock_cluster_writes_every_window_exactly_once_to_s3()
+ {
     let dir = tempfile::tempdir().expect("tempdir");
     let s3 = S3::start(dir.path());
-    on_the_mock_cluster(Interrupt::Kill, Some(&s3), dir.path());
+    on_the_mock_cluster(Interrupt::Kill, Some(&s3), dir.path(), 2);
 }
 
 #[test]
 fn a_job_stopped_three_times_on_the_mock_cluster_writes_every_window_exactly_once() {
     let dir = tempfile::tempdir().expect("tempdir");
-    on_the_mock_cluster(Interrupt::Term, None, dir.path());
+    on_the_mock_cluster(Interrupt::Term, None, dir.path(), 1);
 }
 
 /// [`interrupted_job_equals_duckdb`] on a tansu broker with a 4-partition topic.
-fn on_tansu(how: Interrupt) {
+fn on_tansu(how: Interrupt, workers: usize) {
     let dir = tempfile::tempdir().expect("tempdir");
     let tansu = Tansu::start(dir.path());
     tansu.create_topic("events", 4);
-    interrupted_job_equals_duckdb(dir.path(), &tansu.bootstrap(), 4, "", how, None);
+    interrupted_job_equals_duckdb(dir.path(), &tansu.bootstrap(), 4, "", how, None, workers);
 }
 
+/// Two workers: the checkpoints a kill interrupts hold both workers' positions and window
+/// state at one aligned barrier.
 #[test]
-fn a_job_killed_three_times_on_tansu_writes_every_window_exactly_once() {
-    on_tansu(Interrupt::Kill);
+fn a_job_on_two_workers_killed_three_times_on_tansu_writes_every_window_exactly_once() {
+    on_tansu(Interrupt::Kill, 2);
 }
 
 #[test]
 fn a_job_stopped_three_times_on_tansu_writes_every_window_exactly_once() {
-    on_tansu(Interrupt::Term);
+    on_tansu(Interrupt::Term, 1);
 }
 
 /// A materialized view keeps its rows across a restart, and a sink created after a bounded

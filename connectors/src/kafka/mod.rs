@@ -328,6 +328,17 @@ impl SourceFactory for KafkaSourceFactory {
     fn hidden_columns(&self) -> Vec<FieldRef> {
         hidden_columns()
     }
+
+    fn splittable(&self) -> bool {
+        true
+    }
+
+    fn merge_positions(
+        &self,
+        positions: Vec<weir_runtime::Snapshot>,
+    ) -> Result<weir_runtime::Snapshot> {
+        source::merge_positions(positions)
+    }
 }
 
 #[cfg(test)]

@@ -33,7 +33,7 @@ use rdkafka::{ClientContext, TopicPartitionList as Tpl};
 use tokio::sync::mpsc;
 use weir_runtime::coordinator::SourceCheckpoints;
 use weir_runtime::metrics::{PartitionMetrics, SourceMetrics};
-use weir_runtime::pipeline::RateLimitedLog;
+use weir_runtime::pipeline::{RateLimitedLog, Worker};
 use weir_runtime::{
     CheckpointBarrier, Error, Message, Result, Snapshot, Source, SourceContext, SourceExit,
     Watermark,
@@ -133,6 +133,8 @@ struct Checkpointing {
     pipeline: String,
     instance_id: Option<String>,
     resume: Position,
+    /// The share of the partitions this source reads, when its pipeline has several workers.
+    worker: Worker,
 }
 
 #[async_trait]
@@ -146,6 +148,7 @@ impl Source for KafkaSource {
             pipeline: ctx.pipeline().to_string(),
             instance_id: ctx.instance_id().map(str::to_string),
             resume: std::mem::take(&mut self.resume),
+            worker: ctx.worker(),
         };
         let thread = {
             let config = self.config.clone();
@@ -361,6 +364,43 @@ impl ConsumerContext for Callbacks {
     }
 }
 
+/// The partition numbers of `topic`.
+fn topic_partitions(consumer: &BaseConsumer<Callbacks>, topic: &str) -> Result<Vec<i32>> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| super::kafka_error(&format!("cannot read topic {topic}"), e))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect())
+}
+
+/// One position from those several workers saved: per partition, the furthest offset and
+/// the highest event time. A worker saves the partitions it read and those it was restored
+/// with, so a partition read by another worker since appears there too, behind.
+pub(super) fn merge_positions(snapshots: Vec<Snapshot>) -> Result<Snapshot> {
+    let mut merged = Position::default();
+    for snapshot in snapshots {
+        let position: Position = serde_json::from_value(snapshot.meta).map_err(|e| {
+            Error::Execution(format!(
+                "Kafka position in the checkpoint is unreadable: {e}"
+            ))
+        })?;
+        for (p, offset) in position.offsets {
+            let entry = merged.offsets.entry(p).or_insert(offset);
+            *entry = (*entry).max(offset);
+        }
+        for (p, max) in position.max_event_ms {
+            let entry = merged.max_event_ms.entry(p).or_insert(max);
+            *entry = (*entry).max(max);
+        }
+    }
+    let meta = serde_json::to_value(&merged)
+        .map_err(|e| Error::Internal(format!("Kafka position: {e}")))?;
+    Ok(Snapshot::meta(meta))
+}
+
 /// What the thread knows about one assigned partition.
 struct PartitionState {
     /// Next offset to commit: one past the last record handed to the pipeline.
@@ -478,6 +518,11 @@ struct ConsumerLoop {
     polled: Vec<i64>,
     /// The group offsets were last committed for this epoch.
     committed_epoch: u64,
+    /// One of several workers, given no partition (more workers than partitions): it never
+    /// holds the pipeline's watermark back.
+    empty_share: bool,
+    /// One of several workers.
+    split: bool,
     dead_letters: Option<(
         ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
         String,
@@ -535,8 +580,11 @@ impl ConsumerLoop {
         };
         // Static membership: a restarted process takes its partitions back at once instead
         // of waiting for the broker to time the old member out.
+        let workers = checkpointing.worker;
         let instance_id = match (mode, &checkpointing.instance_id) {
-            (Mode::Group, Some(instance)) => Some(format!("{instance}.{group_id}")),
+            (Mode::Group, Some(instance)) if workers.count <= 1 => {
+                Some(format!("{instance}.{group_id}"))
+            }
             _ => None,
         };
         let callbacks = Callbacks {
@@ -573,23 +621,44 @@ impl ConsumerLoop {
             .map_err(|e| super::kafka_error("cannot create the Kafka consumer", e))?;
         let mut partitions = HashMap::new();
         match mode {
-            Mode::Group => consumer.subscribe(&[&config.topic]).map_err(|e| {
-                super::kafka_error(&format!("cannot subscribe to {}", config.topic), e)
-            })?,
+            Mode::Group if workers.count <= 1 => {
+                consumer.subscribe(&[&config.topic]).map_err(|e| {
+                    super::kafka_error(&format!("cannot subscribe to {}", config.topic), e)
+                })?
+            }
+            // One of several workers: its share of the partitions, assigned by this process
+            // (a rebalance between workers would move a partition away from the state its
+            // records went into). Each starts at the checkpoint's offset, or the group's.
+            Mode::Group => {
+                let mut tpl = TopicPartitionList::new();
+                for p in topic_partitions(&consumer, &config.topic)? {
+                    if usize::try_from(p).is_ok_and(|p| p % workers.count == workers.index) {
+                        let offset = checkpointing
+                            .resume
+                            .offsets
+                            .get(&p)
+                            .map_or(Offset::Stored, |&o| Offset::Offset(o));
+                        tpl.add_partition_offset(&config.topic, p, offset)
+                            .map_err(|e| Error::Internal(e.to_string()))?;
+                        let mut state = new_partition(&metrics, p);
+                        state.next_offset = checkpointing.resume.offsets.get(&p).copied();
+                        state.max_event_ms = checkpointing.resume.max_event_ms.get(&p).copied();
+                        partitions.insert(p, state);
+                    }
+                }
+                tracing::info!(stream = %config.stream, worker = workers.index,
+                    partitions = ?partitions.keys().collect::<Vec<_>>(), "Kafka partitions assigned");
+                consumer.assign(&tpl).map_err(|e| {
+                    super::kafka_error(&format!("cannot assign {}", config.topic), e)
+                })?;
+            }
             Mode::Tail => {
                 // A tail joins no group: it reads every partition from its current end.
-                let metadata = consumer
-                    .fetch_metadata(Some(&config.topic), Duration::from_secs(10))
-                    .map_err(|e| {
-                        super::kafka_error(&format!("cannot read topic {}", config.topic), e)
-                    })?;
                 let mut tpl = TopicPartitionList::new();
-                for topic in metadata.topics() {
-                    for p in topic.partitions() {
-                        tpl.add_partition_offset(&config.topic, p.id(), Offset::End)
-                            .map_err(|e| Error::Internal(e.to_string()))?;
-                        partitions.insert(p.id(), new_partition(&metrics, p.id()));
-                    }
+                for p in topic_partitions(&consumer, &config.topic)? {
+                    tpl.add_partition_offset(&config.topic, p, Offset::End)
+                        .map_err(|e| Error::Internal(e.to_string()))?;
+                    partitions.insert(p, new_partition(&metrics, p));
                 }
                 consumer.assign(&tpl).map_err(|e| {
                     super::kafka_error(&format!("cannot assign {}", config.topic), e)
@@ -620,6 +689,7 @@ impl ConsumerLoop {
             .enable_time()
             .build()
             .map_err(|e| Error::Internal(format!("cannot start the consumer's timer: {e}")))?;
+        let empty_share = mode == Mode::Group && workers.count > 1 && partitions.is_empty();
         Ok(Self {
             decoder: BlockDecoder::new(config.decode_schema.clone(), config.format, MAX_BATCH),
             watermark_gauge: metrics.watermark_ms(),
@@ -637,6 +707,8 @@ impl ConsumerLoop {
             resume: checkpointing.resume,
             polled: Vec::new(),
             committed_epoch: 0,
+            empty_share,
+            split: mode == Mode::Group && workers.count > 1,
             dead_letters,
             bad_log: RateLimitedLog::new(Duration::from_secs(10)),
             poll_log: RateLimitedLog::new(Duration::from_secs(10)),
@@ -990,7 +1062,9 @@ impl ConsumerLoop {
                 }
             }
         }
-        let candidate = if any_active {
+        let candidate = if self.empty_share {
+            Some(i64::MAX)
+        } else if any_active {
             if blocked { None } else { active_min }
         } else {
             all_max
@@ -998,7 +1072,11 @@ impl ConsumerLoop {
         match candidate {
             Some(mark) if self.watermark.is_none_or(|w| mark > w) => {
                 self.watermark = Some(mark);
-                self.watermark_gauge.set(mark);
+                // With several workers, the merge after them sets the pipeline's (the
+                // minimum over workers).
+                if !self.split {
+                    self.watermark_gauge.set(mark);
+                }
                 self.send(Message::Watermark(Watermark(mark)))
             }
             _ => true,

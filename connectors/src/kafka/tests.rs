@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use weir_runtime::connector::{EventTime, SourceFactory, SourceSpec};
 use weir_runtime::coordinator::{CheckpointConfig, Coordinator};
 use weir_runtime::metrics::SourceMetrics;
-use weir_runtime::pipeline::{SourceTask, StatusCell, spawn_source};
+use weir_runtime::pipeline::{SourceTask, StatusCell, Worker, spawn_source};
 use weir_runtime::{CancellationToken, Message};
 use weir_sql::Options;
 
@@ -83,6 +83,10 @@ struct Reader {
 
 impl Reader {
     fn start(factory: &KafkaSourceFactory) -> Self {
+        Self::start_worker(factory, Worker::ONLY)
+    }
+
+    fn start_worker(factory: &KafkaSourceFactory, worker: Worker) -> Self {
         let stop = CancellationToken::new();
         let released = CancellationToken::new();
         released.cancel();
@@ -107,6 +111,7 @@ impl Reader {
                 checkpoints: Some(checkpoints),
                 restore: None,
                 instance_id: None,
+                worker,
             },
         );
         Self {
@@ -184,6 +189,70 @@ impl Reader {
 
 fn json(k: i64, ts: i64) -> String {
     format!(r#"{{"k":{k},"ts":{ts}}}"#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_read_disjoint_shares_and_one_without_partitions_never_holds_the_watermark() {
+    let cluster = cluster("shares", 3);
+    let bootstrap = cluster.bootstrap_servers();
+    produce(
+        &bootstrap,
+        "shares",
+        (0..3000).map(|k| ((k % 3) as i32, json(k, k))),
+    );
+    let event_time = EventTime {
+        column: "ts".into(),
+        delay: Duration::ZERO,
+    };
+    let factory = factory(
+        &bootstrap,
+        "shares",
+        &[("group.id", "g-shares"), ("scan.startup.mode", "earliest")],
+        Some(event_time),
+    );
+    let mut readers: Vec<Reader> = (0..4)
+        .map(|index| Reader::start_worker(&factory, Worker { index, count: 4 }))
+        .collect();
+    for (index, reader) in readers.iter_mut().enumerate() {
+        // Worker i reads the partitions p with p % 4 == i: 1000 records each, none for 3.
+        let expected = if index < 3 { 1000 } else { 0 };
+        reader
+            .read_until(|r| r.keys.len() >= expected && !r.watermarks.is_empty())
+            .await;
+        assert_eq!(reader.keys.len(), expected, "worker {index}");
+        let partitions: Vec<i32> = reader.partitions.iter().copied().collect();
+        let own: Vec<i32> = (0..3).filter(|p| *p as usize % 4 == index).collect();
+        assert_eq!(partitions, own, "worker {index}");
+    }
+    assert_eq!(
+        readers[3].watermarks,
+        vec![i64::MAX],
+        "a worker without partitions lets the others' watermark through"
+    );
+    assert!(readers[..3].iter().all(|r| r.watermarks[0] < i64::MAX));
+    let mut all: Vec<i64> = readers.iter().flat_map(|r| r.keys.clone()).collect();
+    all.sort_unstable();
+    assert_eq!(all, (0..3000).collect::<Vec<_>>());
+    for reader in readers {
+        reader.stop().await;
+    }
+}
+
+#[test]
+fn positions_saved_by_workers_merge_to_the_furthest_of_each_partition() {
+    let position = |offsets: &[(i32, i64)]| {
+        let offsets: std::collections::HashMap<String, i64> =
+            offsets.iter().map(|(p, o)| (p.to_string(), *o)).collect();
+        weir_runtime::Snapshot::meta(serde_json::json!({"offsets": offsets, "max_event_ms": {}}))
+    };
+    let merged = super::source::merge_positions(vec![
+        position(&[(0, 10), (1, 5)]),
+        position(&[(1, 7), (2, 3)]),
+    ])
+    .expect("merge");
+    assert_eq!(merged.meta["offsets"]["0"], 10);
+    assert_eq!(merged.meta["offsets"]["1"], 7);
+    assert_eq!(merged.meta["offsets"]["2"], 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

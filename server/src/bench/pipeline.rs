@@ -23,13 +23,13 @@ const BASE_MS: i64 = 1_767_225_600_000;
 
 /// A topic on a mock cluster with `events` records from `line`, and `closers` (one record per
 /// partition, after the rest) so that every window closes.
-struct Topic {
+pub(super) struct Topic {
     cluster: rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    name: String,
+    pub(super) name: String,
 }
 
 impl Topic {
-    fn produce(
+    pub(super) fn produce(
         events: u64,
         line: impl FnMut(u64, &mut Vec<u8>) + Send + 'static,
         closer: Option<Vec<u8>>,
@@ -53,7 +53,7 @@ impl Topic {
         Ok(Topic { cluster, name })
     }
 
-    fn bootstrap(&self) -> String {
+    pub(super) fn bootstrap(&self) -> String {
         self.cluster.bootstrap_servers()
     }
 }
@@ -233,7 +233,10 @@ pub async fn checkpoint(args: &BenchArgs) -> Result<ExitCode, String> {
         topic.bootstrap()
     );
     let engine = Engine::open(
-        engine_config(Some(&data), Some(interval)),
+        weir_server::engine::EngineConfig {
+            workers: Some(args.workers),
+            ..engine_config(Some(&data), Some(interval))
+        },
         Arc::new(Connectors::default()),
     )
     .await
@@ -282,7 +285,10 @@ pub async fn checkpoint(args: &BenchArgs) -> Result<ExitCode, String> {
     let cpu_before = cpu_seconds();
     let reopened = Instant::now();
     let engine = Engine::open(
-        engine_config(Some(&data), Some(interval)),
+        weir_server::engine::EngineConfig {
+            workers: Some(args.workers),
+            ..engine_config(Some(&data), Some(interval))
+        },
         Arc::new(Connectors::default()),
     )
     .await
@@ -332,7 +338,7 @@ fn histogram_sum(metrics: &str, name: &str, labels: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn xorshift(mut state: u64) -> u64 {
+pub(super) fn xorshift(mut state: u64) -> u64 {
     state ^= state << 13;
     state ^= state >> 7;
     state ^= state << 17;

@@ -69,6 +69,13 @@ pub struct EngineConfig {
     pub checkpoint_store: Option<String>,
     /// Complete checkpoints kept per job (default 3).
     pub checkpoints_retained: Option<usize>,
+    /// Workers per pipeline over a source that splits (Kafka); default: the number of cores.
+    pub workers: Option<usize>,
+}
+
+/// The number of cores this process may use.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// What one statement returns.
@@ -239,6 +246,8 @@ pub struct Engine {
     /// Where checkpoints go, if anywhere.
     store: Option<CheckpointStore>,
     checkpoint_interval: Duration,
+    /// Workers per pipeline over a source that splits.
+    workers: usize,
     /// This data directory's stable id (Kafka static membership).
     instance_id: Option<String>,
     /// Who may log in, and what each user may do. Not under `state`: a login or a privilege
@@ -315,6 +324,7 @@ impl Engine {
             checkpoint_interval: config
                 .checkpoint_interval
                 .unwrap_or(DEFAULT_CHECKPOINT_INTERVAL),
+            workers: config.workers.unwrap_or_else(default_workers).max(1),
             instance_id,
             users,
         });

@@ -7,13 +7,20 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use weir_planner::catalog::Catalog;
+use weir_planner::continuous::Partitioning;
 use weir_planner::{PlanError, Result};
+use weir_runtime::Message;
+use weir_runtime::connector::SourceFactory;
 use weir_runtime::coordinator::{CheckpointConfig, Coordinator};
+use weir_runtime::exchange::{self, KeyRouter};
 use weir_runtime::mv_store::MvSink;
 use weir_runtime::operator::Stage;
-use weir_runtime::pipeline::{self, Fanout, PipelineStatus, SinkTask, SourceTask, StatusCell};
+use weir_runtime::pipeline::{
+    self, Fanout, PipelineStatus, SinkTask, SourceTask, StatusCell, Worker,
+};
 use weir_runtime::{CancellationToken, Checkpoint, CommitLog, Snapshot};
 use weir_sql::ObjectKind;
 
@@ -183,24 +190,48 @@ impl Engine {
         let snapshot = |participant: &str| -> Option<Snapshot> {
             saved
                 .as_ref()
-                .and_then(|c| c.snapshots.get(&format!("{name}/{participant}")).cloned())
+                .and_then(|c| c.snapshots.get(participant).cloned())
         };
-        let fanout = Fanout::new();
-        let mut stages = match &entry.plan {
-            Some(plan) => plan.stages(&self.metrics, name)?,
-            None => Vec::new(),
-        };
-        for (i, stage) in stages.iter_mut().enumerate() {
-            if let Stage::Sync(op) = stage
-                && let Some(state) = snapshot(&format!("op{i}"))
-            {
-                op.restore(state).map_err(|e| {
-                    PlanError::Internal(format!(
-                        "cannot restore operator {i} of {name} from its checkpoint: {e}"
-                    ))
+        // The stream it reads, when it heads a job of its own, and how many workers read it.
+        let source = match &view_output {
+            Some(_) => None,
+            None => {
+                let source_entry = state.catalog.get_kind(&input_name, ObjectKind::Stream)?;
+                let factory = source_entry.source.clone().ok_or_else(|| {
+                    PlanError::Internal(format!("stream {input_name} has no source"))
                 })?;
+                Some(factory)
             }
+        };
+        let workers = match &source {
+            Some(factory) => self.workers_for(name, &entry, factory.as_ref(), saved.as_deref()),
+            None => 1,
+        };
+        let mut worker_stages = Vec::with_capacity(workers);
+        for index in 0..workers {
+            let participant = Worker {
+                index,
+                count: workers,
+            }
+            .participant(name);
+            let mut stages = match &entry.plan {
+                Some(plan) => plan.stages(&self.metrics, name)?,
+                None => Vec::new(),
+            };
+            for (i, stage) in stages.iter_mut().enumerate() {
+                if let Stage::Sync(op) = stage
+                    && let Some(state) = snapshot(&format!("{participant}/op{i}"))
+                {
+                    op.restore(state).map_err(|e| {
+                        PlanError::Internal(format!(
+                            "cannot restore operator {i} of {name} from its checkpoint: {e}"
+                        ))
+                    })?;
+                }
+            }
+            worker_stages.push(stages);
         }
+        let fanout = Fanout::new();
         let mut output = None;
         let (sink, label): (Box<dyn weir_runtime::Sink>, &str) = match entry.kind {
             ObjectKind::MaterializedView => {
@@ -220,9 +251,23 @@ impl Engine {
             }
             other => return Err(PlanError::Internal(format!("a {other} has no pipeline"))),
         };
+        let position = match (&source, &saved) {
+            (Some(factory), Some(checkpoint)) => {
+                source_position(factory.as_ref(), checkpoint, name)?
+            }
+            _ => None,
+        };
+        // One source per worker (none when it reads a view).
+        let sources = match &source {
+            Some(factory) => (0..workers)
+                .map(|_| factory.create())
+                .collect::<std::result::Result<Vec<_>, _>>()?,
+            None => Vec::new(),
+        };
         // Only now, with everything that can fail created, start reading.
-        // The rows entering this pipeline's operators: a fresh source, or a view's output.
-        let (input, committed) = match view_output {
+        // The rows entering this pipeline's operators: fresh sources, or a view's output.
+        let mut source_metrics = None;
+        let (inputs, committed) = match view_output {
             Some((view_output, job)) => {
                 let coordinator = &state
                     .jobs
@@ -230,13 +275,12 @@ impl Engine {
                     .ok_or_else(|| PlanError::Internal(format!("no job {job}")))?
                     .coordinator;
                 coordinator.set_fingerprint(name, fingerprint);
-                (view_output.subscribe(), coordinator.committed())
+                (vec![view_output.subscribe()], coordinator.committed())
             }
             None => {
-                let source_entry = state.catalog.get_kind(&input_name, ObjectKind::Stream)?;
-                let factory = source_entry.source.clone().ok_or_else(|| {
-                    PlanError::Internal(format!("stream {input_name} has no source"))
-                })?;
+                let connector = source.as_ref().map_or("", |f| f.connector());
+                let metrics = self.metrics.source(&input_name, name, connector);
+                source_metrics = Some(metrics.clone());
                 let config = CheckpointConfig {
                     interval: entry
                         .checkpoint_interval
@@ -245,35 +289,46 @@ impl Engine {
                 };
                 // Epochs go on from the last checkpoint even when its state is not restored
                 // (the query changed): sinks' commit records refer to them.
-                let (coordinator, checkpoints) = Coordinator::spawn(
+                let (coordinator, checkpoints) = Coordinator::spawn_sources(
                     name,
                     config,
                     restored.as_ref().map_or(0, |c| c.epoch),
                     self.metrics.checkpoints(name),
+                    workers,
                 );
                 coordinator.set_fingerprint(name, fingerprint);
                 let committed = coordinator.committed();
-                let (rx, task) = pipeline::spawn_source(
-                    factory.create()?,
-                    SourceTask {
-                        shutdown: stop.clone(),
-                        release: release.clone(),
-                        metrics: self.metrics.source(&input_name, name, factory.connector()),
-                        status: status.clone(),
-                        pipeline: name.to_string(),
-                        checkpoints: Some(checkpoints),
-                        restore: snapshot("source"),
-                        instance_id: self.instance_id.clone(),
-                    },
-                );
-                tasks.push(task);
+                let mut inputs = Vec::with_capacity(workers);
+                for (index, (source, checkpoints)) in
+                    sources.into_iter().zip(checkpoints).enumerate()
+                {
+                    let (rx, task) = pipeline::spawn_source(
+                        source,
+                        SourceTask {
+                            shutdown: stop.clone(),
+                            release: release.clone(),
+                            metrics: metrics.clone(),
+                            status: status.clone(),
+                            pipeline: name.to_string(),
+                            checkpoints: Some(checkpoints),
+                            restore: position.clone(),
+                            instance_id: self.instance_id.clone(),
+                            worker: Worker {
+                                index,
+                                count: workers,
+                            },
+                        },
+                    );
+                    tasks.push(task);
+                    inputs.push(rx);
+                }
                 if let Some(c) = &saved {
                     coordinator.restored(c.epoch, restore_started.elapsed());
                     self.metrics
                         .checkpoints(name)
                         .restore_seconds
                         .set(restore_started.elapsed().as_secs_f64());
-                    tracing::info!(pipeline = %name, epoch = c.epoch,
+                    tracing::info!(pipeline = %name, epoch = c.epoch, workers,
                         ms = restore_started.elapsed().as_millis() as u64, "restored from checkpoint");
                 }
                 state.jobs.insert(
@@ -283,7 +338,7 @@ impl Engine {
                         restored: saved.clone(),
                     },
                 );
-                (rx, committed)
+                (inputs, committed)
             }
         };
         tasks.push(pipeline::spawn_sink(
@@ -294,21 +349,27 @@ impl Engine {
                 status: status.clone(),
                 pipeline: name.to_string(),
                 committed: Some(committed),
-                restore: snapshot("sink"),
+                restore: snapshot(&format!("{name}/sink")),
                 commit_log: self.store.clone().map(|store| CommitLog {
                     store,
                     job: job.clone(),
                 }),
             },
         ));
-        tasks.extend(pipeline::spawn_stages(
-            input,
-            stages,
+        let partitioning = match &entry.plan {
+            Some(plan) => plan.partitioning(),
+            None => Partitioning::RowByRow,
+        };
+        let source_watermark = source_metrics.map(|m| m.watermark_ms());
+        tasks.extend(self.spawn_workers(
+            inputs,
+            worker_stages,
+            partitioning,
             fanout,
-            &self.metrics,
             name,
             &status,
-        ));
+            source_watermark,
+        )?);
         self.metrics
             .pipelines_running(&entry.kind.to_string())
             .inc();
@@ -326,6 +387,150 @@ impl Engine {
             },
         );
         Ok(())
+    }
+
+    /// How many workers run pipeline `name` over a source made by `factory`: the engine's
+    /// count for a source that splits (Kafka), one otherwise. A query whose window state was
+    /// saved by some number of workers keeps that number: each worker's state holds the keys
+    /// that hash to it, and moving keys between workers on restore is not built yet.
+    fn workers_for(
+        &self,
+        name: &str,
+        entry: &weir_planner::catalog::CatalogEntry,
+        factory: &dyn SourceFactory,
+        saved: Option<&Checkpoint>,
+    ) -> usize {
+        if self.workers <= 1 || !factory.splittable() {
+            return 1;
+        }
+        let partitioning = entry.plan.as_ref().map(|p| p.partitioning());
+        match partitioning {
+            Some(Partitioning::Single) => 1,
+            Some(Partitioning::ByKey { .. }) => match saved.and_then(|c| saved_workers(c, name)) {
+                Some(saved) if saved != self.workers => {
+                    tracing::warn!(pipeline = %name, saved, configured = self.workers,
+                        "the pipeline's window state was saved by {saved} workers: it keeps running on {saved}");
+                    saved
+                }
+                _ => self.workers,
+            },
+            Some(Partitioning::RowByRow) | None => self.workers,
+        }
+    }
+
+    /// Wires a pipeline's `inputs` (one per worker) through its stages into `output`. One
+    /// worker: the stages in a row. Several (see `weir_runtime::exchange`): each worker's
+    /// stages before the keyed step, a router per worker sending each row to the worker its
+    /// key hashes to, a merge per worker in front of the keyed step and what follows, and
+    /// one last merge into `output`.
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_workers(
+        &self,
+        mut inputs: Vec<mpsc::Receiver<Message>>,
+        mut stages: Vec<Vec<Stage>>,
+        partitioning: Partitioning,
+        output: Arc<Fanout>,
+        name: &str,
+        status: &StatusCell,
+        source_watermark: Option<weir_runtime::metrics::Gauge>,
+    ) -> Result<Vec<JoinHandle<()>>> {
+        let n = inputs.len();
+        let metrics = &self.metrics;
+        let participant = |index| Worker { index, count: n }.participant(name);
+        if n == 1 {
+            let (input, stages) = (inputs.remove(0), stages.remove(0));
+            return Ok(pipeline::spawn_stages(
+                input, stages, 0, output, metrics, name, name, status,
+            ));
+        }
+        let mut tasks = Vec::new();
+        // Each worker's output, before the last merge.
+        let mut outputs = Vec::with_capacity(n);
+        let partitioning_was_by_key = matches!(partitioning, Partitioning::ByKey { .. });
+        match partitioning {
+            Partitioning::ByKey { step, keys } => {
+                let mut to_merge: Vec<Vec<mpsc::Receiver<Message>>> =
+                    (0..n).map(|_| Vec::with_capacity(n)).collect();
+                let mut keyed = Vec::with_capacity(n);
+                for (k, (input, mut before)) in inputs.into_iter().zip(stages).enumerate() {
+                    keyed.push(before.split_off(step));
+                    let routed = if before.is_empty() {
+                        input
+                    } else {
+                        let out = Fanout::new();
+                        let routed = out.subscribe();
+                        tasks.extend(pipeline::spawn_stages(
+                            input,
+                            before,
+                            0,
+                            out,
+                            metrics,
+                            name,
+                            &participant(k),
+                            status,
+                        ));
+                        routed
+                    };
+                    let (senders, receivers) = exchange::channels(n);
+                    for (j, receiver) in receivers.into_iter().enumerate() {
+                        to_merge[j].push(receiver);
+                    }
+                    let router = KeyRouter::try_new(keys.clone(), n)?;
+                    tasks.push(exchange::spawn_router(
+                        routed, router, senders, status, name,
+                    ));
+                }
+                for (j, (merge_inputs, after)) in to_merge.into_iter().zip(keyed).enumerate() {
+                    let merged = Fanout::new();
+                    let input = merged.subscribe();
+                    tasks.push(exchange::spawn_merge(
+                        merge_inputs,
+                        merged,
+                        status,
+                        name,
+                        source_watermark.clone(),
+                    ));
+                    let out = Fanout::new();
+                    outputs.push(out.subscribe());
+                    tasks.extend(pipeline::spawn_stages(
+                        input,
+                        after,
+                        step,
+                        out,
+                        metrics,
+                        name,
+                        &participant(j),
+                        status,
+                    ));
+                }
+            }
+            Partitioning::RowByRow | Partitioning::Single => {
+                for (k, (input, stages)) in inputs.into_iter().zip(stages).enumerate() {
+                    let out = Fanout::new();
+                    outputs.push(out.subscribe());
+                    tasks.extend(pipeline::spawn_stages(
+                        input,
+                        stages,
+                        0,
+                        out,
+                        metrics,
+                        name,
+                        &participant(k),
+                        status,
+                    ));
+                }
+            }
+        }
+        // After a keyed step the watermark is the windows', not the sources'.
+        let watermark = if partitioning_was_by_key {
+            None
+        } else {
+            source_watermark
+        };
+        tasks.push(exchange::spawn_merge(
+            outputs, output, status, name, watermark,
+        ));
+        Ok(tasks)
     }
 
     /// Takes pipeline `name` out of the running ones. One reading a view leaves its job at
@@ -464,6 +669,62 @@ impl Engine {
 
 /// What a pipeline's saved state depends on: its own statement and those of everything it
 /// reads, transitively. State saved under another fingerprint is not restored.
+/// How many workers saved window state for pipeline `name` in `checkpoint`: `None` if none
+/// did (a stateless pipeline's workers save only source positions, which merge).
+fn saved_workers(checkpoint: &Checkpoint, name: &str) -> Option<usize> {
+    let mut count = None;
+    for id in checkpoint.snapshots.keys() {
+        let Some(rest) = id.strip_prefix(name).and_then(|r| r.strip_prefix('/')) else {
+            continue;
+        };
+        let workers = match rest.split_once('/') {
+            Some((worker, op)) if op.starts_with("op") => worker
+                .strip_prefix('w')
+                .and_then(|w| w.parse::<usize>().ok())
+                .map(|w| w + 1),
+            None if rest.starts_with("op") => Some(1),
+            _ => None,
+        };
+        if let Some(workers) = workers {
+            count = Some(count.map_or(workers, |c: usize| c.max(workers)));
+        }
+    }
+    count
+}
+
+/// Where the sources of pipeline `name` resume: the position its source saved, or the one
+/// merged from those its workers saved (`<name>/source`, `<name>/w<i>/source`).
+fn source_position(
+    factory: &dyn SourceFactory,
+    checkpoint: &Checkpoint,
+    name: &str,
+) -> Result<Option<Snapshot>> {
+    let positions: Vec<Snapshot> = checkpoint
+        .snapshots
+        .iter()
+        .filter(|(id, _)| {
+            id.strip_prefix(name)
+                .and_then(|r| r.strip_prefix('/'))
+                .and_then(|r| r.strip_suffix("source"))
+                .is_some_and(|worker| {
+                    worker.is_empty()
+                        || worker
+                            .strip_prefix('w')
+                            .and_then(|w| w.strip_suffix('/'))
+                            .is_some_and(|w| w.parse::<usize>().is_ok())
+                })
+        })
+        .map(|(_, snapshot)| snapshot.clone())
+        .collect();
+    if positions.is_empty() {
+        return Ok(None);
+    }
+    factory
+        .merge_positions(positions)
+        .map(Some)
+        .map_err(|e| PlanError::Internal(format!("cannot restore the sources of {name}: {e}")))
+}
+
 fn fingerprint(catalog: &Catalog, name: &str) -> String {
     let mut seen = Vec::new();
     let mut stack = vec![name.to_string()];
@@ -492,5 +753,36 @@ async fn end_tasks(name: &str, running: &mut Running, wait: Duration) {
             task.abort();
             let _ = task.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpoint(ids: &[&str]) -> Checkpoint {
+        Checkpoint {
+            epoch: 1,
+            started_ms: 0,
+            fingerprints: Default::default(),
+            snapshots: ids
+                .iter()
+                .map(|id| (id.to_string(), Snapshot::meta(serde_json::json!({}))))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_workers_that_saved_window_state_are_counted_from_its_ids() {
+        let one = checkpoint(&["v/source", "v/op2", "v/sink", "lake/sink"]);
+        assert_eq!(saved_workers(&one, "v"), Some(1));
+        let three = checkpoint(&["v/w0/source", "v/w2/op2", "v/w1/op2", "v/sink"]);
+        assert_eq!(saved_workers(&three, "v"), Some(3));
+        // Positions alone (a pipeline that works row by row) bind no worker count.
+        let stateless = checkpoint(&["v/w0/source", "v/w1/source", "v/sink"]);
+        assert_eq!(saved_workers(&stateless, "v"), None);
+        // Another pipeline of the job, whose name starts alike, is not counted.
+        let other = checkpoint(&["v2/w3/op1"]);
+        assert_eq!(saved_workers(&other, "v"), None);
     }
 }

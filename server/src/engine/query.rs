@@ -9,7 +9,7 @@ use arrow::datatypes::SchemaRef;
 use datafusion::logical_expr::LogicalPlan;
 use weir_planner::continuous::{self, ContinuousPlan};
 use weir_planner::{PlanError, Result};
-use weir_runtime::pipeline::{self, Fanout, SourceTask, StatusCell};
+use weir_runtime::pipeline::{self, Fanout, SourceTask, StatusCell, Worker};
 use weir_sql::{ObjectKind, Statement};
 
 use super::{Caller, Engine, Output, State, Tail};
@@ -107,6 +107,7 @@ impl Engine {
                 checkpoints: None,
                 restore: None,
                 instance_id: None,
+                worker: Worker::ONLY,
             },
         );
         let fanout = Fanout::new();
@@ -114,8 +115,10 @@ impl Engine {
         let _chain = pipeline::spawn_stages(
             rx,
             plan.stages(&self.metrics, &name)?,
+            0,
             fanout,
             &self.metrics,
+            &name,
             &name,
             &status,
         );
