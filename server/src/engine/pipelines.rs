@@ -389,10 +389,8 @@ impl Engine {
         Ok(())
     }
 
-    /// How many workers run pipeline `name` over a source made by `factory`: the engine's
-    /// count for a source that splits (Kafka), one otherwise. A query whose window state was
-    /// saved by some number of workers keeps that number: each worker's state holds the keys
-    /// that hash to it, and moving keys between workers on restore is not built yet.
+    /// How many workers run pipeline `name` over a source made by `factory` (see
+    /// [`workers_to_run`]).
     fn workers_for(
         &self,
         name: &str,
@@ -400,22 +398,14 @@ impl Engine {
         factory: &dyn SourceFactory,
         saved: Option<&Checkpoint>,
     ) -> usize {
-        if self.workers <= 1 || !factory.splittable() {
-            return 1;
-        }
         let partitioning = entry.plan.as_ref().map(|p| p.partitioning());
-        match partitioning {
-            Some(Partitioning::Single) => 1,
-            Some(Partitioning::ByKey { .. }) => match saved.and_then(|c| saved_workers(c, name)) {
-                Some(saved) if saved != self.workers => {
-                    tracing::warn!(pipeline = %name, saved, configured = self.workers,
-                        "the pipeline's window state was saved by {saved} workers: it keeps running on {saved}");
-                    saved
-                }
-                _ => self.workers,
-            },
-            Some(Partitioning::RowByRow) | None => self.workers,
+        let saved = saved.and_then(|c| saved_workers(c, name));
+        let workers = workers_to_run(self.workers, factory.splittable(), partitioning, saved);
+        if workers != self.workers && saved == Some(workers) {
+            tracing::warn!(pipeline = %name, saved = workers, configured = self.workers,
+                "the pipeline's window state was saved by {workers} workers: it keeps running on {workers}");
         }
+        workers
     }
 
     /// Wires a pipeline's `inputs` (one per worker) through its stages into `output`. One
@@ -669,6 +659,27 @@ impl Engine {
 
 /// What a pipeline's saved state depends on: its own statement and those of everything it
 /// reads, transitively. State saved under another fingerprint is not restored.
+/// How many workers run a pipeline: `configured` for a source that splits (Kafka), one
+/// otherwise or for a plan with more than one keyed step. A plan whose window state was
+/// saved by `saved` workers keeps that number, whatever is configured: each worker's state
+/// holds the keys that hash to it, and moving keys between workers on restore is not built
+/// yet.
+fn workers_to_run(
+    configured: usize,
+    splittable: bool,
+    partitioning: Option<Partitioning>,
+    saved: Option<usize>,
+) -> usize {
+    if !splittable {
+        return 1;
+    }
+    match partitioning {
+        Some(Partitioning::Single) => 1,
+        Some(Partitioning::ByKey { .. }) => saved.unwrap_or(configured),
+        Some(Partitioning::RowByRow) | None => configured,
+    }
+}
+
 /// How many workers saved window state for pipeline `name` in `checkpoint`: `None` if none
 /// did (a stateless pipeline's workers save only source positions, which merge).
 fn saved_workers(checkpoint: &Checkpoint, name: &str) -> Option<usize> {
@@ -784,5 +795,24 @@ mod tests {
         // Another pipeline of the job, whose name starts alike, is not counted.
         let other = checkpoint(&["v2/w3/op1"]);
         assert_eq!(saved_workers(&other, "v"), None);
+    }
+
+    #[test]
+    fn window_state_keeps_the_workers_that_saved_it_whatever_is_configured() {
+        let by_key = || {
+            Some(Partitioning::ByKey {
+                step: 0,
+                keys: Vec::new(),
+            })
+        };
+        assert_eq!(workers_to_run(4, true, by_key(), None), 4);
+        assert_eq!(workers_to_run(1, true, by_key(), Some(2)), 2);
+        assert_eq!(workers_to_run(4, true, by_key(), Some(2)), 2);
+        assert_eq!(
+            workers_to_run(4, true, Some(Partitioning::RowByRow), Some(2)),
+            4
+        );
+        assert_eq!(workers_to_run(4, true, Some(Partitioning::Single), None), 1);
+        assert_eq!(workers_to_run(4, false, by_key(), None), 1);
     }
 }
