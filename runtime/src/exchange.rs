@@ -20,8 +20,10 @@
 //!   one copy goes on and the others are acknowledged. Every operator downstream therefore
 //!   snapshots a state that holds exactly the records before the barrier on every input,
 //!   and every source saved the position of exactly those records.
-//! - **The watermark is the minimum** over the inputs, sent when it advances. An input that
-//!   has sent none holds it back, as a Kafka partition that has sent nothing does.
+//! - **The watermark is the minimum** over the inputs' latest, sent when it advances. An
+//!   input that has sent none holds it back, as a Kafka partition that has sent nothing
+//!   does; one whose partitions are all idle sends `i64::MAX` and so steps aside until it
+//!   sends its real watermark again.
 //! - **`End`** goes on once every input has ended (a bounded input is read by all workers),
 //!   **`Stop`** once every input has stopped or gone.
 
@@ -183,8 +185,10 @@ pub fn spawn_merge(
 
 /// What a merge knows of its inputs; [`Merge::receive`] says what to send on.
 struct Merge {
-    /// Each input's latest watermark.
+    /// Each input's latest watermark (`i64::MAX`: the input is idle).
     watermarks: Vec<Option<i64>>,
+    /// Each input's latest watermark other than `i64::MAX`.
+    real: Vec<Option<i64>>,
     /// The barrier each input delivered for the epoch being aligned (it is not read until
     /// every input has delivered one).
     held: Vec<Option<CheckpointBarrier>>,
@@ -198,6 +202,7 @@ impl Merge {
     fn new(n: usize) -> Self {
         Self {
             watermarks: vec![None; n],
+            real: vec![None; n],
             held: (0..n).map(|_| None).collect(),
             ended: vec![false; n],
             stopped: vec![false; n],
@@ -221,7 +226,12 @@ impl Merge {
         match message {
             Message::Data(batch) => out.push(Message::Data(batch)),
             Message::Watermark(Watermark(mark)) => {
-                self.watermarks[i] = Some(self.watermarks[i].map_or(mark, |m| m.max(mark)));
+                // The latest, not the highest: a worker whose partitions are all idle sends
+                // `i64::MAX` to step aside, and comes back with its real watermark.
+                self.watermarks[i] = Some(mark);
+                if mark < i64::MAX {
+                    self.real[i] = Some(mark);
+                }
                 self.push_watermark(&mut out);
             }
             Message::Barrier(barrier) => {
@@ -243,17 +253,26 @@ impl Merge {
         out
     }
 
+    /// The minimum over the inputs that are not idle; when every one is idle, the highest
+    /// of their real watermarks (as one source with only idle partitions sends).
     fn push_watermark(&mut self, out: &mut Vec<Message>) {
         let mut min: Option<i64> = None;
-        for (mark, stopped) in self.watermarks.iter().zip(&self.stopped) {
+        let mut all_idle_max: Option<i64> = None;
+        for ((mark, real), stopped) in self.watermarks.iter().zip(&self.real).zip(&self.stopped) {
             if *stopped {
                 continue;
             }
             match mark {
+                Some(i64::MAX) => {
+                    if let Some(real) = real {
+                        all_idle_max = Some(all_idle_max.map_or(*real, |m| m.max(*real)));
+                    }
+                }
                 Some(mark) => min = Some(min.map_or(*mark, |m| m.min(*mark))),
                 None => return,
             }
         }
+        let min = min.or(all_idle_max);
         if let Some(min) = min
             && self.sent_watermark.is_none_or(|sent| min > sent)
         {
@@ -392,6 +411,53 @@ mod tests {
                 .receive(1, Message::Watermark(Watermark(20)))
                 .iter()
                 .any(|m| matches!(m, Message::Watermark(Watermark(10))))
+        );
+    }
+
+    #[test]
+    fn an_input_that_steps_aside_lets_the_others_through_until_it_comes_back() {
+        let mut merge = Merge::new(2);
+        merge.receive(0, Message::Watermark(Watermark(10)));
+        merge.receive(1, Message::Watermark(Watermark(20)));
+        let out = merge.receive(0, Message::Watermark(Watermark(i64::MAX)));
+        assert!(matches!(out[..], [Message::Watermark(Watermark(20))]));
+        let out = merge.receive(1, Message::Watermark(Watermark(30)));
+        assert!(matches!(out[..], [Message::Watermark(Watermark(30))]));
+        // Back from idle at 25: nothing lower than 30 goes on, and 25 holds the next one.
+        assert!(
+            merge
+                .receive(0, Message::Watermark(Watermark(25)))
+                .is_empty()
+        );
+        assert!(
+            merge
+                .receive(1, Message::Watermark(Watermark(40)))
+                .is_empty()
+        );
+        let out = merge.receive(0, Message::Watermark(Watermark(35)));
+        assert!(matches!(out[..], [Message::Watermark(Watermark(35))]));
+        // Every input idle: the highest real watermark (40), as one source with only idle
+        // partitions sends, never i64::MAX (which would close every window).
+        let out = merge.receive(0, Message::Watermark(Watermark(i64::MAX)));
+        assert!(matches!(out[..], [Message::Watermark(Watermark(40))]));
+        assert!(
+            merge
+                .receive(1, Message::Watermark(Watermark(i64::MAX)))
+                .is_empty()
+        );
+        let mut fresh = Merge::new(2);
+        fresh.receive(0, Message::Watermark(Watermark(50)));
+        let out = fresh.receive(1, Message::Watermark(Watermark(45)));
+        assert!(matches!(out[..], [Message::Watermark(Watermark(45))]));
+        assert!(
+            fresh
+                .receive(0, Message::Watermark(Watermark(i64::MAX)))
+                .is_empty()
+        );
+        let out = fresh.receive(1, Message::Watermark(Watermark(i64::MAX)));
+        assert!(
+            matches!(out[..], [Message::Watermark(Watermark(50))]),
+            "{out:?}"
         );
     }
 

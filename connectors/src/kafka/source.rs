@@ -523,6 +523,8 @@ struct ConsumerLoop {
     empty_share: bool,
     /// One of several workers.
     split: bool,
+    /// One of several workers, that has told the merge after them it is idle.
+    aside: bool,
     dead_letters: Option<(
         ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
         String,
@@ -709,6 +711,7 @@ impl ConsumerLoop {
             committed_epoch: 0,
             empty_share,
             split: mode == Mode::Group && workers.count > 1,
+            aside: false,
             dead_letters,
             bad_log: RateLimitedLog::new(Duration::from_secs(10)),
             poll_log: RateLimitedLog::new(Duration::from_secs(10)),
@@ -1062,14 +1065,21 @@ impl ConsumerLoop {
                 }
             }
         }
-        let candidate = if self.empty_share {
-            Some(i64::MAX)
-        } else if any_active {
+        if self.empty_share {
+            return self.step_aside();
+        }
+        let candidate = if any_active {
             if blocked { None } else { active_min }
         } else {
             all_max
         };
-        match candidate {
+        // One of several workers coming back from idle: its latest watermark again (the
+        // merge after the workers reads the `i64::MAX` it stepped aside with as "idle").
+        let back = self.aside && any_active;
+        if back {
+            self.aside = false;
+        }
+        let sent = match candidate {
             Some(mark) if self.watermark.is_none_or(|w| mark > w) => {
                 self.watermark = Some(mark);
                 // With several workers, the merge after them sets the pipeline's (the
@@ -1079,8 +1089,28 @@ impl ConsumerLoop {
                 }
                 self.send(Message::Watermark(Watermark(mark)))
             }
+            _ if back => match self.watermark {
+                Some(mark) => self.send(Message::Watermark(Watermark(mark))),
+                None => true,
+            },
             _ => true,
+        };
+        // One of several workers whose partitions are all idle: after its own watermark (the
+        // highest over its partitions, as one source would send), it steps aside, so that
+        // the merge takes the minimum over the other workers, as over active partitions.
+        if sent && self.split && !any_active && !self.partitions.is_empty() {
+            return self.step_aside();
         }
+        sent
+    }
+
+    /// Tells the merge after a pipeline's workers that this one is idle (`i64::MAX`), once.
+    fn step_aside(&mut self) -> bool {
+        if self.aside {
+            return true;
+        }
+        self.aside = true;
+        self.send(Message::Watermark(Watermark(i64::MAX)))
     }
 
     /// Saves every partition's position in `barrier` (next offset, highest event time;

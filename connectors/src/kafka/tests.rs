@@ -519,6 +519,48 @@ async fn the_watermark_advances_past_an_idle_partition_after_the_timeout() {
     reader.stop().await;
 }
 
+/// With several workers, one whose partitions are all idle steps aside (`i64::MAX`) instead
+/// of holding the pipeline at its partitions' old event time, and comes back with its real
+/// watermark when one of them has records again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_partitions_are_all_idle_steps_aside_and_comes_back() {
+    let cluster = cluster("idle-share", 2);
+    let bootstrap = cluster.bootstrap_servers();
+    produce(&bootstrap, "idle-share", [(0, json(0, 1_000))]);
+    let factory = factory(
+        &bootstrap,
+        "idle-share",
+        &[
+            ("group.id", "g-idle-share"),
+            ("watermark.idle_timeout", "1s"),
+        ],
+        Some(EventTime {
+            column: "ts".into(),
+            delay: Duration::ZERO,
+        }),
+    );
+    // Worker 0 of 2 reads partition 0 only.
+    let mut reader = Reader::start_worker(&factory, Worker { index: 0, count: 2 });
+    reader
+        .read_until(|r| r.watermarks.contains(&i64::MAX))
+        .await;
+    assert_eq!(
+        reader.watermarks,
+        vec![1_000, i64::MAX],
+        "its one partition's watermark, then aside once the partition is idle"
+    );
+    produce(&bootstrap, "idle-share", [(0, json(1, 5_000))]);
+    reader
+        .read_until(|r| r.watermarks.last() == Some(&5_000))
+        .await;
+    assert_eq!(
+        reader.watermarks,
+        vec![1_000, i64::MAX, 5_000],
+        "back with its new watermark"
+    );
+    reader.stop().await;
+}
+
 #[test]
 fn create_names_an_unreachable_broker_and_a_missing_topic() {
     let spec = SourceSpec {
