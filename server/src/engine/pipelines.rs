@@ -433,6 +433,23 @@ impl Engine {
                 input, stages, 0, output, metrics, name, name, status,
             ));
         }
+        // Worker `k`'s `stages` (the first numbered `first`) on `input`: their output, and
+        // their tasks.
+        let on_worker = |k: usize, input, stages, first| {
+            let out = Fanout::new();
+            let output = out.subscribe();
+            let tasks = pipeline::spawn_stages(
+                input,
+                stages,
+                first,
+                out,
+                metrics,
+                name,
+                &participant(k),
+                status,
+            );
+            (output, tasks)
+        };
         let mut tasks = Vec::new();
         // Each worker's output, before the last merge.
         let mut outputs = Vec::with_capacity(n);
@@ -447,18 +464,8 @@ impl Engine {
                     let routed = if before.is_empty() {
                         input
                     } else {
-                        let out = Fanout::new();
-                        let routed = out.subscribe();
-                        tasks.extend(pipeline::spawn_stages(
-                            input,
-                            before,
-                            0,
-                            out,
-                            metrics,
-                            name,
-                            &participant(k),
-                            status,
-                        ));
+                        let (routed, spawned) = on_worker(k, input, before, 0);
+                        tasks.extend(spawned);
                         routed
                     };
                     let (senders, receivers) = exchange::channels(n);
@@ -480,34 +487,16 @@ impl Engine {
                         name,
                         source_watermark.clone(),
                     ));
-                    let out = Fanout::new();
-                    outputs.push(out.subscribe());
-                    tasks.extend(pipeline::spawn_stages(
-                        input,
-                        after,
-                        step,
-                        out,
-                        metrics,
-                        name,
-                        &participant(j),
-                        status,
-                    ));
+                    let (output, spawned) = on_worker(j, input, after, step);
+                    tasks.extend(spawned);
+                    outputs.push(output);
                 }
             }
             Partitioning::RowByRow | Partitioning::Single => {
                 for (k, (input, stages)) in inputs.into_iter().zip(stages).enumerate() {
-                    let out = Fanout::new();
-                    outputs.push(out.subscribe());
-                    tasks.extend(pipeline::spawn_stages(
-                        input,
-                        stages,
-                        0,
-                        out,
-                        metrics,
-                        name,
-                        &participant(k),
-                        status,
-                    ));
+                    let (output, spawned) = on_worker(k, input, stages, 0);
+                    tasks.extend(spawned);
+                    outputs.push(output);
                 }
             }
         }
