@@ -364,11 +364,26 @@ impl ConsumerContext for Callbacks {
     }
 }
 
-/// The partition numbers of `topic`.
-fn topic_partitions(consumer: &BaseConsumer<Callbacks>, topic: &str) -> Result<Vec<i32>> {
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| super::kafka_error(&format!("cannot read topic {topic}"), e))?;
+/// The partition numbers of `topic`, asked for in short attempts until `patience` has
+/// passed: a broker slow to answer one request (a restart after a crash) is retried on a
+/// fresh request instead of failing the pipeline after the first.
+fn topic_partitions(
+    consumer: &BaseConsumer<Callbacks>,
+    topic: &str,
+    patience: Duration,
+) -> Result<Vec<i32>> {
+    let deadline = Instant::now() + patience;
+    let metadata = loop {
+        match consumer.fetch_metadata(Some(topic), Duration::from_secs(2)) {
+            Ok(metadata) => break metadata,
+            Err(e) if Instant::now() >= deadline => {
+                return Err(super::kafka_error(&format!("cannot read topic {topic}"), e));
+            }
+            Err(e) => {
+                tracing::debug!(topic, error = %e, "metadata not answered yet; asking again");
+            }
+        }
+    };
     Ok(metadata
         .topics()
         .iter()
@@ -633,7 +648,7 @@ impl ConsumerLoop {
             // records went into). Each starts at the checkpoint's offset, or the group's.
             Mode::Group => {
                 let mut tpl = TopicPartitionList::new();
-                for p in topic_partitions(&consumer, &config.topic)? {
+                for p in topic_partitions(&consumer, &config.topic, config.broker_timeout)? {
                     if usize::try_from(p).is_ok_and(|p| p % workers.count == workers.index) {
                         let offset = checkpointing
                             .resume
@@ -657,7 +672,7 @@ impl ConsumerLoop {
             Mode::Tail => {
                 // A tail joins no group: it reads every partition from its current end.
                 let mut tpl = TopicPartitionList::new();
-                for p in topic_partitions(&consumer, &config.topic)? {
+                for p in topic_partitions(&consumer, &config.topic, Duration::from_secs(10))? {
                     tpl.add_partition_offset(&config.topic, p, Offset::End)
                         .map_err(|e| Error::Internal(e.to_string()))?;
                     partitions.insert(p, new_partition(&metrics, p));
