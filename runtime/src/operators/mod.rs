@@ -12,4 +12,7 @@ mod session;
 pub(crate) mod test_support;
 mod window;
 pub use session::SessionAggregate;
-pub use window::{GroupColumn, WindowAggregate, WindowAggregateSpec, WindowKind, window_operator};
+pub use window::{
+    GroupColumn, Phase, WindowAggregate, WindowAggregateSpec, WindowKind, partial_schema,
+    window_operator,
+};

@@ -20,9 +20,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, UInt32Array};
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array, UInt32Array};
 use arrow::compute::{cast, take};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
+use arrow::datatypes::{
+    DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMillisecondType,
+};
 use arrow::record_batch::RecordBatch;
 use datafusion::common::ScalarValue;
 use datafusion::logical_expr::{Accumulator, EmitTo, GroupsAccumulator};
@@ -34,7 +36,7 @@ use datafusion::physical_plan::aggregates::order::GroupOrdering;
 use super::session::SessionAggregate;
 use crate::checkpoint::Snapshot;
 use crate::error::{Error, Result};
-use crate::message::{Message, Watermark};
+use crate::message::{CheckpointBarrier, Message, Watermark};
 use crate::operator::{Operator, StateReport};
 
 /// The window of a windowed aggregation, in milliseconds.
@@ -217,9 +219,49 @@ pub struct WindowAggregateSpec {
     pub processing_time: bool,
 }
 
+/// Where a [`WindowAggregate`] sits when the aggregation is split in two around a shuffle
+/// (a cluster's repartition topic), as Flink's two-phase aggregation and DataFusion's
+/// `AggregateMode::Partial` / `Final` split it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Rows in, windows out.
+    Whole,
+    /// Rows in; at every barrier and at the end, every pane's accumulator states out (one
+    /// row per pane and key, laid out as [`partial_schema`] says), and nothing kept. Windows
+    /// are never closed here: the watermark passes through.
+    Partial,
+    /// [`Phase::Partial`]'s rows in (merged per pane and key), windows out.
+    Final,
+}
+
+/// The rows a [`Phase::Partial`] window emits for `spec` over `input_schema`: `__pane` (the
+/// pane's start, ms), the key columns (`k0`, ...; one constant `k` without keys), then each
+/// aggregate's state columns (`a0_0`, ...).
+pub fn partial_schema(spec: &WindowAggregateSpec, input_schema: &Schema) -> Result<SchemaRef> {
+    let (key_schema, _) = prepare(spec, input_schema)?;
+    let mut fields = vec![Field::new(PANE_COLUMN, DataType::Int64, false)];
+    fields.extend(key_schema.fields().iter().map(|f| f.as_ref().clone()));
+    for (a, aggregate) in spec.aggregates.iter().enumerate() {
+        for (j, state) in aggregate.state_fields()?.iter().enumerate() {
+            fields.push(Field::new(
+                format!("a{a}_{j}"),
+                state.data_type().clone(),
+                true,
+            ));
+        }
+    }
+    Ok(Arc::new(Schema::new(fields)))
+}
+
+/// The first column of a partial row: the start of its pane.
+const PANE_COLUMN: &str = "__pane";
+
 /// A running windowed aggregation (one per pipeline).
 pub struct WindowAggregate {
     spec: Arc<WindowAggregateSpec>,
+    phase: Phase,
+    /// [`Phase::Partial`]: the rows it emits.
+    partial_schema: SchemaRef,
     /// The key columns' types, for [`new_group_values`]; one constant column when there are
     /// no keys (`GROUP BY window_start` alone).
     key_schema: SchemaRef,
@@ -364,6 +406,22 @@ struct PaneMeta {
 
 impl WindowAggregate {
     pub fn try_new(spec: Arc<WindowAggregateSpec>, input_schema: &Schema) -> Result<Self> {
+        Self::with_phase(spec, input_schema, Phase::Whole)
+    }
+
+    /// One phase of the aggregation `spec`, whose rows are over `input_schema` (for
+    /// [`Phase::Final`] too: its own input is the partial phase's output). Processing-time
+    /// windows do not split: their panes follow each process's clock.
+    pub fn with_phase(
+        spec: Arc<WindowAggregateSpec>,
+        input_schema: &Schema,
+        phase: Phase,
+    ) -> Result<Self> {
+        if phase != Phase::Whole && spec.processing_time {
+            return Err(Error::Internal(
+                "a processing-time window does not split in two phases".into(),
+            ));
+        }
         if matches!(spec.kind, WindowKind::Session { .. }) {
             return Err(Error::Internal(
                 "session windows are computed by SessionAggregate".into(),
@@ -371,6 +429,8 @@ impl WindowAggregate {
         }
         let (key_schema, arguments) = prepare(&spec, input_schema)?;
         Ok(Self {
+            phase,
+            partial_schema: partial_schema(&spec, input_schema)?,
             last_emit_lag: None,
             late: LateRecords::default(),
             arguments,
@@ -652,12 +712,127 @@ impl WindowAggregate {
     }
 }
 
+impl WindowAggregate {
+    /// [`Phase::Partial`]: every pane's states out, one batch per pane, and the panes gone.
+    fn emit_partials(&mut self, out: &mut Vec<Message>) -> Result<()> {
+        for (start, pane) in std::mem::take(&mut self.panes) {
+            let frozen = freeze(pane, &self.spec.aggregates)?;
+            let rows = frozen.keys.first().map_or(0, |k| k.len());
+            if rows == 0 {
+                continue;
+            }
+            let mut columns: Vec<ArrayRef> = vec![Arc::new(Int64Array::from(vec![start; rows]))];
+            columns.extend(frozen.keys);
+            columns.extend(frozen.states.into_iter().flatten());
+            let columns = columns
+                .into_iter()
+                .zip(self.partial_schema.fields())
+                .map(|(c, f)| {
+                    if c.data_type() == f.data_type() {
+                        Ok(c)
+                    } else {
+                        Ok(cast(&c, f.data_type())?)
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            out.push(Message::Data(RecordBatch::try_new(
+                self.partial_schema.clone(),
+                columns,
+            )?));
+        }
+        Ok(())
+    }
+
+    /// [`Phase::Final`]: merges partial rows into their panes. Rows of a pane the watermark
+    /// has closed are late, as records would be.
+    fn merge_partials(&mut self, batch: RecordBatch) -> Result<()> {
+        if batch.num_columns() != self.partial_schema.fields().len() {
+            return Err(Error::Execution(format!(
+                "partial window rows have {} columns where this query keeps {}",
+                batch.num_columns(),
+                self.partial_schema.fields().len()
+            )));
+        }
+        let starts = batch
+            .column(0)
+            .as_primitive_opt::<Int64Type>()
+            .ok_or_else(|| Error::Execution("partial window rows without a pane start".into()))?
+            .clone();
+        let mut by_pane: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+        let first = (!starts.is_empty()).then(|| starts.value(0));
+        let one_pane =
+            starts.null_count() == 0 && starts.values().iter().all(|&s| Some(s) == first);
+        if !one_pane {
+            for (row, start) in starts.iter().enumerate() {
+                let start = start.ok_or_else(|| {
+                    Error::Execution("partial window rows without a pane start".into())
+                })?;
+                by_pane.entry(start).or_default().push(row as u32);
+            }
+        }
+        let panes: Vec<(i64, Option<Vec<u32>>)> = match first {
+            Some(start) if one_pane => vec![(start, None)],
+            _ => by_pane
+                .into_iter()
+                .map(|(s, rows)| (s, Some(rows)))
+                .collect(),
+        };
+        let keys = self.key_schema.fields().len();
+        let states = self
+            .spec
+            .aggregates
+            .iter()
+            .map(|a| Ok(a.state_fields()?.len()))
+            .collect::<Result<Vec<_>>>()?;
+        let body = batch.project(&(1..batch.num_columns()).collect::<Vec<_>>())?;
+        let (slide, lateness) = (self.spec.kind.slide(), self.spec.allowed_lateness);
+        let mut ids = Vec::new();
+        for (start, rows) in panes {
+            let count = rows.as_ref().map_or(batch.num_rows(), Vec::len);
+            let late = self
+                .watermark
+                .is_some_and(|w| start.saturating_add(slide).saturating_add(lateness) <= w);
+            if late {
+                self.late.dropped(count as u64, self.watermark);
+                continue;
+            }
+            let part = match rows {
+                None => body.clone(),
+                Some(rows) => {
+                    let indices = UInt32Array::from(rows);
+                    let columns = body
+                        .columns()
+                        .iter()
+                        .map(|c| take(c, &indices, None))
+                        .collect::<std::result::Result<Vec<_>, _>>()?;
+                    RecordBatch::try_new(body.schema(), columns)?
+                }
+            };
+            let frozen = FrozenPane::from_batch(&part, keys, &states)?;
+            let mut pane = match self.panes.remove(&start) {
+                Some(pane) => pane,
+                None => self.new_pane()?,
+            };
+            self.merge_into(&mut pane, &frozen, &mut ids)?;
+            self.panes.insert(start, pane);
+        }
+        Ok(())
+    }
+}
+
 impl Operator for WindowAggregate {
     fn name(&self) -> &'static str {
-        "window_aggregate"
+        match self.phase {
+            Phase::Whole => "window_aggregate",
+            Phase::Partial => "window_partial",
+            Phase::Final => "window_final",
+        }
     }
 
     fn process_batch(&mut self, batch: RecordBatch, _out: &mut Vec<Message>) -> Result<()> {
+        if self.phase == Phase::Final {
+            return self.merge_partials(batch);
+        }
         let time = event_times(&self.spec, &batch)?;
         let (panes, late) = self.assign_panes(&time);
         self.late.dropped(late, self.watermark);
@@ -696,6 +871,11 @@ impl Operator for WindowAggregate {
         if !advance(&mut self.watermark, &self.spec, watermark) {
             return Ok(());
         }
+        if self.phase == Phase::Partial {
+            // Rows keep their event time's pane: the final phase closes windows.
+            out.push(Message::Watermark(watermark));
+            return Ok(());
+        }
         self.close(watermark.0, out)?;
         // Rows emitted later have window_start > mark - lateness - size.
         let held = watermark
@@ -706,7 +886,18 @@ impl Operator for WindowAggregate {
         Ok(())
     }
 
+    fn on_barrier(&mut self, barrier: CheckpointBarrier, out: &mut Vec<Message>) -> Result<()> {
+        if self.phase == Phase::Partial {
+            self.emit_partials(out)?;
+        }
+        out.push(Message::Barrier(barrier));
+        Ok(())
+    }
+
     fn on_end(&mut self, out: &mut Vec<Message>) -> Result<()> {
+        if self.phase == Phase::Partial {
+            return self.emit_partials(out);
+        }
         // A bounded input is complete: every open window closes (no lag to speak of).
         self.close(i64::MAX, out)?;
         self.last_emit_lag = None;
@@ -735,6 +926,10 @@ impl Operator for WindowAggregate {
     /// has emitted and the late count. An open pane is frozen to read its states (which
     /// consumes them) and thawed back from the same arrays.
     fn snapshot(&mut self) -> Result<Option<Snapshot>> {
+        if self.phase == Phase::Partial {
+            // Its panes go out before the barrier (`on_barrier`): nothing is left to save.
+            return Ok(None);
+        }
         let mut panes = Vec::with_capacity(self.panes.len() + self.frozen.len());
         let mut batches = Vec::with_capacity(panes.capacity());
         for start in self.panes.keys().copied().collect::<Vec<_>>() {
@@ -985,6 +1180,134 @@ mod tests {
     }
 
     /// A record whose window cannot be bounded in an i64 of ms is dropped, not a panic.
+    /// Runs `script()` split over two partial phases (alternate batches, each flushed at a
+    /// barrier before every watermark and, with `flush_each`, after every batch) into one
+    /// final phase, which gets each watermark after the partial rows before it.
+    fn two_phases(kind: WindowKind, lateness: i64, flush_each: bool) -> (String, Vec<i64>) {
+        let spec = spec(kind, lateness);
+        let input = input_schema();
+        let partial = || WindowAggregate::with_phase(spec.clone(), &input, Phase::Partial);
+        let mut partials = [partial().expect("partial"), partial().expect("partial")];
+        let mut last =
+            WindowAggregate::with_phase(spec.clone(), &input, Phase::Final).expect("final");
+        let mut out = Vec::new();
+        let mut shuffled = Vec::new();
+        let flush = |partials: &mut [WindowAggregate; 2], shuffled: &mut Vec<Message>| {
+            for p in partials.iter_mut() {
+                assert!(
+                    p.snapshot().expect("snapshot").is_none(),
+                    "a partial phase keeps nothing"
+                );
+                p.on_barrier(CheckpointBarrier::new(1), shuffled)
+                    .expect("barrier");
+            }
+        };
+        let deliver =
+            |last: &mut WindowAggregate, shuffled: &mut Vec<Message>, out: &mut Vec<Message>| {
+                for m in shuffled.drain(..) {
+                    if let Message::Data(b) = m {
+                        last.process_batch(b, out).expect("merge");
+                    }
+                }
+            };
+        for (i, step) in script().into_iter().enumerate() {
+            match step {
+                Step::Batch(b) => {
+                    partials[i % 2]
+                        .process_batch(b, &mut shuffled)
+                        .expect("batch");
+                    if flush_each {
+                        flush(&mut partials, &mut shuffled);
+                    }
+                }
+                Step::Watermark(w) => {
+                    for p in partials.iter_mut() {
+                        p.on_watermark(Watermark(w), &mut shuffled)
+                            .expect("watermark");
+                    }
+                    flush(&mut partials, &mut shuffled);
+                    deliver(&mut last, &mut shuffled, &mut out);
+                    last.on_watermark(Watermark(w), &mut out)
+                        .expect("watermark");
+                }
+            }
+        }
+        for p in partials.iter_mut() {
+            p.on_end(&mut shuffled).expect("end");
+        }
+        deliver(&mut last, &mut shuffled, &mut out);
+        last.on_end(&mut out).expect("end");
+        drain(&mut out)
+    }
+
+    #[test]
+    fn a_partial_and_a_final_phase_emit_what_one_operator_does() {
+        for (kind, lateness) in [
+            (WindowKind::Tumble { size: 1000 }, 0),
+            (WindowKind::Tumble { size: 1000 }, 500),
+            (
+                WindowKind::Hop {
+                    size: 3000,
+                    slide: 1000,
+                },
+                0,
+            ),
+        ] {
+            let mut whole = operator(kind, lateness);
+            let mut expected = Vec::new();
+            for step in script() {
+                match step {
+                    Step::Batch(b) => whole.process_batch(b, &mut expected).expect("batch"),
+                    Step::Watermark(w) => whole
+                        .on_watermark(Watermark(w), &mut expected)
+                        .expect("watermark"),
+                }
+            }
+            whole.on_end(&mut expected).expect("end");
+            let expected = drain(&mut expected);
+            assert!(!expected.0.is_empty());
+            for flush_each in [false, true] {
+                assert_eq!(
+                    two_phases(kind, lateness, flush_each),
+                    expected,
+                    "{kind:?} flush_each={flush_each}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn partial_rows_of_a_closed_window_are_late_in_the_final_phase() {
+        let spec = spec(WindowKind::Tumble { size: 1000 }, 0);
+        let input = input_schema();
+        let mut partial =
+            WindowAggregate::with_phase(spec.clone(), &input, Phase::Partial).expect("partial");
+        let mut last = WindowAggregate::with_phase(spec, &input, Phase::Final).expect("final");
+        let mut shuffled = Vec::new();
+        partial
+            .process_batch(batch(&[(1, 1.0, 100), (2, 2.0, 1500)]), &mut shuffled)
+            .expect("batch");
+        partial.on_end(&mut shuffled).expect("end");
+        let mut out = Vec::new();
+        last.on_watermark(Watermark(1000), &mut out)
+            .expect("watermark");
+        for m in shuffled {
+            if let Message::Data(b) = m {
+                last.process_batch(b, &mut out).expect("merge");
+            }
+        }
+        last.on_end(&mut out).expect("end");
+        assert_eq!(last.late_dropped(), 1, "the pane [0, 1000) had closed");
+        let (rows, _) = drain(&mut out);
+        assert_eq!(
+            rows.lines()
+                .filter(|l| l.starts_with("| 19"))
+                .collect::<Vec<_>>(),
+            ["| 1970-01-01T00:00:01 | 1970-01-01T00:00:02 | 2 | 1 | 2.0   |"],
+            "only the open window's row is emitted"
+        );
+    }
+
     #[test]
     fn records_at_the_ends_of_the_timestamp_range_are_dropped() {
         for kind in [
