@@ -132,6 +132,15 @@ impl CheckpointBarrier {
         }
     }
 
+    /// What participant `id` saved for this epoch so far (a sink that commits the source's
+    /// positions with its own output reads them here: the source saves them as it injects
+    /// the barrier, before anything downstream sees it).
+    pub fn saved(&self, id: &str) -> Option<Snapshot> {
+        let tracker = self.tracker.as_ref()?;
+        let snapshots = tracker.snapshots.lock().unwrap_or_else(|e| e.into_inner());
+        snapshots.get(id).cloned()
+    }
+
     /// This copy's rows are durable (or pre-committed): the epoch may complete.
     pub fn ack(mut self) {
         self.acked = true;

@@ -354,6 +354,12 @@ impl SourceContext {
         self.out.send(message).await.is_ok()
     }
 
+    /// Cancelled when the pipeline is asked to stop, for a source that waits on the stop
+    /// while it borrows the context otherwise.
+    pub fn stopping_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
     /// Resolves when the pipeline is asked to stop.
     pub async fn stopping(&self) {
         self.shutdown.cancelled().await;

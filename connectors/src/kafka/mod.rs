@@ -7,6 +7,7 @@
 //! When a catalog is restored the broker is not checked: a broker that is down then is an
 //! outage the source rides out (retries with backoff), not a reason to drop the stream.
 
+mod repartition;
 mod sink;
 mod source;
 mod table;
@@ -25,6 +26,7 @@ use weir_sql::options::{OptionError, OptionReader};
 
 use crate::decode::Format;
 
+pub use repartition::{RepartitionSink, RepartitionSource, RepartitionTarget};
 pub use sink::KafkaSinkFactory;
 pub use table::KafkaTableFactory;
 

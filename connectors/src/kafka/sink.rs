@@ -107,8 +107,8 @@ impl SinkFactory for KafkaSinkFactory {
 
 /// Delivery failures, counted by the producer's callback.
 #[derive(Clone, Default)]
-struct Acks {
-    failed: Arc<AtomicU64>,
+pub(super) struct Acks {
+    pub(super) failed: Arc<AtomicU64>,
 }
 
 impl ClientContext for Acks {}

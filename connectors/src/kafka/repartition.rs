@@ -1,0 +1,808 @@
+//! The repartition topic of a cluster pipeline (`weir serve --cluster`): the shuffle between
+//! the tasks that read the source's partitions and those that own the keys.
+//!
+//! Exactly once without broker transactions (librdkafka's mock cluster has none, and Weir
+//! already has a commit log: the checkpoint store). Each upstream writer (one per source
+//! partition) runs the two-phase sink protocol:
+//!
+//! - **write:** rows (or partial window states) go to the repartition partition their key
+//!   hashes to, tagged with the writer, its *generation* (random, new each time a task
+//!   starts) and the epoch (the next checkpoint's);
+//! - **pre-commit** (at the barrier): the producer is flushed, so every record of the epoch
+//!   is in Kafka;
+//! - the checkpoint (source offset and this sink's generation and epoch) is written to the
+//!   store: *that* is the commit point;
+//! - **commit:** a marker `(writer, generation, epoch, watermark)` goes to every repartition
+//!   partition. A task restored from the checkpoint sends its markers again first (the one
+//!   before it may have died between the commit point and the markers).
+//!
+//! [`RepartitionSource`] reads one repartition partition. It holds a writer's records back
+//! until that writer's marker for their epoch comes; then it emits those of the marker's
+//! generation and drops the others (a writer that died before its commit point, whose
+//! successor replays the same source offsets under a new generation). Records of an epoch
+//! already committed are dropped (a replay). Its watermark is the minimum over writers'
+//! markers, an idle writer (`i64::MAX`) holding nothing back. Its checkpoint keeps the
+//! offset of the oldest record still held back, so held records are read again after a
+//! restore rather than saved.
+//!
+//! A record's value: one byte of kind, then for rows the writer (i32), generation (u64) and
+//! epoch (u64), big-endian, and an Arrow IPC stream; for a marker, JSON.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use arrow::datatypes::SchemaRef;
+use arrow::ipc::reader::StreamReader;
+use arrow::ipc::writer::StreamWriter;
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use datafusion::physical_expr::PhysicalExpr;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message as _;
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use weir_runtime::exchange::KeyRouter;
+use weir_runtime::{
+    CheckpointBarrier, Error, Message, Result, Sink, Snapshot, Source, SourceContext, SourceExit,
+    Watermark,
+};
+
+use super::ClientSettings;
+use super::sink::Acks;
+
+const DATA: u8 = b'D';
+const MARKER: u8 = b'M';
+/// Bytes before a data record's IPC stream: kind, writer, generation, epoch.
+const HEADER: usize = 1 + 4 + 8 + 8;
+/// How long a flush may wait for the broker.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Writer `writer` (a source partition) of `writers` committed every epoch up to `epoch`
+/// of generation `generation`, and its watermark is `watermark` (`i64::MAX`: idle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Marker {
+    writer: i32,
+    writers: usize,
+    generation: u64,
+    epoch: u64,
+    watermark: i64,
+}
+
+/// Where the upstream side of one source partition writes.
+#[derive(Debug, Clone)]
+pub struct RepartitionTarget {
+    pub client: ClientSettings,
+    /// The repartition topic, and its partition count.
+    pub topic: String,
+    pub partitions: usize,
+    /// The rows' key columns, over the rows written (the router hashes them).
+    pub keys: Vec<Arc<dyn PhysicalExpr>>,
+    /// The source partition this writer reads, and how many there are.
+    pub writer: i32,
+    pub writers: usize,
+}
+
+/// What a writer's checkpoint holds: the generation that wrote the epoch, and its
+/// watermark, to send the epoch's markers again after a restore.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct WriterState {
+    generation: u64,
+    epoch: u64,
+    watermark: Option<i64>,
+}
+
+/// Writes one source partition's share of a pipeline to the repartition topic (see the
+/// module's docs).
+pub struct RepartitionSink {
+    target: RepartitionTarget,
+    producer: Arc<ThreadedProducer<Acks>>,
+    acks: Acks,
+    router: KeyRouter,
+    generation: u64,
+    /// The epoch of the records being written (the next barrier's).
+    epoch: u64,
+    watermark: Option<i64>,
+    /// Epochs pre-committed, not yet committed, with their watermark.
+    pending: VecDeque<(u64, Option<i64>)>,
+    /// The last epoch pre-committed (for the snapshot).
+    last: Option<WriterState>,
+    /// Bytes written to the topic (record values), for the benchmark.
+    bytes: Arc<AtomicU64>,
+}
+
+impl RepartitionSink {
+    pub fn new(target: RepartitionTarget) -> Result<Self> {
+        let acks = Acks::default();
+        let producer: ThreadedProducer<Acks> = target
+            .client
+            .config(&[
+                // In order and once per partition, across retries.
+                ("enable.idempotence", "true"),
+                ("acks", "all"),
+                ("linger.ms", "20"),
+                ("compression.type", "lz4"),
+            ])
+            .create_with_context(acks.clone())
+            .map_err(|e| super::kafka_error("cannot create the repartition producer", e))?;
+        let router = KeyRouter::try_new(target.keys.clone(), target.partitions)?;
+        Ok(Self {
+            target,
+            producer: Arc::new(producer),
+            acks,
+            router,
+            generation: new_generation(),
+            epoch: 1,
+            watermark: None,
+            pending: VecDeque::new(),
+            last: None,
+            bytes: Arc::default(),
+        })
+    }
+
+    /// Bytes written to the repartition topic so far (record values).
+    pub fn bytes_written(&self) -> Arc<AtomicU64> {
+        self.bytes.clone()
+    }
+
+    /// Sends one record to partition `partition`, waiting while the producer's queue is full.
+    async fn send(&mut self, partition: usize, value: Vec<u8>) -> Result<()> {
+        self.bytes.fetch_add(value.len() as u64, Ordering::Relaxed);
+        let partition = i32::try_from(partition).unwrap_or(i32::MAX);
+        loop {
+            let record = BaseRecord::<(), _>::to(&self.target.topic)
+                .partition(partition)
+                .payload(&value);
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    _,
+                )) => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err((e, _)) => {
+                    return Err(super::kafka_error(
+                        &format!("cannot write to {}", self.target.topic),
+                        e,
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Waits until the broker has every record sent; fails if any was lost.
+    async fn flush(&mut self) -> Result<()> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || producer.flush(FLUSH_TIMEOUT))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(|e| {
+                super::kafka_error(&format!("cannot flush to {}", self.target.topic), e)
+            })?;
+        let failed = self.acks.failed.swap(0, Ordering::Relaxed);
+        if failed > 0 {
+            return Err(Error::external(
+                weir_runtime::error::External::Connection,
+                format!(
+                    "{failed} records were not delivered to {}",
+                    self.target.topic
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sends `state`'s marker to every repartition partition.
+    async fn mark(&mut self, state: WriterState) -> Result<()> {
+        let Some(watermark) = state.watermark else {
+            // No watermark yet: readers keep waiting for this writer, as they should.
+            return Ok(());
+        };
+        let marker = Marker {
+            writer: self.target.writer,
+            writers: self.target.writers,
+            generation: state.generation,
+            epoch: state.epoch,
+            watermark,
+        };
+        let mut value = vec![MARKER];
+        serde_json::to_writer(&mut value, &marker)
+            .map_err(|e| Error::Internal(format!("cannot encode a marker: {e}")))?;
+        for partition in 0..self.target.partitions {
+            self.send(partition, value.clone()).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A writer's generation: random, so that two tasks that ever wrote for one source
+/// partition differ.
+fn new_generation() -> u64 {
+    use rand::{Rng, SeedableRng};
+    rand::rngs::SmallRng::from_os_rng().random()
+}
+
+#[async_trait]
+impl Sink for RepartitionSink {
+    async fn write(&mut self, batch: RecordBatch) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        for (partition, part) in self.router.route(batch)? {
+            let mut value = Vec::with_capacity(HEADER + part.get_array_memory_size());
+            value.push(DATA);
+            value.extend_from_slice(&self.target.writer.to_be_bytes());
+            value.extend_from_slice(&self.generation.to_be_bytes());
+            value.extend_from_slice(&self.epoch.to_be_bytes());
+            let mut writer = StreamWriter::try_new(&mut value, &part.schema())?;
+            writer.write(&part)?;
+            writer.finish()?;
+            drop(writer);
+            self.send(partition, value).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_watermark(&mut self, watermark: Watermark) -> Result<()> {
+        self.watermark = Some(watermark.0);
+        Ok(())
+    }
+
+    async fn pre_commit(&mut self, barrier: CheckpointBarrier) -> Result<()> {
+        if let Err(e) = self.flush().await {
+            barrier.fail();
+            return Err(e);
+        }
+        self.pending.push_back((barrier.epoch, self.watermark));
+        self.last = Some(WriterState {
+            generation: self.generation,
+            epoch: barrier.epoch,
+            watermark: self.watermark,
+        });
+        self.epoch = barrier.epoch + 1;
+        barrier.ack();
+        Ok(())
+    }
+
+    fn snapshot(&mut self) -> Result<Option<Snapshot>> {
+        let Some(state) = self.last else {
+            return Ok(None);
+        };
+        let meta = serde_json::to_value(state).map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(Some(Snapshot::meta(meta)))
+    }
+
+    /// The checkpoint's epoch is committed: the writer that saved it may have died before
+    /// its markers went out, so they go again (readers ignore a marker twice).
+    async fn restore(&mut self, snapshot: Snapshot) -> Result<()> {
+        let state: WriterState = serde_json::from_value(snapshot.meta).map_err(|e| {
+            Error::Execution(format!("repartition writer state is unreadable: {e}"))
+        })?;
+        self.mark(state).await?;
+        self.flush().await?;
+        self.epoch = state.epoch + 1;
+        self.watermark = state.watermark;
+        Ok(())
+    }
+
+    /// Epochs up to `epoch` are in the store: their markers go out (the last one's covers
+    /// the others: a reader takes every epoch up to a marker's).
+    async fn commit(&mut self, epoch: u64) -> Result<()> {
+        let mut committed = None;
+        while let Some(&(e, watermark)) = self.pending.front()
+            && e <= epoch
+        {
+            committed = Some(WriterState {
+                generation: self.generation,
+                epoch: e,
+                watermark,
+            });
+            self.pending.pop_front();
+        }
+        match committed {
+            Some(state) => self.mark(state).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn finish(&mut self) -> Result<()> {
+        self.flush().await
+    }
+}
+
+/// What a downstream task saved: where to read again, and each upstream writer's last
+/// marker.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct ReaderPosition {
+    /// The offset of the oldest record held back, or the next to read.
+    offset: Option<i64>,
+    writers: BTreeMap<i32, WriterMark>,
+    /// How many writers there are (from their markers).
+    expected: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+struct WriterMark {
+    /// The last epoch committed, and by which generation.
+    generation: u64,
+    epoch: u64,
+    /// The last marker's watermark (`i64::MAX`: idle).
+    watermark: i64,
+    /// The highest watermark that was not idle.
+    real: Option<i64>,
+}
+
+/// Records held back until their writer's marker: (offset, writer, generation, epoch, rows).
+type Held = VecDeque<(i64, i32, u64, u64, Vec<RecordBatch>)>;
+
+impl ReaderPosition {
+    /// Takes `marker`: `Some` with the records it releases from `held` (in order), and
+    /// drops those it shows will never be committed; `None` for a marker already seen.
+    fn mark(&mut self, marker: Marker, held: &mut Held) -> Option<Vec<RecordBatch>> {
+        self.expected = self.expected.max(marker.writers);
+        let writer = self.writers.entry(marker.writer).or_default();
+        if marker.epoch <= writer.epoch && writer.epoch > 0 {
+            return None;
+        }
+        writer.generation = marker.generation;
+        writer.epoch = marker.epoch;
+        writer.watermark = marker.watermark;
+        if marker.watermark != i64::MAX {
+            writer.real = Some(
+                writer
+                    .real
+                    .map_or(marker.watermark, |r| r.max(marker.watermark)),
+            );
+        }
+        let mut released = Vec::new();
+        held.retain_mut(|(_, w, g, e, rows)| {
+            if *w != marker.writer || *e > marker.epoch {
+                return true;
+            }
+            if *g == marker.generation {
+                released.append(rows);
+            }
+            false
+        });
+        Some(released)
+    }
+
+    /// Whether a record of `writer`'s `epoch` belongs to an epoch already committed.
+    fn replayed(&self, writer: i32, epoch: u64) -> bool {
+        self.writers
+            .get(&writer)
+            .is_some_and(|w| w.epoch > 0 && epoch <= w.epoch)
+    }
+
+    /// The minimum over writers that are not idle once every writer has been heard from;
+    /// when all are idle, the highest watermark any of them reached.
+    fn watermark(&self) -> Option<i64> {
+        if self.expected == 0 || self.writers.len() < self.expected {
+            return None;
+        }
+        let active = self
+            .writers
+            .values()
+            .filter(|w| w.watermark != i64::MAX)
+            .map(|w| w.watermark)
+            .min();
+        active.or_else(|| self.writers.values().filter_map(|w| w.real).max())
+    }
+}
+
+/// Reads one partition of a repartition topic (see the module's docs).
+pub struct RepartitionSource {
+    client: ClientSettings,
+    topic: String,
+    partition: i32,
+    schema: SchemaRef,
+    resume: ReaderPosition,
+}
+
+impl RepartitionSource {
+    /// A reader of `topic`'s partition `partition`, whose rows have `schema`.
+    pub fn new(client: ClientSettings, topic: String, partition: i32, schema: SchemaRef) -> Self {
+        Self {
+            client,
+            topic,
+            partition,
+            schema,
+            resume: ReaderPosition::default(),
+        }
+    }
+
+    /// A data record's writer, generation, epoch and rows.
+    fn decode(&self, value: &[u8]) -> Result<(i32, u64, u64, Vec<RecordBatch>)> {
+        let unreadable = || Error::Execution(format!("a record of {} is unreadable", self.topic));
+        let header = value.get(1..HEADER).ok_or_else(unreadable)?;
+        let writer = i32::from_be_bytes(header[0..4].try_into().map_err(|_| unreadable())?);
+        let generation = u64::from_be_bytes(header[4..12].try_into().map_err(|_| unreadable())?);
+        let epoch = u64::from_be_bytes(header[12..20].try_into().map_err(|_| unreadable())?);
+        let reader = StreamReader::try_new(std::io::Cursor::new(&value[HEADER..]), None)?;
+        let mut batches = Vec::new();
+        for batch in reader {
+            let batch = batch?;
+            if batch.num_columns() != self.schema.fields().len() {
+                return Err(Error::Execution(format!(
+                    "a record of {} has {} columns where the query expects {}",
+                    self.topic,
+                    batch.num_columns(),
+                    self.schema.fields().len()
+                )));
+            }
+            batches.push(RecordBatch::try_new(
+                self.schema.clone(),
+                batch.columns().to_vec(),
+            )?);
+        }
+        Ok((writer, generation, epoch, batches))
+    }
+
+    /// Starts the consumer thread: it sends `(offset, value)` of each record.
+    fn spawn_consumer(
+        &self,
+        tx: mpsc::Sender<(i64, Vec<u8>)>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<std::thread::JoinHandle<Result<()>>> {
+        let consumer: BaseConsumer = self
+            .client
+            .config(&[
+                ("group.id", "weir-repartition-reader"),
+                ("enable.auto.commit", "false"),
+                ("enable.partition.eof", "false"),
+                ("auto.offset.reset", "earliest"),
+            ])
+            .create()
+            .map_err(|e| super::kafka_error("cannot create the repartition reader", e))?;
+        let offset = self.resume.offset.map_or(Offset::Beginning, Offset::Offset);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, self.partition, offset)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        consumer
+            .assign(&tpl)
+            .map_err(|e| super::kafka_error(&format!("cannot assign {}", self.topic), e))?;
+        let topic = self.topic.clone();
+        std::thread::Builder::new()
+            .name(format!("repartition-{}", self.partition))
+            .spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    match consumer.poll(Duration::from_millis(100)) {
+                        None => {}
+                        Some(Ok(m)) => {
+                            let value = m.payload().unwrap_or_default().to_vec();
+                            if tx.blocking_send((m.offset(), value)).is_err() {
+                                break;
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(topic = %topic, error = %e, "repartition reader");
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|e| Error::Internal(format!("cannot start the repartition reader: {e}")))
+    }
+}
+
+#[async_trait]
+impl Source for RepartitionSource {
+    async fn run(&mut self, ctx: &mut SourceContext) -> Result<SourceExit> {
+        let (tx, mut rx) = mpsc::channel(8);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = self.spawn_consumer(tx, stop.clone())?;
+        let _stop_thread = StopOnDrop(stop);
+        let mut position = self.resume.clone();
+        let mut next = position.offset;
+        let mut held: Held = VecDeque::new();
+        let mut emitted = position.watermark();
+        let mut checkpoints = ctx.take_checkpoints();
+        let stopping = ctx.stopping_token();
+        loop {
+            tokio::select! {
+                biased;
+                () = stopping.cancelled() => return Ok(SourceExit::Stopped),
+                Some(barrier) = next_barrier(&mut checkpoints) => {
+                    position.offset = held.front().map(|h| h.0).or(next);
+                    let snapshot = Snapshot::meta(serde_json::to_value(&position)
+                        .map_err(|e| Error::Internal(e.to_string()))?);
+                    if !ctx.emit_barrier(barrier, snapshot).await {
+                        return Ok(SourceExit::Stopped);
+                    }
+                }
+                record = rx.recv() => {
+                    let Some((offset, value)) = record else {
+                        return match tokio::task::spawn_blocking(move || thread.join()).await {
+                            Ok(Ok(Err(e))) => Err(e),
+                            _ => Err(Error::Internal(format!("the reader of {} ended", self.topic))),
+                        };
+                    };
+                    next = Some(offset + 1);
+                    let released = match value.first() {
+                        Some(&DATA) => {
+                            let (writer, generation, epoch, rows) = self.decode(&value)?;
+                            if !position.replayed(writer, epoch) {
+                                held.push_back((offset, writer, generation, epoch, rows));
+                            }
+                            continue;
+                        }
+                        Some(&MARKER) => {
+                            let marker: Marker = serde_json::from_slice(&value[1..]).map_err(|e| {
+                                Error::Execution(format!("a marker in {} is unreadable: {e}", self.topic))
+                            })?;
+                            match position.mark(marker, &mut held) {
+                                Some(released) => released,
+                                None => continue,
+                            }
+                        }
+                        _ => {
+                            return Err(Error::Execution(format!(
+                                "record {offset} of {} is not Weir's", self.topic
+                            )));
+                        }
+                    };
+                    for batch in released {
+                        if !ctx.emit(Message::Data(batch)).await {
+                            return Ok(SourceExit::Stopped);
+                        }
+                    }
+                    if let Some(w) = position.watermark()
+                        && emitted.is_none_or(|e| w > e)
+                    {
+                        emitted = Some(w);
+                        ctx.metrics.watermark_ms().set(w);
+                        if !ctx.emit(Message::Watermark(Watermark(w))).await {
+                            return Ok(SourceExit::Stopped);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn restore(&mut self, position: Snapshot) -> Result<()> {
+        self.resume = serde_json::from_value(position.meta).map_err(|e| {
+            Error::Execution(format!(
+                "repartition position in the checkpoint is unreadable: {e}"
+            ))
+        })?;
+        Ok(())
+    }
+}
+
+/// The next barrier the coordinator asks for (never, without checkpoints).
+async fn next_barrier(
+    checkpoints: &mut Option<weir_runtime::coordinator::SourceCheckpoints>,
+) -> Option<CheckpointBarrier> {
+    match checkpoints {
+        Some(c) => c.barriers.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{Array, Int64Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::physical_expr::expressions::col;
+    use rdkafka::mocking::MockCluster;
+    use weir_runtime::CancellationToken;
+    use weir_runtime::metrics::SourceMetrics;
+
+    use super::*;
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)]))
+    }
+
+    fn rows(keys: std::ops::Range<i64>) -> RecordBatch {
+        RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from_iter_values(keys))])
+            .expect("batch")
+    }
+
+    fn client(bootstrap: &str) -> ClientSettings {
+        ClientSettings {
+            bootstrap: bootstrap.to_string(),
+            properties: Vec::new(),
+        }
+    }
+
+    fn writer(bootstrap: &str, writer: i32) -> RepartitionSink {
+        RepartitionSink::new(RepartitionTarget {
+            client: client(bootstrap),
+            topic: "rep".into(),
+            partitions: 2,
+            keys: vec![col("k", &schema()).expect("k")],
+            writer,
+            writers: 2,
+        })
+        .expect("sink")
+    }
+
+    /// Writes `keys` with `watermark` as epoch `epoch`, and pre-commits it: its snapshot.
+    async fn epoch(
+        sink: &mut RepartitionSink,
+        epoch: u64,
+        keys: std::ops::Range<i64>,
+        watermark: i64,
+    ) -> Snapshot {
+        sink.write(rows(keys)).await.expect("write");
+        sink.on_watermark(Watermark(watermark))
+            .await
+            .expect("watermark");
+        let (tx, done) = std::sync::mpsc::channel();
+        sink.pre_commit(CheckpointBarrier::tracked(epoch, tx))
+            .await
+            .expect("pre-commit");
+        assert!(
+            done.recv().expect("outcome").durable,
+            "the barrier is acknowledged"
+        );
+        sink.snapshot()
+            .expect("snapshot")
+            .expect("a writer's state")
+    }
+
+    fn keys(batch: &RecordBatch) -> impl Iterator<Item = i64> + '_ {
+        batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("k")
+            .values()
+            .iter()
+            .copied()
+    }
+
+    /// Reads partition `partition` until watermark `watermark` has come, and for half a
+    /// second more: the keys released.
+    async fn read(bootstrap: &str, partition: i32, watermark: i64) -> Vec<i64> {
+        let mut source =
+            RepartitionSource::new(client(bootstrap), "rep".into(), partition, schema());
+        let (tx, mut rx) = mpsc::channel(16);
+        let stop = CancellationToken::new();
+        let mut ctx = SourceContext::new(tx, stop.clone(), SourceMetrics::detached());
+        let task = tokio::spawn(async move { source.run(&mut ctx).await });
+        let mut out = Vec::new();
+        let mut mark = None;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while mark != Some(watermark) {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(Message::Data(b))) => out.extend(keys(&b)),
+                Ok(Some(Message::Watermark(w))) => mark = Some(w.0),
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "partition {partition}: {} rows, watermark {mark:?}",
+                    out.len()
+                ),
+            }
+        }
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+            if let Message::Data(b) = m {
+                out.extend(keys(&b));
+            }
+        }
+        stop.cancel();
+        let _ = task.await;
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readers_get_committed_epochs_once_and_nothing_a_dead_writer_did_not_commit() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("rep", 2, 1).expect("topic");
+        let bootstrap = cluster.bootstrap_servers();
+
+        // Writer 0 commits epoch 1 (keys 0..100)...
+        let mut zero = writer(&bootstrap, 0);
+        let saved = epoch(&mut zero, 1, 0..100, 100).await;
+        zero.commit(1).await.expect("commit");
+        // ...writes epoch 2 (keys 1000..1050) and dies before its checkpoint is stored.
+        epoch(&mut zero, 2, 1000..1050, 120).await;
+        zero.finish().await.expect("flush");
+        drop(zero);
+        // Its successor restores epoch 1 (sending its markers again) and replays the
+        // source from there as epoch 2 (keys 2000..2010).
+        let mut again = writer(&bootstrap, 0);
+        again.restore(saved).await.expect("restore");
+        epoch(&mut again, 2, 2000..2010, 150).await;
+        again.commit(2).await.expect("commit");
+        again.finish().await.expect("flush");
+        // Writer 1 has no rows and an earlier watermark.
+        let mut one = writer(&bootstrap, 1);
+        one.on_watermark(Watermark(80)).await.expect("watermark");
+        let (tx, _done) = std::sync::mpsc::channel();
+        one.pre_commit(CheckpointBarrier::tracked(1, tx))
+            .await
+            .expect("pre-commit");
+        one.commit(1).await.expect("commit");
+        one.finish().await.expect("flush");
+
+        let mut got = read(&bootstrap, 0, 80).await;
+        assert!(!got.is_empty(), "each partition gets some of the keys");
+        got.extend(read(&bootstrap, 1, 80).await);
+        got.sort_unstable();
+        let expected: Vec<i64> = (0..100).chain(2000..2010).collect();
+        assert_eq!(
+            got, expected,
+            "committed epochs once; not the dead writer's epoch 2"
+        );
+    }
+
+    fn marker(writer: i32, generation: u64, epoch: u64, watermark: i64) -> Marker {
+        Marker {
+            writer,
+            writers: 2,
+            generation,
+            epoch,
+            watermark,
+        }
+    }
+
+    #[test]
+    fn the_watermark_waits_for_every_writer_and_skips_idle_ones() {
+        let mut position = ReaderPosition::default();
+        let mut held = Held::new();
+        position.mark(marker(0, 7, 1, 100), &mut held);
+        assert_eq!(position.watermark(), None, "writer 1 not heard from yet");
+        position.mark(marker(1, 7, 1, 50), &mut held);
+        assert_eq!(position.watermark(), Some(50));
+        position.mark(marker(1, 7, 2, i64::MAX), &mut held);
+        assert_eq!(
+            position.watermark(),
+            Some(100),
+            "an idle writer holds nothing back"
+        );
+        position.mark(marker(0, 7, 2, i64::MAX), &mut held);
+        assert_eq!(
+            position.watermark(),
+            Some(100),
+            "all idle: the highest real one"
+        );
+        position.mark(marker(1, 7, 3, 70), &mut held);
+        assert_eq!(position.watermark(), Some(70), "back from idle");
+        assert_eq!(
+            position.mark(marker(1, 7, 3, 70), &mut held),
+            None,
+            "seen already"
+        );
+    }
+
+    #[test]
+    fn a_marker_releases_its_generations_epochs_and_drops_other_generations() {
+        let mut position = ReaderPosition::default();
+        let mut held = Held::new();
+        for (offset, generation, epoch, key) in
+            [(0, 1, 1, 10), (1, 1, 2, 20), (2, 2, 2, 30), (3, 2, 3, 40)]
+        {
+            held.push_back((offset, 0, generation, epoch, vec![rows(key..key + 1)]));
+        }
+        held.push_back((4, 1, 9, 1, vec![rows(50..51)]));
+        let released = position.mark(marker(0, 2, 2, 5), &mut held).expect("new");
+        let released: Vec<i64> = released.iter().flat_map(keys).collect();
+        assert_eq!(
+            released,
+            [30],
+            "generation 2's epochs up to 2; generation 1's dropped"
+        );
+        let left: Vec<(i64, i32)> = held.iter().map(|h| (h.0, h.1)).collect();
+        assert_eq!(
+            left,
+            [(3, 0), (4, 1)],
+            "a later epoch and another writer wait"
+        );
+        assert!(position.replayed(0, 2) && !position.replayed(0, 3));
+    }
+}
