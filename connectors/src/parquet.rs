@@ -255,6 +255,20 @@ impl SinkFactory for ParquetSinkFactory {
         "parquet"
     }
 
+    /// Files named `part-<sink>.<instance>-...`: its in-progress files and uploads are its
+    /// own, and a restore cleans up only those.
+    fn create_instance(
+        &self,
+        metrics: &weir_runtime::Metrics,
+        instance: &str,
+    ) -> Result<Box<dyn Sink>> {
+        let named = Self {
+            name: format!("{}.{instance}", self.name),
+            ..self.clone()
+        };
+        named.create(metrics)
+    }
+
     fn create(&self, _metrics: &weir_runtime::Metrics) -> Result<Box<dyn Sink>> {
         let partition_rows = match &self.config_columns() {
             Some(columns) => Some(RowConverter::new(

@@ -26,8 +26,9 @@ use sqlparser::ast::{
     TableFactor, TableWithJoins, WildcardAdditionalOptions,
 };
 use weir_runtime::operators::{
-    FilterOperator, GroupColumn, LookupJoin, LookupJoinSpec, LookupJoinType, ProjectOperator,
-    WindowAggregateSpec, WindowKind, window_operator,
+    FilterOperator, GroupColumn, LookupJoin, LookupJoinSpec, LookupJoinType, Phase,
+    ProjectOperator, WindowAggregate, WindowAggregateSpec, WindowKind, partial_schema,
+    window_operator,
 };
 use weir_runtime::{Metrics, Stage};
 use weir_sql::ObjectKind;
@@ -51,6 +52,49 @@ pub struct ContinuousPlan {
     pub tables: Vec<String>,
     /// The views (not materialized) inlined into it.
     pub views: Vec<String>,
+}
+
+/// The rows a cluster's shuffle carries, and how the upstream half makes them.
+pub struct ShuffleHalf {
+    pub stages: Vec<Stage>,
+    pub schema: SchemaRef,
+    /// Over `schema`: the columns whose hash picks the shuffle's partition.
+    pub keys: Vec<Arc<dyn PhysicalExpr>>,
+}
+
+/// Whether a window's aggregation can be split in a partial and a final phase: TUMBLE and
+/// HOP on event time (a SESSION's bounds depend on all of a key's rows; a processing-time
+/// pane on each process's clock).
+fn splits_in_phases(spec: &WindowAggregateSpec) -> bool {
+    !spec.processing_time && !matches!(spec.kind, WindowKind::Session { .. })
+}
+
+/// A fresh operator for `step`.
+fn stage(step: &Step, metrics: &Metrics, pipeline: &str) -> Result<Stage> {
+    Ok(match step {
+        Step::Filter {
+            predicate,
+            input_schema,
+            ..
+        } => Stage::Sync(Box::new(FilterOperator::try_new(
+            predicate.clone(),
+            input_schema,
+        )?)),
+        Step::Project { exprs, schema, .. } => Stage::Sync(Box::new(ProjectOperator::new(
+            exprs.clone(),
+            schema.clone(),
+        ))),
+        Step::Window {
+            spec, input_schema, ..
+        } => Stage::Sync(window_operator(spec.clone(), input_schema)?),
+        Step::LookupJoin {
+            spec, input_schema, ..
+        } => Stage::Async(Box::new(LookupJoin::try_new(
+            spec.clone(),
+            input_schema,
+            metrics.lookup_join(pipeline, &spec.table_name),
+        )?)),
+    })
 }
 
 /// How a continuous query can be split over workers that each read a share of the input.
@@ -97,32 +141,95 @@ impl ContinuousPlan {
     pub fn stages(&self, metrics: &Metrics, pipeline: &str) -> Result<Vec<Stage>> {
         self.steps
             .iter()
-            .map(|step| -> Result<Stage> {
-                Ok(match step {
-                    Step::Filter {
-                        predicate,
-                        input_schema,
-                        ..
-                    } => Stage::Sync(Box::new(FilterOperator::try_new(
-                        predicate.clone(),
-                        input_schema,
-                    )?)),
-                    Step::Project { exprs, schema, .. } => Stage::Sync(Box::new(
-                        ProjectOperator::new(exprs.clone(), schema.clone()),
-                    )),
-                    Step::Window {
-                        spec, input_schema, ..
-                    } => Stage::Sync(window_operator(spec.clone(), input_schema)?),
-                    Step::LookupJoin {
-                        spec, input_schema, ..
-                    } => Stage::Async(Box::new(LookupJoin::try_new(
-                        spec.clone(),
-                        input_schema,
-                        metrics.lookup_join(pipeline, &spec.table_name),
-                    )?)),
-                })
-            })
+            .map(|step| stage(step, metrics, pipeline))
             .collect()
+    }
+
+    /// The query's half before a cluster's shuffle, for a query that
+    /// [`ContinuousPlan::partitioning`] splits by key: the row-by-row steps, then, with
+    /// `pre_aggregate` and a window that allows it, the window's partial phase. Also the rows
+    /// that cross the shuffle and their key columns (over those rows).
+    pub fn upstream(
+        &self,
+        metrics: &Metrics,
+        pipeline: &str,
+        pre_aggregate: bool,
+    ) -> Result<ShuffleHalf> {
+        let (step, spec, input_schema) = self.keyed_step()?;
+        let mut stages = self.steps[..step]
+            .iter()
+            .map(|s| stage(s, metrics, pipeline))
+            .collect::<Result<Vec<_>>>()?;
+        if pre_aggregate && splits_in_phases(spec) {
+            stages.push(Stage::Sync(Box::new(WindowAggregate::with_phase(
+                spec.clone(),
+                input_schema,
+                Phase::Partial,
+            )?)));
+            let schema = partial_schema(spec, input_schema)?;
+            // Column 0 is the pane; the keys follow it (one constant column without keys).
+            let keys = schema.fields().len()
+                - 1
+                - spec
+                    .aggregates
+                    .iter()
+                    .map(|a| Ok(a.state_fields()?.len()))
+                    .sum::<Result<usize>>()?;
+            let keys = (1..=keys)
+                .map(|i| Arc::new(Column::new(schema.field(i).name(), i)) as Arc<dyn PhysicalExpr>)
+                .collect();
+            return Ok(ShuffleHalf {
+                stages,
+                schema,
+                keys,
+            });
+        }
+        Ok(ShuffleHalf {
+            stages,
+            schema: input_schema.clone(),
+            keys: spec.keys.clone(),
+        })
+    }
+
+    /// The query's half after a cluster's shuffle (see [`ContinuousPlan::upstream`]): the
+    /// window (its final phase when the upstream half pre-aggregates) and what follows it.
+    pub fn downstream(
+        &self,
+        metrics: &Metrics,
+        pipeline: &str,
+        pre_aggregate: bool,
+    ) -> Result<Vec<Stage>> {
+        let (step, spec, input_schema) = self.keyed_step()?;
+        let window = if pre_aggregate && splits_in_phases(spec) {
+            Stage::Sync(Box::new(WindowAggregate::with_phase(
+                spec.clone(),
+                input_schema,
+                Phase::Final,
+            )?))
+        } else {
+            Stage::Sync(window_operator(spec.clone(), input_schema)?)
+        };
+        let mut stages = vec![window];
+        for s in &self.steps[step + 1..] {
+            stages.push(stage(s, metrics, pipeline)?);
+        }
+        Ok(stages)
+    }
+
+    /// The one window step, its spec and its input's schema.
+    fn keyed_step(&self) -> Result<(usize, &Arc<WindowAggregateSpec>, &SchemaRef)> {
+        let mut windows = self.steps.iter().enumerate().filter_map(|(i, s)| match s {
+            Step::Window {
+                spec, input_schema, ..
+            } => Some((i, spec, input_schema)),
+            _ => None,
+        });
+        match (windows.next(), windows.next()) {
+            (Some(window), None) => Ok(window),
+            _ => Err(PlanError::NotSupported(
+                "a cluster runs a query with exactly one window aggregation".into(),
+            )),
+        }
     }
 
     /// How the query splits over a pipeline's workers (see `weir_runtime::exchange`).

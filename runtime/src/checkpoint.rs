@@ -159,8 +159,12 @@ impl CheckpointStore {
         &self.location
     }
 
+    /// A job's directory: `v`, or `v/p3` for an instance of `v` on a cluster (nested, so
+    /// that deleting `v` finds its instances).
     fn job_dir(&self, job: &str) -> Path {
-        self.root.clone().join(job)
+        job.split('/')
+            .filter(|s| !s.is_empty())
+            .fold(self.root.clone(), |dir, segment| dir.join(segment))
     }
 
     fn epoch_dir(&self, job: &str, epoch: u64) -> Path {
@@ -417,6 +421,21 @@ impl CheckpointStore {
 
     /// Deletes every checkpoint of `job` (its pipelines were dropped).
     pub async fn delete_job(&self, job: &str) -> Result<()> {
+        // A cluster's instances of the job first (`<job>/p3`, `<job>/r0`).
+        let dir = self.job_dir(job);
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&dir))
+            .await
+            .map_err(|e| self.error("list", &dir, e))?;
+        for prefix in listing.common_prefixes {
+            let Some(name) = prefix.filename() else {
+                continue;
+            };
+            if name != COMMITS && name.parse::<u64>().is_err() {
+                Box::pin(self.delete_job(&format!("{job}/{name}"))).await?;
+            }
+        }
         for (epoch, _) in self.epochs(job).await? {
             self.delete_epoch(job, epoch).await?;
         }
@@ -549,6 +568,53 @@ mod tests {
                 .expect("latest")
                 .map(|c| c.epoch),
             Some(1)
+        );
+    }
+
+    /// A cluster's instances (`v/p0`, `v/r1`) keep checkpoints of their own, nested under
+    /// their pipeline's, apart from the pipeline's own; deleting the pipeline deletes them.
+    #[tokio::test]
+    async fn instances_checkpoint_under_their_pipeline_and_go_with_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = CheckpointStore::local(dir.path(), 2).expect("store");
+        for epoch in 1..=3 {
+            store
+                .write("v/p0", &checkpoint(epoch))
+                .await
+                .expect("write");
+        }
+        store.write("v/r1", &checkpoint(7)).await.expect("write");
+        store
+            .record_commit("v/r1", "v/r1/sink", 7)
+            .await
+            .expect("record");
+        store.write("v", &checkpoint(1)).await.expect("write");
+        let epoch = |job: &'static str| {
+            let store = store.clone();
+            async move { store.latest(job).await.expect("latest").map(|c| c.epoch) }
+        };
+        assert_eq!(epoch("v/p0").await, Some(3));
+        assert_eq!(epoch("v/r1").await, Some(7));
+        assert_eq!(
+            epoch("v").await,
+            Some(1),
+            "instances are not the pipeline's epochs"
+        );
+        assert!(
+            dir.path().join("v/p0").is_dir(),
+            "nested under the pipeline"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("v/p0"))
+                .expect("dir")
+                .count(),
+            2,
+            "retention removes old epochs' directories"
+        );
+        store.delete_job("v").await.expect("delete");
+        assert!(
+            !dir.path().join("v").exists(),
+            "nothing left of the pipeline"
         );
     }
 

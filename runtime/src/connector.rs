@@ -107,6 +107,68 @@ pub trait SourceFactory: Send + Sync + Debug {
     fn hidden_columns(&self) -> Vec<arrow::datatypes::FieldRef> {
         Vec::new()
     }
+
+    /// The input as partitions that the processes of a cluster share through a group
+    /// (`weir serve --cluster`), if it has partitions (Kafka).
+    fn partitioned(&self) -> Option<Arc<dyn PartitionedSource>> {
+        None
+    }
+}
+
+/// What a group tells a cluster member.
+#[derive(Debug)]
+pub enum MembershipEvent {
+    /// These partitions are now this process's.
+    Assigned(Vec<i32>),
+    /// These partitions go to another process once `done` is sent (or dropped): their
+    /// tasks stop first, with a last checkpoint, so that the next owner resumes from it.
+    Revoked(Vec<i32>, std::sync::mpsc::Sender<()>),
+}
+
+/// A seat in a group: assignments arrive on `events`; dropping it leaves the group.
+pub struct Membership {
+    pub events: tokio::sync::mpsc::Receiver<MembershipEvent>,
+    /// Whatever keeps the seat (a consumer's thread); dropped to leave.
+    pub seat: Box<dyn Send + Sync>,
+}
+
+/// An input split in partitions, shared by the processes of a cluster through groups, and
+/// the shuffle between them (a repartition topic in the same Kafka). The calls that wait
+/// on the broker block: run them off the runtime's threads.
+pub trait PartitionedSource: Send + Sync + Debug {
+    /// How many partitions the input has.
+    fn partition_count(&self) -> Result<usize>;
+
+    /// A source reading partition `partition` alone: from its checkpointed position, or
+    /// else from its pipeline's group's committed offset, or per the stream's startup mode.
+    fn create_partition(&self, partition: i32) -> Result<Box<dyn Source>>;
+
+    /// Joins group `group` for a share of `topic`'s partitions (the input's by default).
+    fn join(&self, group: &str, topic: Option<&str>) -> Result<Membership>;
+
+    /// Creates the shuffle topic `topic` with `partitions` partitions, unless it exists;
+    /// returns how many partitions it has (a broker that cannot create topics on request
+    /// may have made it with its default count).
+    fn create_shuffle(&self, topic: &str, partitions: usize) -> Result<usize>;
+
+    /// The writer of input partition `writer` (of `writers`) into the shuffle: rows go to
+    /// the partition their `keys` hash to.
+    fn shuffle_writer(
+        &self,
+        topic: &str,
+        partitions: usize,
+        keys: Vec<Arc<dyn datafusion::physical_expr::PhysicalExpr>>,
+        writer: i32,
+        writers: usize,
+    ) -> Result<Box<dyn Sink>>;
+
+    /// The reader of the shuffle's partition `partition`, whose rows have `schema`.
+    fn shuffle_reader(
+        &self,
+        topic: &str,
+        partition: i32,
+        schema: SchemaRef,
+    ) -> Result<Box<dyn Source>>;
 }
 
 /// What a sink connector is asked to write.
@@ -125,6 +187,13 @@ pub trait SinkFactory: Send + Sync + Debug {
     fn connector(&self) -> &'static str;
     /// A sink for the pipeline; `metrics` is where it may register its own metrics.
     fn create(&self, metrics: &crate::Metrics) -> Result<Box<dyn Sink>>;
+
+    /// A sink for one of the pipeline's instances on a cluster (`instance` names its
+    /// partition, e.g. `r3`); several run at once, in this process and others, so what they
+    /// name (files) must not collide.
+    fn create_instance(&self, metrics: &crate::Metrics, _instance: &str) -> Result<Box<dyn Sink>> {
+        self.create(metrics)
+    }
 }
 
 /// What a table connector is asked to serve.

@@ -192,7 +192,7 @@ pub struct SourceTask {
 
 /// Spawns one of a pipeline's tasks. A panic in it (a bug) fails the pipeline, with the
 /// panic's message as the cause, instead of ending the task unseen; the server goes on.
-pub(crate) fn spawn_task(
+pub fn spawn_task(
     status: StatusCell,
     pipeline: String,
     task: &'static str,

@@ -58,6 +58,7 @@ pub fn show_schema(kind: ShowKind) -> SchemaRef {
             "last_checkpoint",
             "restored_from",
             "restarts",
+            "instances",
         ]),
         ShowKind::Users => utf8_schema(&["name", "privileges", "can_login"]),
     }
@@ -183,6 +184,7 @@ pub fn show(catalog: &Catalog, kind: ShowKind, running: &[PipelineRow]) -> Resul
                             (n, None) => n.to_string(),
                             (n, Some(cause)) => format!("{n} (last failure: {cause})"),
                         },
+                        row.instances.join(" "),
                     ]
                 })
                 .collect()

@@ -76,6 +76,8 @@ enum Command {
         /// rows exchanged by key before a window. Default: the number of cores.
         #[arg(long)]
         workers: Option<usize>,
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
     /// Run pipelines headless until SIGINT/SIGTERM, or until every source is bounded and done.
     Run {
@@ -85,6 +87,12 @@ enum Command {
         /// Workers per pipeline over Kafka (see `serve --workers`).
         #[arg(long)]
         workers: Option<usize>,
+        /// Where checkpoints are kept (see `serve --checkpoint-store`). Without it, `run`
+        /// keeps no state across restarts.
+        #[arg(long)]
+        checkpoint_store: Option<String>,
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
     /// Parse and plan SQL files offline; print `file:line:col: message` per error.
     Check {
@@ -93,6 +101,32 @@ enum Command {
     },
     /// Benchmarks: print events/s, events per CPU-second and peak RSS.
     Bench(bench::BenchArgs),
+}
+
+/// Sharing pipelines with other processes.
+#[derive(clap::Args, Debug)]
+struct ClusterArgs {
+    /// Share every Kafka-sourced pipeline with the processes started with the same name
+    /// and SQL: Kafka's groups spread the partitions, a repartition topic brings each key to
+    /// one process, and state moves through the checkpoint store, which must be one they
+    /// all reach (a shared directory or s3://).
+    #[arg(long, requires = "checkpoint_store")]
+    cluster: Option<String>,
+    /// With --cluster: send rows through the repartition topic instead of partial window
+    /// aggregates (for measuring what pre-aggregation saves).
+    #[arg(long, requires = "cluster")]
+    no_pre_aggregate: bool,
+}
+
+impl ClusterArgs {
+    fn config(&self) -> Option<weir_server::engine::ClusterConfig> {
+        self.cluster
+            .as_ref()
+            .map(|name| weir_server::engine::ClusterConfig {
+                name: name.clone(),
+                pre_aggregate: !self.no_pre_aggregate,
+            })
+    }
 }
 
 fn main() -> ExitCode {
@@ -130,6 +164,7 @@ fn main() -> ExitCode {
                 pg_tls_required,
                 allow_paths,
                 workers,
+                cluster,
             } => {
                 let mut roots = allow_paths;
                 if roots.is_empty() {
@@ -142,6 +177,7 @@ fn main() -> ExitCode {
                     checkpoint_store,
                     checkpoints_retained: None,
                     workers,
+                    cluster: cluster.config(),
                 };
                 let tls = match (pg_tls_cert, pg_tls_key) {
                     (Some(cert), Some(key)) => Some((cert, key)),
@@ -154,7 +190,20 @@ fn main() -> ExitCode {
                 };
                 serve(pg_listen, http_listen, config, queries, front_door, roots).await
             }
-            Command::Run { files, workers } => run(&files, workers).await,
+            Command::Run {
+                files,
+                workers,
+                checkpoint_store,
+                cluster,
+            } => {
+                let config = EngineConfig {
+                    workers,
+                    checkpoint_store,
+                    cluster: cluster.config(),
+                    ..EngineConfig::default()
+                };
+                run(&files, config).await
+            }
             Command::Check { files } => check(&files).await,
             Command::Bench(args) => bench::run(args).await,
         }
@@ -263,11 +312,7 @@ fn create_first_admin(engine: &Engine) -> Result<(), String> {
     Ok(())
 }
 
-async fn run(files: &[PathBuf], workers: Option<usize>) -> Result<ExitCode, String> {
-    let config = EngineConfig {
-        workers,
-        ..EngineConfig::default()
-    };
+async fn run(files: &[PathBuf], config: EngineConfig) -> Result<ExitCode, String> {
     let engine = Engine::open(config, Arc::new(Connectors::default()))
         .await
         .map_err(|e| e.to_string())?;

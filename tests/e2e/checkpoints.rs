@@ -9,10 +9,10 @@ use crate::harness::{
     Prometheus, Record, S3, Tansu, Weir, duckdb, eventually, produce, try_duckdb,
 };
 
-const EVENTS: i64 = 2_000_000;
+pub(crate) const EVENTS: i64 = 2_000_000;
 const VEHICLES: i64 = 1_000;
 /// Event time covered: one hour, so that Prometheus keeps every sample in its head block.
-const SPAN_MS: i64 = 3_600_000;
+pub(crate) const SPAN_MS: i64 = 3_600_000;
 const REGIONS: [&str; 8] = [
     "north", "south", "east", "west", "central", "coast", "hills", "valley",
 ];
@@ -24,7 +24,7 @@ enum Interrupt {
     Term,
 }
 
-fn write_vehicles(path: &Path) {
+pub(crate) fn write_vehicles(path: &Path) {
     let mut csv = String::from("vehicle_id,region\n");
     for id in 1..=VEHICLES {
         csv.push_str(&format!(
@@ -39,15 +39,22 @@ fn write_vehicles(path: &Path) {
 /// written to `ndjson` for DuckDB and produced to `topic`; then one record per partition far
 /// in the future for a vehicle that does not exist, which moves every partition's watermark
 /// past the last window (and is dropped by the join).
-fn produce_events(bootstrap: &str, topic: &str, partitions: i32, base: i64, ndjson: &Path) {
-    let mut text = String::with_capacity(EVENTS as usize * 48);
-    let mut records = Vec::with_capacity(EVENTS as usize + partitions as usize);
-    for i in 0..EVENTS {
+pub(crate) fn produce_events(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    base: i64,
+    ndjson: &Path,
+    events: i64,
+) {
+    let mut text = String::with_capacity(events as usize * 48);
+    let mut records = Vec::with_capacity(events as usize + partitions as usize);
+    for i in 0..events {
         let payload = format!(
             r#"{{"id":{},"v":{},"ts":{}}}"#,
             i % 1100 + 1,
             i % 97,
-            base + i * SPAN_MS / EVENTS
+            base + i * SPAN_MS / events
         );
         text.push_str(&payload);
         text.push('\n');
@@ -93,7 +100,7 @@ fn interrupted_job_equals_duckdb(
     let events = dir.join("events.ndjson");
     let vehicles = dir.join("vehicles.csv");
     write_vehicles(&vehicles);
-    produce_events(bootstrap, "events", partitions, base, &events);
+    produce_events(bootstrap, "events", partitions, base, &events, EVENTS);
     let lake = dir.join("lake");
     let lake_path = match s3 {
         Some(_) => "s3://weir/lake".to_string(),
@@ -176,24 +183,7 @@ fn interrupted_job_equals_duckdb(
         );
     }
 
-    let ev = format!(
-        "(SELECT id, v, ts FROM read_json('{}', columns = {{id: 'BIGINT', v: 'BIGINT', ts: 'BIGINT'}}))",
-        events.display()
-    );
-    let veh = format!(
-        "(SELECT * FROM read_csv('{}', header = true, columns = {{vehicle_id: 'BIGINT', region: 'VARCHAR'}}))",
-        vehicles.display()
-    );
-    let expected = format!(
-        "SELECT e.ts // 10000 * 10000 + 10000 AS window_end, v.region, \
-                count(*) AS n, sum(e.v)::BIGINT AS total \
-         FROM {ev} e JOIN {veh} v ON e.id = v.vehicle_id GROUP BY ALL"
-    );
-    let actual = format!(
-        "SELECT epoch_ms(window_end) AS window_end, region, n, total \
-         FROM read_parquet('{}/**/*.parquet', hive_partitioning = true)",
-        lake.display()
-    );
+    let (expected, actual) = windows_sql(&events, &vehicles, &lake);
     let expected_rows: i64 = duckdb(&format!("SELECT count(*) FROM ({expected})"))[0]
         .parse()
         .expect("count");
@@ -202,79 +192,21 @@ fn interrupted_job_equals_duckdb(
             s3.mirror("weir", "lake/", ".parquet", &lake);
         }
     };
-    let mut rows = 0;
-    let done = eventually(Duration::from_secs(180), || {
-        read_lake();
-        rows = try_duckdb(&format!("SELECT count(*) FROM ({actual})"))
-            .ok()?
-            .first()?
-            .parse()
-            .ok()?;
-        (rows >= expected_rows).then_some(())
-    });
-    assert!(
-        done.is_some(),
-        "{how:?}: the lake did not fill: {rows} of {expected_rows} rows\n{}",
-        weir.log_text()
-    );
-    // Give a duplicate time to appear.
-    std::thread::sleep(Duration::from_secs(3));
-    read_lake();
-    let diff = duckdb(&format!(
-        "SELECT (SELECT count(*) FROM ({actual})), \
-                (SELECT count(*) FROM (({expected}) EXCEPT ALL ({actual}))), \
-                (SELECT count(*) FROM (({actual}) EXCEPT ALL ({expected})))"
-    ));
-    assert_eq!(
-        diff,
-        vec![format!("{expected_rows}\t0\t0")],
-        "{how:?}: the lake equals DuckDB's answer: no row lost, none twice, none partial"
+    assert_lake_equals(
+        &expected,
+        &actual,
+        expected_rows,
+        Duration::from_secs(180),
+        read_lake,
+        || format!("{how:?}\n{}", weir.log_text()),
     );
 
-    // Prometheus: every window's sample per region, with the right value.
-    let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
-    let range = (now - base as f64 / 1000.0) as i64 + 60;
-    let samples = eventually(Duration::from_secs(60), || {
-        let result = prometheus.query(&format!("ck_n[{range}s]"), now);
-        let count: usize = result
-            .iter()
-            .map(|s| s["values"].as_array().map_or(0, Vec::len))
-            .sum();
-        (count as i64 >= expected_rows).then_some(result)
-    });
-    let samples =
-        samples.unwrap_or_else(|| panic!("Prometheus lacks windows:\n{}", prometheus.log_text()));
-    let mut got: Vec<String> = samples
-        .iter()
-        .flat_map(|s| {
-            let region = s["metric"]["region"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            s["values"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .into_iter()
-                .map(move |p| {
-                    let t = (p[0].as_f64().unwrap_or_default() * 1000.0).round() as i64;
-                    format!("{t}\t{region}\t{}", p[1].as_str().unwrap_or_default())
-                })
-        })
-        .collect();
-    got.sort();
-    let mut want = duckdb(&format!(
-        "SELECT window_end, region, n FROM ({expected}) ORDER BY ALL"
-    ));
-    want.sort();
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "{how:?}: one sample per window and region"
-    );
-    assert_eq!(
-        got, want,
-        "{how:?}: Prometheus holds every window with its value"
+    assert_prometheus_has_every_window(
+        &prometheus,
+        base,
+        &expected,
+        expected_rows,
+        &format!("{how:?}"),
     );
     // Nothing Prometheus has is sent again, so nothing is refused as out of order, by any
     // of the four processes, except in the one case docs/sql.md names: a kill inside a
@@ -336,8 +268,128 @@ fn interrupted_job_equals_duckdb(
     }
 }
 
+/// Waits up to `wait` until the lake (`actual`, read after `refresh`) has `expected_rows`
+/// rows, then a few seconds more for a duplicate to show, and asserts it equals DuckDB's
+/// `expected` exactly. `context` describes a failure.
+pub(crate) fn assert_lake_equals(
+    expected: &str,
+    actual: &str,
+    expected_rows: i64,
+    wait: Duration,
+    refresh: impl Fn(),
+    context: impl Fn() -> String,
+) {
+    let mut rows = 0;
+    let done = eventually(wait, || {
+        refresh();
+        rows = try_duckdb(&format!("SELECT count(*) FROM ({actual})"))
+            .ok()?
+            .first()?
+            .parse()
+            .ok()?;
+        (rows >= expected_rows).then_some(())
+    });
+    assert!(
+        done.is_some(),
+        "the lake did not fill: {rows} of {expected_rows} rows\n{}",
+        context()
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    refresh();
+    let diff = duckdb(&format!(
+        "SELECT (SELECT count(*) FROM ({actual})), \
+                (SELECT count(*) FROM (({expected}) EXCEPT ALL ({actual}))), \
+                (SELECT count(*) FROM (({actual}) EXCEPT ALL ({expected})))"
+    ));
+    assert_eq!(
+        diff,
+        vec![format!("{expected_rows}\t0\t0")],
+        "the lake equals DuckDB's answer: no row lost, none twice, none partial\n{}",
+        context()
+    );
+}
+
+/// DuckDB's answer over the events and vehicles produced, and the lake's rows, as SQL:
+/// (window_end ms, region, n, total) each.
+pub(crate) fn windows_sql(events: &Path, vehicles: &Path, lake: &Path) -> (String, String) {
+    let ev = format!(
+        "(SELECT id, v, ts FROM read_json('{}', columns = {{id: 'BIGINT', v: 'BIGINT', ts: 'BIGINT'}}))",
+        events.display()
+    );
+    let veh = format!(
+        "(SELECT * FROM read_csv('{}', header = true, columns = {{vehicle_id: 'BIGINT', region: 'VARCHAR'}}))",
+        vehicles.display()
+    );
+    let expected = format!(
+        "SELECT e.ts // 10000 * 10000 + 10000 AS window_end, v.region, \
+                count(*) AS n, sum(e.v)::BIGINT AS total \
+         FROM {ev} e JOIN {veh} v ON e.id = v.vehicle_id GROUP BY ALL"
+    );
+    let actual = format!(
+        "SELECT epoch_ms(window_end) AS window_end, region, n, total \
+         FROM read_parquet('{}/**/*.parquet', hive_partitioning = true)",
+        lake.display()
+    );
+    (expected, actual)
+}
+
+/// Prometheus holds one `ck_n` sample per window and region of `expected` (DuckDB's
+/// answer, `expected_rows` rows, event times from `base`), each with its value.
+pub(crate) fn assert_prometheus_has_every_window(
+    prometheus: &Prometheus,
+    base: i64,
+    expected: &str,
+    expected_rows: i64,
+    label: &str,
+) {
+    let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+    let range = (now - base as f64 / 1000.0) as i64 + 60;
+    let samples = eventually(Duration::from_secs(60), || {
+        let result = prometheus.query(&format!("ck_n[{range}s]"), now);
+        let count: usize = result
+            .iter()
+            .map(|s| s["values"].as_array().map_or(0, Vec::len))
+            .sum();
+        (count as i64 >= expected_rows).then_some(result)
+    });
+    let samples =
+        samples.unwrap_or_else(|| panic!("Prometheus lacks windows:\n{}", prometheus.log_text()));
+    let mut got: Vec<String> = samples
+        .iter()
+        .flat_map(|s| {
+            let region = s["metric"]["region"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            s["values"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |p| {
+                    let t = (p[0].as_f64().unwrap_or_default() * 1000.0).round() as i64;
+                    format!("{t}\t{region}\t{}", p[1].as_str().unwrap_or_default())
+                })
+        })
+        .collect();
+    got.sort();
+    let mut want = duckdb(&format!(
+        "SELECT window_end, region, n FROM ({expected}) ORDER BY ALL"
+    ));
+    want.sort();
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{label}: one sample per window and region"
+    );
+    assert_eq!(
+        got, want,
+        "{label}: Prometheus holds every window with its value"
+    );
+}
+
 /// Checkpoints the running process has completed.
-fn checkpoints_completed(weir: &Weir) -> u64 {
+pub(crate) fn checkpoints_completed(weir: &Weir) -> u64 {
     weir.http_get("/metrics")
         .lines()
         .filter(|l| l.starts_with("weir_checkpoints_completed_total"))
@@ -373,13 +425,13 @@ fn checkpointed_at_end(weir: &Weir, partitions: i32) -> bool {
 
 /// Partitions of the mock cluster's topic: it keeps at most 100 000 messages (or 5 MB) per
 /// partition, and drops the oldest beyond that.
-const MOCK_PARTITIONS: i32 = 32;
+pub(crate) const MOCK_PARTITIONS: i32 = 32;
 
 /// The mock cluster's consumer groups lack static membership (KIP-345): a restarted member
 /// is a new one, and the group waits for the old one's session to time out. A short session
 /// keeps that wait to seconds there; real brokers hand a static member its partitions back
 /// at once.
-const MOCK_SESSION: &str = ", 'properties.session.timeout.ms' = '6000'";
+pub(crate) const MOCK_SESSION: &str = ", 'properties.session.timeout.ms' = '6000'";
 
 /// [`interrupted_job_equals_duckdb`] on a mock cluster of this process.
 fn on_the_mock_cluster(how: Interrupt, s3: Option<&S3>, dir: &Path, workers: usize) {

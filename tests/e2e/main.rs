@@ -9,6 +9,7 @@ mod bad_input;
 mod catalog;
 mod checkpoints;
 mod clients;
+mod cluster;
 mod concurrency;
 mod front_door;
 mod grafana;

@@ -7,6 +7,7 @@
 //! When a catalog is restored the broker is not checked: a broker that is down then is an
 //! outage the source rides out (retries with backoff), not a reason to drop the stream.
 
+mod cluster;
 mod repartition;
 mod sink;
 mod source;
@@ -340,6 +341,12 @@ impl SourceFactory for KafkaSourceFactory {
         positions: Vec<weir_runtime::Snapshot>,
     ) -> Result<weir_runtime::Snapshot> {
         source::merge_positions(positions)
+    }
+
+    fn partitioned(&self) -> Option<Arc<dyn weir_runtime::connector::PartitionedSource>> {
+        Some(Arc::new(cluster::KafkaPartitions {
+            config: self.config.clone(),
+        }))
     }
 }
 

@@ -86,6 +86,8 @@ pub(super) struct SourceConfig {
 pub(super) enum Mode {
     Group,
     Tail,
+    /// One partition alone, assigned by a cluster's group (`weir serve --cluster`).
+    Partition(i32),
 }
 
 pub(super) struct KafkaSource {
@@ -367,8 +369,8 @@ impl ConsumerContext for Callbacks {
 /// The partition numbers of `topic`, asked for in short attempts until `patience` has
 /// passed: a broker slow to answer one request (a restart after a crash) is retried on a
 /// fresh request instead of failing the pipeline after the first.
-fn topic_partitions(
-    consumer: &BaseConsumer<Callbacks>,
+pub(super) fn topic_partitions<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
     topic: &str,
     patience: Duration,
 ) -> Result<Vec<i32>> {
@@ -538,6 +540,10 @@ struct ConsumerLoop {
     empty_share: bool,
     /// One of several workers.
     split: bool,
+    /// Commits offsets to the group after each checkpoint (not a cluster's instance: its
+    /// position is its checkpoint's alone, and commits from many instances would load the
+    /// broker for no reader).
+    commits: bool,
     /// One of several workers, that has told the merge after them it is idle.
     aside: bool,
     dead_letters: Option<(
@@ -594,6 +600,11 @@ impl ConsumerLoop {
             (Mode::Tail, _) => format!("{}-tail-{}", config.group_id, std::process::id()),
             (Mode::Group, "") => config.group_id.clone(),
             (Mode::Group, pipeline) => format!("{}.{pipeline}", config.group_id),
+            // A cluster's instance `<pipeline>/p<n>` commits to its pipeline's group.
+            (Mode::Partition(_), pipeline) => {
+                let pipeline = pipeline.rsplit_once('/').map_or(pipeline, |(p, _)| p);
+                format!("{}.{pipeline}", config.group_id)
+            }
         };
         // Static membership: a restarted process takes its partitions back at once instead
         // of waiting for the broker to time the old member out.
@@ -645,23 +656,31 @@ impl ConsumerLoop {
             }
             // One of several workers: its share of the partitions, assigned by this process
             // (a rebalance between workers would move a partition away from the state its
-            // records went into). Each starts at the checkpoint's offset, or the group's.
-            Mode::Group => {
+            // records went into); or the one partition of a cluster's instance. Each starts
+            // at the checkpoint's offset, or the group's.
+            Mode::Group | Mode::Partition(_) => {
+                let share: Vec<i32> = match mode {
+                    Mode::Partition(p) => vec![p],
+                    _ => topic_partitions(&consumer, &config.topic, config.broker_timeout)?
+                        .into_iter()
+                        .filter(|&p| {
+                            usize::try_from(p).is_ok_and(|p| p % workers.count == workers.index)
+                        })
+                        .collect(),
+                };
                 let mut tpl = TopicPartitionList::new();
-                for p in topic_partitions(&consumer, &config.topic, config.broker_timeout)? {
-                    if usize::try_from(p).is_ok_and(|p| p % workers.count == workers.index) {
-                        let offset = checkpointing
-                            .resume
-                            .offsets
-                            .get(&p)
-                            .map_or(Offset::Stored, |&o| Offset::Offset(o));
-                        tpl.add_partition_offset(&config.topic, p, offset)
-                            .map_err(|e| Error::Internal(e.to_string()))?;
-                        let mut state = new_partition(&metrics, p);
-                        state.next_offset = checkpointing.resume.offsets.get(&p).copied();
-                        state.max_event_ms = checkpointing.resume.max_event_ms.get(&p).copied();
-                        partitions.insert(p, state);
-                    }
+                for p in share {
+                    let offset = checkpointing
+                        .resume
+                        .offsets
+                        .get(&p)
+                        .map_or(Offset::Stored, |&o| Offset::Offset(o));
+                    tpl.add_partition_offset(&config.topic, p, offset)
+                        .map_err(|e| Error::Internal(e.to_string()))?;
+                    let mut state = new_partition(&metrics, p);
+                    state.next_offset = checkpointing.resume.offsets.get(&p).copied();
+                    state.max_event_ms = checkpointing.resume.max_event_ms.get(&p).copied();
+                    partitions.insert(p, state);
                 }
                 tracing::info!(stream = %config.stream, worker = workers.index,
                     partitions = ?partitions.keys().collect::<Vec<_>>(), "Kafka partitions assigned");
@@ -683,7 +702,7 @@ impl ConsumerLoop {
             }
         }
         let dead_letters = match (&config.dead_letter_topic, mode) {
-            (Some(topic), Mode::Group) => {
+            (Some(topic), Mode::Group | Mode::Partition(_)) => {
                 let producer = config
                     .client
                     .config(&[("linger.ms", "50")])
@@ -725,7 +744,8 @@ impl ConsumerLoop {
             polled: Vec::new(),
             committed_epoch: 0,
             empty_share,
-            split: mode == Mode::Group && workers.count > 1,
+            split: (mode == Mode::Group && workers.count > 1) || matches!(mode, Mode::Partition(_)),
+            commits: mode == Mode::Group,
             aside: false,
             dead_letters,
             bad_log: RateLimitedLog::new(Duration::from_secs(10)),
@@ -1168,7 +1188,9 @@ impl ConsumerLoop {
             newest = self.epochs.pop_front();
         }
         self.committed_epoch = completed;
-        if let Some(epoch) = newest {
+        if let Some(epoch) = newest
+            && self.commits
+        {
             self.commit(&epoch.offsets);
         }
     }

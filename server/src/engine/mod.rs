@@ -23,6 +23,7 @@ use weir_runtime::{CancellationToken, Checkpoint, CheckpointStore, Metrics};
 use weir_sql::parser::ParsedStatement;
 use weir_sql::{ObjectKind, Privilege, ShowKind, Statement, parse_sql_with_positions};
 
+mod cluster;
 mod ddl;
 mod pipelines;
 mod query;
@@ -71,7 +72,12 @@ pub struct EngineConfig {
     pub checkpoints_retained: Option<usize>,
     /// Workers per pipeline over a source that splits (Kafka); default: the number of cores.
     pub workers: Option<usize>,
+    /// Share Kafka-sourced pipelines with the other processes of this cluster
+    /// (`--cluster NAME`); the checkpoint store must be one they all reach.
+    pub cluster: Option<ClusterConfig>,
 }
+
+pub use cluster::ClusterConfig;
 
 /// The number of cores this process may use.
 pub fn default_workers() -> usize {
@@ -135,6 +141,8 @@ struct Running {
     /// Views only: where sinks `FROM` the view subscribe.
     output: Option<Arc<Fanout>>,
     tasks: Vec<JoinHandle<()>>,
+    /// A pipeline shared with a cluster: its instances in this process.
+    cluster: Option<cluster::ClusterPipeline>,
     started: Instant,
     /// The job the pipeline belongs to: its own name when it reads a stream, the view's
     /// job when it reads a materialized view.
@@ -159,6 +167,9 @@ pub struct PipelineRow {
     pub checkpoints: CheckpointInfo,
     /// How often its job was restarted after a failure, and the last failure's cause.
     pub restarts: (u64, Option<String>),
+    /// On a cluster: the pipeline's instances in this process (`p<n>` per source partition,
+    /// `r<n>` per shuffle partition).
+    pub instances: Vec<String>,
 }
 
 struct State {
@@ -248,6 +259,7 @@ pub struct Engine {
     checkpoint_interval: Duration,
     /// Workers per pipeline over a source that splits.
     workers: usize,
+    cluster: Option<ClusterConfig>,
     /// This data directory's stable id (Kafka static membership).
     instance_id: Option<String>,
     /// Who may log in, and what each user may do. Not under `state`: a login or a privilege
@@ -325,6 +337,7 @@ impl Engine {
                 .checkpoint_interval
                 .unwrap_or(DEFAULT_CHECKPOINT_INTERVAL),
             workers: config.workers.unwrap_or_else(default_workers).max(1),
+            cluster: config.cluster.clone(),
             instance_id,
             users,
         });

@@ -24,7 +24,7 @@ use weir_runtime::pipeline::{
 use weir_runtime::{CancellationToken, Checkpoint, CommitLog, Snapshot};
 use weir_sql::ObjectKind;
 
-use super::{Engine, Job, PipelineRow, Running, State};
+use super::{Engine, Job, PipelineRow, Running, State, cluster};
 
 /// How long a stop waits for a job's last checkpoint before tearing it down.
 const STOP_WAIT: Duration = Duration::from_secs(30);
@@ -58,6 +58,11 @@ impl State {
                     .jobs
                     .get(&r.job)
                     .map(|j| j.coordinator.info())
+                    .unwrap_or_default(),
+                instances: r
+                    .cluster
+                    .as_ref()
+                    .map(|c| c.instance_names())
                     .unwrap_or_default(),
             })
             .collect()
@@ -192,6 +197,15 @@ impl Engine {
                 .as_ref()
                 .and_then(|c| c.snapshots.get(participant).cloned())
         };
+        if state
+            .running
+            .get(&input_name)
+            .is_some_and(|r| r.cluster.is_some())
+        {
+            return Err(PlanError::NotSupported(format!(
+                "on a cluster, {name} cannot read materialized view {input_name}: write the view's query in it"
+            )));
+        }
         // The stream it reads, when it heads a job of its own, and how many workers read it.
         let source = match &view_output {
             Some(_) => None,
@@ -203,6 +217,57 @@ impl Engine {
                 Some(factory)
             }
         };
+        // On a cluster, a pipeline over a partitioned input runs as instances per partition.
+        if let (Some(cluster), Some(factory)) = (&self.cluster, &source)
+            && let Some(input) = factory.partitioned()
+        {
+            let output =
+                match entry.kind {
+                    ObjectKind::MaterializedView => {
+                        cluster::Output::View(entry.store.clone().ok_or_else(|| {
+                            PlanError::Internal(format!("view {name} has no store"))
+                        })?)
+                    }
+                    _ => cluster::Output::Sink(entry.sink.clone().ok_or_else(|| {
+                        PlanError::Internal(format!("sink {name} has no factory"))
+                    })?),
+                };
+            let pipeline = cluster::ClusterPipeline::start(cluster::Spec {
+                cluster: cluster.clone(),
+                pipeline: name.to_string(),
+                input_name: input_name.clone(),
+                fingerprint,
+                plan: entry.plan.clone(),
+                input,
+                output,
+                metrics: self.metrics.clone(),
+                store: self.store.clone(),
+                interval: entry
+                    .checkpoint_interval
+                    .unwrap_or(self.checkpoint_interval),
+                status: status.clone(),
+                instance_id: self.instance_id.clone(),
+                release: release.clone(),
+            });
+            self.metrics
+                .pipelines_running(&entry.kind.to_string())
+                .inc();
+            state.running.insert(
+                name.to_string(),
+                Running {
+                    kind: entry.kind,
+                    input: input_name,
+                    stop,
+                    status,
+                    output: None,
+                    tasks: Vec::new(),
+                    cluster: Some(pipeline),
+                    started: Instant::now(),
+                    job: name.to_string(),
+                },
+            );
+            return Ok(());
+        }
         let workers = match &source {
             Some(factory) => self.workers_for(name, &entry, factory.as_ref(), saved.as_deref()),
             None => 1,
@@ -382,6 +447,7 @@ impl Engine {
                 status,
                 output,
                 tasks,
+                cluster: None,
                 started: Instant::now(),
                 job,
             },
@@ -551,7 +617,10 @@ impl Engine {
             }
             return;
         }
-        let headed_job = job.is_some();
+        let headed_job = job.is_some() || running.cluster.is_some();
+        if let Some(cluster) = running.cluster.as_mut() {
+            cluster.stop(STOP_WAIT).await;
+        }
         if let Some(mut job) = job
             && !job.coordinator.stop(STOP_WAIT).await
         {
@@ -580,6 +649,9 @@ impl Engine {
         } = stopping;
         // The coordinator's task ends with it: no checkpoint is taken or completed now.
         drop(job);
+        if let Some(cluster) = running.cluster.as_mut() {
+            cluster.abort().await;
+        }
         running.stop.cancel();
         end_tasks(&name, &mut running, Duration::from_secs(5)).await;
     }
@@ -595,8 +667,19 @@ impl Engine {
             state.started = false;
             state.jobs.drain().collect()
         };
+        let mut clusters: Vec<cluster::ClusterPipeline> = self
+            .lock()
+            .running
+            .values_mut()
+            .filter_map(|r| r.cluster.take())
+            .collect();
+        let instances = clusters.iter_mut().map(|c| c.stop(grace));
         let stops = jobs.iter_mut().map(|(_, job)| job.coordinator.stop(grace));
-        let stopped = futures::future::join_all(stops).await;
+        let (stopped, _) = futures::future::join(
+            futures::future::join_all(stops),
+            futures::future::join_all(instances),
+        )
+        .await;
         for ((name, _), ok) in jobs.iter().zip(stopped) {
             if !ok {
                 tracing::warn!(pipeline = %name, ?grace,

@@ -1,0 +1,515 @@
+//! Pipelines on a cluster (`weir serve --cluster NAME`): processes started with the same
+//! name and SQL share each Kafka-sourced pipeline through Kafka's groups.
+//!
+//! A pipeline runs as *instances*, each a small pipeline of its own with its own
+//! coordinator and checkpoints in the shared store:
+//!
+//! - `<pipeline>/p<n>` per source partition `n` the group `weir-<cluster>-<pipeline>` gives
+//!   this process: the source partition, the row-by-row steps, then either the sink (a
+//!   query without a window) or the shuffle writer (a window's partial phase first, when
+//!   pre-aggregating);
+//! - `<pipeline>/r<q>` per partition `q` of the shuffle topic the group
+//!   `weir-<cluster>-<pipeline>-repartition-<hash>` gives it: the shuffle reader, the window
+//!   (its final phase) and what follows, and the sink.
+//!
+//! A revoked partition's instance stops with a last checkpoint before the group hands it
+//! on; an assigned one restores its last checkpoint. A process killed takes no last
+//! checkpoint: the next owner resumes from the one before, and the shuffle's protocol
+//! (`weir_connectors::kafka` repartition) drops what the dead instance had not committed.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use weir_planner::continuous::{ContinuousPlan, Partitioning};
+use weir_runtime::connector::{MembershipEvent, PartitionedSource, SinkFactory};
+use weir_runtime::coordinator::{CheckpointConfig, Coordinator};
+use weir_runtime::mv_store::{MvSink, MvStore};
+use weir_runtime::operator::Stage;
+use weir_runtime::pipeline::{
+    self, Failure, Fanout, PipelineStatus, SinkTask, SourceTask, StatusCell, Worker,
+};
+use weir_runtime::{CancellationToken, CheckpointStore, CommitLog, Metrics, Snapshot};
+
+/// How long an instance's last checkpoint may take when it stops.
+const STOP_WAIT: Duration = Duration::from_secs(30);
+
+/// How this process takes part in a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub name: String,
+    /// Send partial window aggregates through the shuffle, not rows (default).
+    pub pre_aggregate: bool,
+}
+
+/// Where an instance's rows go.
+#[derive(Clone)]
+pub(super) enum Output {
+    View(Arc<MvStore>),
+    Sink(Arc<dyn SinkFactory>),
+}
+
+/// What a cluster pipeline's instances are built from.
+pub(super) struct Spec {
+    pub cluster: ClusterConfig,
+    pub pipeline: String,
+    /// The stream read, for metrics.
+    pub input_name: String,
+    pub fingerprint: String,
+    pub plan: Option<Arc<ContinuousPlan>>,
+    pub input: Arc<dyn PartitionedSource>,
+    pub output: Output,
+    pub metrics: Metrics,
+    pub store: Option<CheckpointStore>,
+    pub interval: Duration,
+    pub status: StatusCell,
+    pub instance_id: Option<String>,
+    pub release: CancellationToken,
+}
+
+/// A running cluster pipeline: its instances in this process, and the tasks managing
+/// them.
+pub(super) struct ClusterPipeline {
+    /// Stops every instance with a last checkpoint, then leaves the groups.
+    stop: CancellationToken,
+    /// Tears every instance down without one.
+    abort: CancellationToken,
+    task: Option<JoinHandle<()>>,
+    /// Names of the instances running here, for `SHOW QUERIES`.
+    instances: Arc<Mutex<BTreeMap<String, ()>>>,
+}
+
+impl ClusterPipeline {
+    /// Starts pipeline `spec.pipeline` on the cluster: its groups are joined (and the
+    /// shuffle topic created) on a task, off the engine's lock.
+    pub fn start(spec: Spec) -> Self {
+        let stop = CancellationToken::new();
+        let abort = CancellationToken::new();
+        let instances = Arc::new(Mutex::new(BTreeMap::new()));
+        let task = {
+            let (stop, abort, instances) = (stop.clone(), abort.clone(), instances.clone());
+            let status = spec.status.clone();
+            let pipeline = spec.pipeline.clone();
+            pipeline::spawn_task(status.clone(), pipeline.clone(), "cluster", async move {
+                if let Err(e) = run(Arc::new(spec), stop, abort, instances).await {
+                    tracing::error!(pipeline = %pipeline, error = %e, "cluster pipeline failed");
+                    status.set(PipelineStatus::Failed(Failure::of(&e)));
+                }
+            })
+        };
+        Self {
+            stop,
+            abort,
+            task: Some(task),
+            instances,
+        }
+    }
+
+    /// The instances running in this process, by partition (`p3`, `r0`).
+    pub fn instance_names(&self) -> Vec<String> {
+        let instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+        instances
+            .keys()
+            .map(|n| {
+                n.rsplit_once('/')
+                    .map_or(n.as_str(), |(_, i)| i)
+                    .to_string()
+            })
+            .collect()
+    }
+
+    /// Stops every instance with a last checkpoint (each within `wait`) and leaves the
+    /// groups.
+    pub async fn stop(&mut self, wait: Duration) {
+        self.stop.cancel();
+        if let Some(mut task) = self.task.take()
+            && tokio::time::timeout(wait + Duration::from_secs(10), &mut task)
+                .await
+                .is_err()
+        {
+            self.abort.cancel();
+            task.abort();
+        }
+    }
+
+    /// Tears every instance down without a last checkpoint (a restart after a failure).
+    pub async fn abort(&mut self) {
+        self.abort.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+}
+
+/// The names a pipeline's groups and shuffle topic carry.
+fn names(spec: &Spec) -> (String, String) {
+    // FNV-1a over the query and whether it pre-aggregates (what the shuffle's rows are):
+    // stable across builds and processes, unlike `DefaultHasher`.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let what = [u8::from(spec.cluster.pre_aggregate)];
+    for &b in spec.fingerprint.as_bytes().iter().chain(&what) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let hash = format!("{:08x}", h as u32);
+    let base = format!("weir-{}-{}", spec.cluster.name, spec.pipeline);
+    let shuffle = format!("{base}-repartition-{hash}");
+    (base, shuffle)
+}
+
+/// Which half of a split pipeline an instance runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// A source partition.
+    Upstream,
+    /// A shuffle partition.
+    Downstream,
+}
+
+/// The shuffle of a pipeline with a window: its topic and partition count.
+struct Shuffle {
+    topic: String,
+    partitions: usize,
+    writers: usize,
+}
+
+async fn run(
+    spec: Arc<Spec>,
+    stop: CancellationToken,
+    abort: CancellationToken,
+    instances: Arc<Mutex<BTreeMap<String, ()>>>,
+) -> weir_runtime::Result<()> {
+    tokio::select! {
+        () = spec.release.cancelled() => {}
+        () = stop.cancelled() => return Ok(()),
+        () = abort.cancelled() => return Ok(()),
+    }
+    let partitioning = spec
+        .plan
+        .as_ref()
+        .map_or(Partitioning::RowByRow, |p| p.partitioning());
+    let (group, shuffle_topic) = names(&spec);
+    let input = spec.input.clone();
+    let writers = tokio::task::spawn_blocking(move || input.partition_count())
+        .await
+        .map_err(|e| weir_runtime::Error::Internal(e.to_string()))??;
+    let shuffle = match partitioning {
+        Partitioning::RowByRow => None,
+        Partitioning::ByKey { .. } => {
+            let (input, topic) = (spec.input.clone(), shuffle_topic.clone());
+            let partitions =
+                tokio::task::spawn_blocking(move || input.create_shuffle(&topic, writers))
+                    .await
+                    .map_err(|e| weir_runtime::Error::Internal(e.to_string()))??;
+            Some(Arc::new(Shuffle {
+                topic: shuffle_topic.clone(),
+                partitions,
+                writers,
+            }))
+        }
+        Partitioning::Single => {
+            return Err(weir_runtime::Error::Execution(format!(
+                "pipeline {} has two window aggregations: a cluster runs queries with at most one",
+                spec.pipeline
+            )));
+        }
+    };
+    let mut managers = vec![tokio::spawn(manage(
+        spec.clone(),
+        Role::Upstream,
+        group,
+        None,
+        shuffle.clone(),
+        stop.clone(),
+        abort.clone(),
+        instances.clone(),
+    ))];
+    if shuffle.is_some() {
+        managers.push(tokio::spawn(manage(
+            spec.clone(),
+            Role::Downstream,
+            shuffle_topic.clone(),
+            Some(shuffle_topic),
+            shuffle,
+            stop.clone(),
+            abort.clone(),
+            instances,
+        )));
+    }
+    for result in futures::future::join_all(managers).await {
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(weir_runtime::Error::Internal(e.to_string())),
+        }
+    }
+    Ok(())
+}
+
+/// Runs the instances of one group's partitions: joins it, starts an instance per
+/// partition assigned, stops one revoked (with a last checkpoint) before letting it go.
+#[allow(clippy::too_many_arguments)]
+async fn manage(
+    spec: Arc<Spec>,
+    role: Role,
+    group: String,
+    topic: Option<String>,
+    shuffle: Option<Arc<Shuffle>>,
+    stop: CancellationToken,
+    abort: CancellationToken,
+    instances: Arc<Mutex<BTreeMap<String, ()>>>,
+) -> weir_runtime::Result<()> {
+    let input = spec.input.clone();
+    let (g, t) = (group.clone(), topic.clone());
+    let mut membership = tokio::task::spawn_blocking(move || input.join(&g, t.as_deref()))
+        .await
+        .map_err(|e| weir_runtime::Error::Internal(e.to_string()))??;
+    let mut running: BTreeMap<i32, Instance> = BTreeMap::new();
+    let result = loop {
+        tokio::select! {
+            () = abort.cancelled() => {
+                for instance in running.values_mut() {
+                    instance.tear_down();
+                }
+                break Ok(());
+            }
+            () = stop.cancelled() => {
+                for (_, instance) in std::mem::take(&mut running) {
+                    instance.stop().await;
+                }
+                break Ok(());
+            }
+            event = membership.events.recv() => match event {
+                None => break Err(weir_runtime::Error::Internal(format!("group {group} ended"))),
+                Some(MembershipEvent::Assigned(partitions)) => {
+                    for p in partitions {
+                        let instance = start_instance(&spec, role, p, shuffle.as_deref()).await?;
+                        instances.lock().unwrap_or_else(|e| e.into_inner()).insert(instance.name.clone(), ());
+                        running.insert(p, instance);
+                    }
+                }
+                Some(MembershipEvent::Revoked(partitions, done)) => {
+                    for p in partitions {
+                        if let Some(instance) = running.remove(&p) {
+                            instances.lock().unwrap_or_else(|e| e.into_inner()).remove(&instance.name);
+                            instance.stop().await;
+                        }
+                    }
+                    let _ = done.send(());
+                }
+            }
+        }
+    };
+    drop(membership);
+    result
+}
+
+/// One partition's pipeline in this process.
+struct Instance {
+    name: String,
+    coordinator: Option<Coordinator>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Instance {
+    /// Takes a last checkpoint, then ends the tasks.
+    async fn stop(mut self) {
+        if let Some(mut coordinator) = self.coordinator.take()
+            && !coordinator.stop(STOP_WAIT).await
+        {
+            tracing::warn!(instance = %self.name,
+                "the last checkpoint did not complete in time; the next owner resumes from the one before");
+        }
+        self.shutdown.cancel();
+        for mut task in self.tasks.drain(..) {
+            if tokio::time::timeout(Duration::from_secs(10), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
+        }
+        tracing::info!(instance = %self.name, "instance stopped");
+    }
+
+    fn tear_down(&mut self) {
+        self.coordinator = None;
+        self.shutdown.cancel();
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Starts the instance of partition `p` in role `role`, restored from its last checkpoint.
+async fn start_instance(
+    spec: &Spec,
+    role: Role,
+    p: i32,
+    shuffle: Option<&Shuffle>,
+) -> weir_runtime::Result<Instance> {
+    let name = match role {
+        Role::Upstream => format!("{}/p{p}", spec.pipeline),
+        Role::Downstream => format!("{}/r{p}", spec.pipeline),
+    };
+    let restored = match &spec.store {
+        Some(store) => store.latest(&name).await?,
+        None => None,
+    };
+    let epoch = restored.as_ref().map_or(0, |c| c.epoch);
+    let saved = restored.filter(|c| match c.fingerprints.get(&spec.pipeline) {
+        Some(f) if *f == spec.fingerprint => true,
+        Some(_) => {
+            tracing::warn!(instance = %name, epoch = c.epoch,
+                "the pipeline's query or inputs changed since its last checkpoint: the instance starts fresh");
+            false
+        }
+        None => false,
+    });
+    let snapshot = |participant: &str| -> Option<Snapshot> {
+        saved
+            .as_ref()
+            .and_then(|c| c.snapshots.get(&format!("{name}/{participant}")).cloned())
+    };
+    let metrics = &spec.metrics;
+    let pre_aggregate = spec.cluster.pre_aggregate;
+    let plan = spec.plan.as_deref();
+    let (source, mut stages, sink, label): (_, Vec<Stage>, Box<dyn weir_runtime::Sink>, &str) =
+        match (role, shuffle, plan) {
+            (Role::Upstream, Some(shuffle), Some(plan)) => {
+                let half = plan
+                    .upstream(metrics, &spec.pipeline, pre_aggregate)
+                    .map_err(plan_error)?;
+                let sink = spec.input.shuffle_writer(
+                    &shuffle.topic,
+                    shuffle.partitions,
+                    half.keys,
+                    p,
+                    shuffle.writers,
+                )?;
+                (
+                    spec.input.create_partition(p)?,
+                    half.stages,
+                    sink,
+                    "shuffle",
+                )
+            }
+            (Role::Downstream, Some(shuffle), Some(plan)) => {
+                let half = plan
+                    .upstream(metrics, &spec.pipeline, pre_aggregate)
+                    .map_err(plan_error)?;
+                let source = spec.input.shuffle_reader(&shuffle.topic, p, half.schema)?;
+                let stages = plan
+                    .downstream(metrics, &spec.pipeline, pre_aggregate)
+                    .map_err(plan_error)?;
+                let (sink, label) = output(spec, &name)?;
+                (source, stages, sink, label)
+            }
+            (Role::Upstream, None, plan) => {
+                let stages = match plan {
+                    Some(plan) => plan.stages(metrics, &spec.pipeline).map_err(plan_error)?,
+                    None => Vec::new(),
+                };
+                let (sink, label) = output(spec, &name)?;
+                (spec.input.create_partition(p)?, stages, sink, label)
+            }
+            _ => {
+                return Err(weir_runtime::Error::Internal(format!(
+                    "instance {name} has no half to run"
+                )));
+            }
+        };
+    for (i, stage) in stages.iter_mut().enumerate() {
+        if let Stage::Sync(op) = stage
+            && let Some(state) = snapshot(&format!("op{i}"))
+        {
+            op.restore(state)?;
+        }
+    }
+    let (coordinator, checkpoints) = Coordinator::spawn(
+        &name,
+        CheckpointConfig {
+            interval: spec.interval,
+            store: spec.store.clone(),
+        },
+        epoch,
+        metrics.checkpoints(&spec.pipeline),
+    );
+    coordinator.set_fingerprint(&spec.pipeline, spec.fingerprint.clone());
+    let shutdown = CancellationToken::new();
+    let connector = match role {
+        Role::Upstream => "kafka",
+        Role::Downstream => "shuffle",
+    };
+    let (rx, source_task) = pipeline::spawn_source(
+        source,
+        SourceTask {
+            shutdown: shutdown.clone(),
+            release: spec.release.clone(),
+            metrics: metrics.source(&spec.input_name, &spec.pipeline, connector),
+            status: spec.status.clone(),
+            pipeline: name.clone(),
+            checkpoints: Some(checkpoints),
+            restore: snapshot("source"),
+            instance_id: spec.instance_id.clone(),
+            worker: Worker::ONLY,
+        },
+    );
+    let fanout = Fanout::new();
+    let mut tasks = vec![source_task];
+    tasks.push(pipeline::spawn_sink(
+        sink,
+        fanout.subscribe(),
+        SinkTask {
+            metrics: metrics.sink(&spec.pipeline, label),
+            status: spec.status.clone(),
+            pipeline: name.clone(),
+            committed: Some(coordinator.committed()),
+            restore: snapshot("sink"),
+            commit_log: spec.store.clone().map(|store| CommitLog {
+                store,
+                job: name.clone(),
+            }),
+        },
+    ));
+    tasks.extend(pipeline::spawn_stages(
+        rx,
+        stages,
+        0,
+        fanout,
+        metrics,
+        &spec.pipeline,
+        &name,
+        &spec.status,
+    ));
+    tracing::info!(instance = %name, restored = saved.as_ref().map(|c| c.epoch), "instance started");
+    Ok(Instance {
+        name,
+        coordinator: Some(coordinator),
+        shutdown,
+        tasks,
+    })
+}
+
+/// A fresh sink for instance `name`'s output (`<pipeline>/r3`): its files are named for
+/// `r3`, so that the instance's next owner (in this process or another) finds and cleans up
+/// what it left, and no other instance's.
+fn output(
+    spec: &Spec,
+    name: &str,
+) -> weir_runtime::Result<(Box<dyn weir_runtime::Sink>, &'static str)> {
+    let partition = name.rsplit_once('/').map_or(name, |(_, p)| p);
+    Ok(match &spec.output {
+        Output::View(store) => (Box::new(MvSink(store.clone())), "view"),
+        Output::Sink(factory) => (
+            factory.create_instance(&spec.metrics, partition)?,
+            factory.connector(),
+        ),
+    })
+}
+
+fn plan_error(e: weir_planner::PlanError) -> weir_runtime::Error {
+    weir_runtime::Error::Execution(e.to_string())
+}

@@ -1,0 +1,182 @@
+//! Scale-out: `weir serve --cluster` processes share a job through Kafka's groups, a
+//! repartition topic and a shared checkpoint store. One is killed mid-run (SIGKILL) and a
+//! fourth joins later; the lake and Prometheus must still hold DuckDB's answer exactly.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::checkpoints::{
+    EVENTS, MOCK_PARTITIONS, MOCK_SESSION, SPAN_MS, assert_lake_equals,
+    assert_prometheus_has_every_window, checkpoints_completed, produce_events, windows_sql,
+    write_vehicles,
+};
+use crate::harness::{Prometheus, Weir, duckdb, eventually};
+
+/// Runs the seed job (Kafka → lookup join → 10-second windows per region, a key the topic
+/// is not partitioned by → lake and Prometheus) on three processes of one cluster, kills
+/// one of them once every process has checkpointed, starts a fourth, and compares the
+/// results with DuckDB's.
+fn cluster_equals_duckdb(dir: &Path, bootstrap: &str, partitions: i32, stream_options: &str) {
+    let prometheus = Prometheus::start(dir);
+    let base = (chrono::Utc::now().timestamp_millis() - SPAN_MS - 600_000) / 10_000 * 10_000;
+    let events = dir.join("events.ndjson");
+    let vehicles = dir.join("vehicles.csv");
+    write_vehicles(&vehicles);
+    produce_events(bootstrap, "events", partitions, base, &events, EVENTS);
+    let lake = dir.join("lake");
+    let queries = dir.join("queries");
+    std::fs::create_dir_all(&queries).expect("queries");
+    let window = "SELECT window_start, window_end, v.region, count(*) AS n, sum(e.v) AS total
+               FROM TUMBLE(ev, ts, INTERVAL '10' SECOND) AS e
+               JOIN vehicles v ON e.id = v.vehicle_id
+               GROUP BY window_start, window_end, v.region";
+    std::fs::write(
+        queries.join("job.sql"),
+        format!(
+            "CREATE STREAM ev (id BIGINT NOT NULL, v BIGINT, ts TIMESTAMP(3) NOT NULL,
+                 WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)
+               WITH (connector = 'kafka', topic = 'events', 'bootstrap.servers' = '{bootstrap}',
+                     'scan.startup.mode' = 'earliest', 'watermark.idle_timeout' = '3s'{stream_options});
+             CREATE TABLE vehicles (vehicle_id BIGINT PRIMARY KEY, region TEXT)
+               WITH (connector = 'file', path = '{vehicles}');
+             CREATE SINK lake WITH (connector = 'parquet', path = '{lake}',
+               partition_by = 'date', 'rollover.interval' = '2s') AS {window};
+             CREATE SINK prom WITH (connector = 'prometheus_remote_write',
+               url = '{url}', metric_prefix = 'ck') AS {window};",
+            vehicles = vehicles.display(),
+            lake = lake.display(),
+            url = prometheus.write_url(),
+        ),
+    )
+    .expect("job");
+    let store = dir.join("checkpoints");
+    let args = [
+        "--cluster".to_string(),
+        "c1".to_string(),
+        "--checkpoint-store".to_string(),
+        store.display().to_string(),
+        "--workers".to_string(),
+        "1".to_string(),
+        "--allow-path".to_string(),
+        dir.display().to_string(),
+    ];
+    let start = |i: usize| {
+        let work = dir.join(format!("process{i}"));
+        std::fs::create_dir_all(&work).expect("work dir");
+        Weir::start_with(&work, Some(&queries), &args, &[])
+    };
+    let mut processes: Vec<Weir> = (1..=3).map(start).collect();
+    // Every process runs instances and has checkpointed them before one is killed.
+    let checkpointed = eventually(Duration::from_secs(120), || {
+        processes
+            .iter()
+            .all(|w| checkpoints_completed(w) > 0)
+            .then_some(())
+    });
+    assert!(
+        checkpointed.is_some(),
+        "every process checkpoints:\n{}",
+        logs(&processes)
+    );
+    let seed = Instant::now().elapsed().as_nanos() as u64;
+    std::thread::sleep(Duration::from_millis(seed % 2000));
+    // The victim owns window state with a checkpoint in the store: what must move.
+    let mut killed = processes.remove(1);
+    let killed_instances = eventually(Duration::from_secs(60), || {
+        let owned = instances(&killed);
+        let windows: Vec<&String> = owned.iter().filter(|i| i.starts_with('r')).collect();
+        let checkpointed = |r: &String| {
+            std::fs::read_dir(store.join("lake").join(r))
+                .map(|epochs| {
+                    epochs
+                        .flatten()
+                        .any(|e| e.path().join("_manifest.json").exists())
+                })
+                .unwrap_or(false)
+        };
+        (!windows.is_empty() && windows.into_iter().all(checkpointed)).then_some(owned)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the victim owns checkpointed windows:\n{}",
+            killed.log_text()
+        )
+    });
+    killed.kill();
+    let killed_log = killed.log_text();
+    std::thread::sleep(Duration::from_secs(5));
+    processes.push(start(4));
+
+    let (expected, actual) = windows_sql(&events, &vehicles, &lake);
+    let expected_rows: i64 = duckdb(&format!("SELECT count(*) FROM ({expected})"))[0]
+        .parse()
+        .expect("count");
+    assert_lake_equals(
+        &expected,
+        &actual,
+        expected_rows,
+        Duration::from_secs(300),
+        || {},
+        || logs(&processes),
+    );
+
+    // The killed process's window state moved: a survivor restored one of its shuffle
+    // partitions from a checkpoint the killed process took.
+    let moved: Vec<&String> = killed_instances
+        .iter()
+        .filter(|i| i.starts_with('r'))
+        .collect();
+    let restored_here = processes.iter().any(|w| {
+        w.log_text().lines().any(|l| {
+            l.contains("instance started")
+                && l.contains(" restored=")
+                && moved
+                    .iter()
+                    .any(|r| l.contains(&format!("instance=lake/{r} ")))
+        })
+    });
+    assert!(
+        restored_here,
+        "a survivor restored the killed process's windows ({moved:?}):\n{}\n--- killed:\n{killed_log}",
+        logs(&processes)
+    );
+
+    // Prometheus: every window's sample per region, each from one process.
+    assert_prometheus_has_every_window(&prometheus, base, &expected, expected_rows, "cluster");
+    for weir in &mut processes {
+        assert!(weir.stop(), "{}", weir.log_text());
+    }
+}
+
+/// The `lake` pipeline's instances in this process, from SHOW QUERIES (`p0`, `r3`, ...).
+fn instances(weir: &Weir) -> Vec<String> {
+    let (_, out, _) = weir.psql_c("SHOW QUERIES");
+    out.lines()
+        .find(|l| l.starts_with("lake|"))
+        .and_then(|l| l.rsplit('|').next())
+        .map(|i| i.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+fn logs(processes: &[Weir]) -> String {
+    processes
+        .iter()
+        .map(|w| w.log_text())
+        .collect::<Vec<_>>()
+        .join("\n-----\n")
+}
+
+#[test]
+fn three_processes_on_the_mock_cluster_one_killed_and_one_joining_write_every_window_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    cluster
+        .create_topic("events", MOCK_PARTITIONS, 1)
+        .expect("topic");
+    cluster_equals_duckdb(
+        dir.path(),
+        &cluster.bootstrap_servers(),
+        MOCK_PARTITIONS,
+        MOCK_SESSION,
+    );
+}
