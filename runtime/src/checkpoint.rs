@@ -233,6 +233,16 @@ impl CheckpointStore {
             .map_err(|e| self.error("list", dir, e))
     }
 
+    /// The directories right under `dir`.
+    async fn subdirectories(&self, dir: &Path) -> Result<Vec<Path>> {
+        let listing = self
+            .store
+            .list_with_delimiter(Some(dir))
+            .await
+            .map_err(|e| self.error("list", dir, e))?;
+        Ok(listing.common_prefixes)
+    }
+
     /// Deletes `path`; gone already is fine.
     async fn delete(&self, path: &Path) -> Result<()> {
         match self.store.delete(path).await {
@@ -252,14 +262,8 @@ impl CheckpointStore {
     /// The epochs of `job` with a directory in the store, newest first, and whether each
     /// is complete.
     async fn epochs(&self, job: &str) -> Result<Vec<(u64, bool)>> {
-        let dir = self.job_dir(job);
-        let listing = self
-            .store
-            .list_with_delimiter(Some(&dir))
-            .await
-            .map_err(|e| self.error("list", &dir, e))?;
         let mut epochs = Vec::new();
-        for prefix in listing.common_prefixes {
+        for prefix in self.subdirectories(&self.job_dir(job)).await? {
             let Some(epoch) = prefix.filename().and_then(|n| n.parse::<u64>().ok()) else {
                 continue;
             };
@@ -422,13 +426,7 @@ impl CheckpointStore {
     /// Deletes every checkpoint of `job` (its pipelines were dropped).
     pub async fn delete_job(&self, job: &str) -> Result<()> {
         // A cluster's instances of the job first (`<job>/p3`, `<job>/r0`).
-        let dir = self.job_dir(job);
-        let listing = self
-            .store
-            .list_with_delimiter(Some(&dir))
-            .await
-            .map_err(|e| self.error("list", &dir, e))?;
-        for prefix in listing.common_prefixes {
+        for prefix in self.subdirectories(&self.job_dir(job)).await? {
             let Some(name) = prefix.filename() else {
                 continue;
             };

@@ -152,7 +152,7 @@ pub trait PartitionedSource: Send + Sync + Debug {
     fn create_shuffle(&self, topic: &str, partitions: usize) -> Result<usize>;
 
     /// The writer of input partition `writer` (of `writers`) into the shuffle: rows go to
-    /// the partition their `keys` hash to.
+    /// the partition their `keys` hash to; the bytes written are counted in `bytes`.
     fn shuffle_writer(
         &self,
         topic: &str,
@@ -160,6 +160,7 @@ pub trait PartitionedSource: Send + Sync + Debug {
         keys: Vec<Arc<dyn datafusion::physical_expr::PhysicalExpr>>,
         writer: i32,
         writers: usize,
+        bytes: crate::metrics::Counter,
     ) -> Result<Box<dyn Sink>>;
 
     /// The reader of the shuffle's partition `partition`, whose rows have `schema`.

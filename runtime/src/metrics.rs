@@ -24,6 +24,7 @@ pub struct Metrics {
     decode_errors: Family<Labels, Counter>,
     sink_rows: Family<Labels, Counter>,
     sink_errors: Family<Labels, Counter>,
+    shuffle_bytes: Family<Labels, Counter>,
     pipelines: Family<Labels, Gauge>,
     state: StateFamilies,
     source: SourceFamilies,
@@ -180,6 +181,7 @@ impl Metrics {
             decode_errors: Family::default(),
             sink_rows: Family::default(),
             sink_errors: Family::default(),
+            shuffle_bytes: Family::default(),
             pipelines: Family::default(),
             state: StateFamilies::default(),
             source: SourceFamilies::default(),
@@ -296,6 +298,11 @@ impl Metrics {
             "sink_rows_written",
             "Rows written by a sink, per pipeline and sink",
             metrics.sink_rows.clone(),
+        );
+        registry.register(
+            "shuffle_bytes_written",
+            "Bytes a cluster's pipeline wrote to its repartition topic (record values), per pipeline",
+            metrics.shuffle_bytes.clone(),
         );
         registry.register(
             "sink_errors",
@@ -538,6 +545,13 @@ impl Metrics {
             rows_written: self.sink_rows.get_or_create(&labels).clone(),
             errors: self.sink_errors.get_or_create(&labels).clone(),
         }
+    }
+
+    /// Bytes pipeline `pipeline` writes to its repartition topic on a cluster.
+    pub fn shuffle_bytes(&self, pipeline: &str) -> Counter {
+        self.shuffle_bytes
+            .get_or_create(&vec![("pipeline".to_string(), pipeline.to_string())])
+            .clone()
     }
 
     /// The remote-write sink `sink`'s metrics.

@@ -143,6 +143,18 @@ fn cluster_equals_duckdb(dir: &Path, bootstrap: &str, partitions: i32, stream_op
 
     // Prometheus: every window's sample per region, each from one process.
     assert_prometheus_has_every_window(&prometheus, base, &expected, expected_rows, "cluster");
+    // Partial aggregates crossed the repartition topic, counted per process.
+    let shuffled: u64 = processes
+        .iter()
+        .flat_map(|w| {
+            w.http_get("/metrics")
+                .lines()
+                .filter(|l| l.starts_with("weir_shuffle_bytes_written_total{pipeline=\"lake\"}"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum();
+    assert!(shuffled > 0, "the shuffle's bytes are counted");
     for weir in &mut processes {
         assert!(weir.stop(), "{}", weir.log_text());
     }

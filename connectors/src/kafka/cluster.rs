@@ -171,15 +171,19 @@ impl PartitionedSource for KafkaPartitions {
         keys: Vec<Arc<dyn PhysicalExpr>>,
         writer: i32,
         writers: usize,
+        bytes: weir_runtime::metrics::Counter,
     ) -> Result<Box<dyn Sink>> {
-        Ok(Box::new(RepartitionSink::new(RepartitionTarget {
-            client: self.config.client.clone(),
-            topic: topic.to_string(),
-            partitions,
-            keys,
-            writer,
-            writers,
-        })?))
+        Ok(Box::new(RepartitionSink::new(
+            RepartitionTarget {
+                client: self.config.client.clone(),
+                topic: topic.to_string(),
+                partitions,
+                keys,
+                writer,
+                writers,
+            },
+            bytes,
+        )?))
     }
 
     fn shuffle_reader(

@@ -30,7 +30,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
@@ -110,12 +110,12 @@ pub struct RepartitionSink {
     pending: VecDeque<(u64, Option<i64>)>,
     /// The last epoch pre-committed (for the snapshot).
     last: Option<WriterState>,
-    /// Bytes written to the topic (record values), for the benchmark.
-    bytes: Arc<AtomicU64>,
+    /// Bytes written to the topic (record values).
+    bytes: weir_runtime::metrics::Counter,
 }
 
 impl RepartitionSink {
-    pub fn new(target: RepartitionTarget) -> Result<Self> {
+    pub fn new(target: RepartitionTarget, bytes: weir_runtime::metrics::Counter) -> Result<Self> {
         let acks = Acks::default();
         let producer: ThreadedProducer<Acks> = target
             .client
@@ -139,18 +139,13 @@ impl RepartitionSink {
             watermark: None,
             pending: VecDeque::new(),
             last: None,
-            bytes: Arc::default(),
+            bytes,
         })
-    }
-
-    /// Bytes written to the repartition topic so far (record values).
-    pub fn bytes_written(&self) -> Arc<AtomicU64> {
-        self.bytes.clone()
     }
 
     /// Sends one record to partition `partition`, waiting while the producer's queue is full.
     async fn send(&mut self, partition: usize, value: Vec<u8>) -> Result<()> {
-        self.bytes.fetch_add(value.len() as u64, Ordering::Relaxed);
+        self.bytes.inc_by(value.len() as u64);
         let partition = i32::try_from(partition).unwrap_or(i32::MAX);
         loop {
             let record = BaseRecord::<(), _>::to(&self.target.topic)
@@ -620,14 +615,17 @@ mod tests {
     }
 
     fn writer(bootstrap: &str, writer: i32) -> RepartitionSink {
-        RepartitionSink::new(RepartitionTarget {
-            client: client(bootstrap),
-            topic: "rep".into(),
-            partitions: 2,
-            keys: vec![col("k", &schema()).expect("k")],
-            writer,
-            writers: 2,
-        })
+        RepartitionSink::new(
+            RepartitionTarget {
+                client: client(bootstrap),
+                topic: "rep".into(),
+                partitions: 2,
+                keys: vec![col("k", &schema()).expect("k")],
+                writer,
+                writers: 2,
+            },
+            weir_runtime::metrics::Counter::default(),
+        )
         .expect("sink")
     }
 

@@ -388,6 +388,7 @@ async fn start_instance(
                     half.keys,
                     p,
                     shuffle.writers,
+                    metrics.shuffle_bytes(&spec.pipeline),
                 )?;
                 (
                     spec.input.create_partition(p)?,
