@@ -173,8 +173,28 @@ impl CheckpointStore {
     }
 
     /// Writes `checkpoint` for `job`; once this returns, [`CheckpointStore::latest`] finds
-    /// it. Then deletes checkpoints beyond the last `retain` complete ones.
+    /// it. Then deletes checkpoints beyond the last `retain` complete ones. An error if the
+    /// epoch is complete already (see [`CheckpointStore::write_new`]).
     pub async fn write(&self, job: &str, checkpoint: &Checkpoint) -> Result<WriteStats> {
+        self.write_new(job, checkpoint).await?.ok_or_else(|| {
+            Error::Execution(format!(
+                "checkpoint {} of {job} was written by another process",
+                checkpoint.epoch
+            ))
+        })
+    }
+
+    /// As [`CheckpointStore::write`], but `None` when the epoch is complete already: another
+    /// process wrote it (a cluster's partition whose ownership moved while this process
+    /// still ran it). The manifest is created only if absent, so an epoch is committed
+    /// once: the process that loses must stop and restore what the winner committed. A
+    /// store that cannot create conditionally (S3 with conditional puts disabled) writes
+    /// unconditionally.
+    pub async fn write_new(
+        &self,
+        job: &str,
+        checkpoint: &Checkpoint,
+    ) -> Result<Option<WriteStats>> {
         let started = Instant::now();
         let dir = self.epoch_dir(job, checkpoint.epoch);
         let mut state = Vec::new();
@@ -208,12 +228,31 @@ impl CheckpointStore {
             .map_err(|e| Error::Internal(format!("cannot encode a checkpoint manifest: {e}")))?;
         let bytes = (state.len() + manifest.len()) as u64;
         self.put(&dir.clone().join(STATE), state).await?;
-        self.put(&dir.join(MANIFEST), manifest).await?;
+        if !self.create(&dir.join(MANIFEST), manifest).await? {
+            return Ok(None);
+        }
         self.retain(job).await?;
-        Ok(WriteStats {
+        Ok(Some(WriteStats {
             bytes,
             duration: started.elapsed(),
-        })
+        }))
+    }
+
+    /// Writes `path` unless it exists; `false` if it did.
+    async fn create(&self, path: &Path, bytes: Vec<u8>) -> Result<bool> {
+        let options = object_store::PutOptions::from(object_store::PutMode::Create);
+        match self
+            .store
+            .put_opts(path, PutPayload::from(bytes.clone()), options)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(object_store::Error::NotImplemented { .. }) => {
+                self.put(path, bytes).await.map(|()| true)
+            }
+            Err(e) => Err(self.error("write", path, e)),
+        }
     }
 
     async fn put(&self, path: &Path, bytes: Vec<u8>) -> Result<()> {
@@ -567,6 +606,35 @@ mod tests {
                 .map(|c| c.epoch),
             Some(1)
         );
+    }
+
+    /// An epoch is committed once: a second writer of it (a process that still ran a
+    /// partition another one owns now) is told so, and the first checkpoint stands.
+    #[tokio::test]
+    async fn a_second_writer_of_an_epoch_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = CheckpointStore::local(dir.path(), 3).expect("store");
+        let mut first = checkpoint(5);
+        first.started_ms = 1;
+        let mut second = checkpoint(5);
+        second.started_ms = 2;
+        assert!(
+            store
+                .write_new("v/r0", &first)
+                .await
+                .expect("write")
+                .is_some()
+        );
+        assert!(
+            store
+                .write_new("v/r0", &second)
+                .await
+                .expect("write")
+                .is_none()
+        );
+        let latest = store.latest("v/r0").await.expect("latest").expect("one");
+        assert_eq!(latest.started_ms, 1, "the first writer's checkpoint stands");
+        assert!(store.write("v/r0", &second).await.is_err());
     }
 
     /// A cluster's instances (`v/p0`, `v/r1`) keep checkpoints of their own, nested under

@@ -33,6 +33,9 @@ pub struct CheckpointConfig {
     /// Where checkpoints are written; `None` runs the protocol (sinks still commit per
     /// epoch) without keeping state across restarts.
     pub store: Option<CheckpointStore>,
+    /// Failed when another process commits one of the job's epochs (the job stops
+    /// committing: see [`CheckpointStore::write_new`]).
+    pub status: Option<crate::pipeline::StatusCell>,
 }
 
 /// The last checkpoint and restore of a job, for `SHOW QUERIES`.
@@ -293,8 +296,28 @@ impl Task {
             snapshots: done.snapshots,
         };
         let bytes = match &self.config.store {
-            Some(store) => match store.write(&self.job, &checkpoint).await {
-                Ok(stats) => stats.bytes,
+            Some(store) => match store.write_new(&self.job, &checkpoint).await {
+                Ok(Some(stats)) => stats.bytes,
+                Ok(None) => {
+                    // Another process committed this epoch: it owns the job now (a
+                    // cluster's partition moved while this process still ran it). Nothing
+                    // more is committed here; the pipeline fails, and a restart restores
+                    // what the other committed.
+                    let message = format!(
+                        "checkpoint {epoch} of {} was committed by another process: this one no longer owns it",
+                        self.job
+                    );
+                    tracing::error!(job = %self.job, epoch, "{message}");
+                    if let Some(status) = &self.config.status {
+                        status.set(crate::pipeline::PipelineStatus::Failed(
+                            crate::pipeline::Failure {
+                                cause: message,
+                                external: true,
+                            },
+                        ));
+                    }
+                    return false;
+                }
                 Err(e) => {
                     self.failed(epoch, &e.to_string());
                     return true;
@@ -466,6 +489,7 @@ mod tests {
         let (coordinator, checkpoints) = Coordinator::spawn(
             "job",
             CheckpointConfig {
+                status: None,
                 interval: Duration::from_millis(20),
                 store: Some(store.clone()),
             },
@@ -539,6 +563,54 @@ mod tests {
             .collect();
         lines.sort();
         lines
+    }
+
+    /// A cluster's partition moved while this process still ran it: the new owner
+    /// committed epoch 1 first. This coordinator commits nothing, stops, and fails its
+    /// pipeline so that a restart restores what the owner committed.
+    #[tokio::test]
+    async fn a_coordinator_whose_epoch_another_process_committed_stops_and_fails_the_pipeline() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = CheckpointStore::local(dir.path(), 3).expect("store");
+        let other = Checkpoint {
+            epoch: 1,
+            ..Checkpoint::default()
+        };
+        store.write("job", &other).await.expect("the other process");
+        let status = StatusCell::default();
+        let (coordinator, mut checkpoints) = Coordinator::spawn(
+            "job",
+            CheckpointConfig {
+                status: Some(status.clone()),
+                interval: Duration::from_millis(20),
+                store: Some(store.clone()),
+            },
+            0,
+            Metrics::new().checkpoints("job"),
+        );
+        let barrier = tokio::time::timeout(Duration::from_secs(5), checkpoints.barriers.recv())
+            .await
+            .expect("a barrier")
+            .expect("open");
+        assert_eq!(barrier.epoch, 1);
+        barrier.ack();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !matches!(status.get(), crate::pipeline::PipelineStatus::Failed(ref f) if f.external)
+        {
+            assert!(tokio::time::Instant::now() < deadline, "the pipeline fails");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            *coordinator.committed().borrow(),
+            0,
+            "nothing committed here"
+        );
+        let next =
+            tokio::time::timeout(Duration::from_millis(300), checkpoints.barriers.recv()).await;
+        assert!(
+            next.is_err() || next.is_ok_and(|b| b.is_none()),
+            "no further checkpoint"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -93,6 +93,7 @@ impl Reader {
         let (coordinator, checkpoints) = Coordinator::spawn(
             "test",
             CheckpointConfig {
+                status: None,
                 interval: Duration::from_millis(100),
                 store: None,
             },

@@ -432,6 +432,7 @@ async fn start_instance(
     let (coordinator, checkpoints) = Coordinator::spawn(
         &name,
         CheckpointConfig {
+            status: Some(spec.status.clone()),
             interval: spec.interval,
             store: spec.store.clone(),
         },

@@ -347,6 +347,7 @@ impl Engine {
                 let metrics = self.metrics.source(&input_name, name, connector);
                 source_metrics = Some(metrics.clone());
                 let config = CheckpointConfig {
+                    status: Some(status.clone()),
                     interval: entry
                         .checkpoint_interval
                         .unwrap_or(self.checkpoint_interval),
