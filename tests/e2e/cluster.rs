@@ -155,6 +155,20 @@ fn cluster_equals_duckdb(dir: &Path, bootstrap: &str, partitions: i32, stream_op
         })
         .sum();
     assert!(shuffled > 0, "the shuffle's bytes are counted");
+    // A sink cannot read a materialized view on a cluster (yet): refused, not run wrong.
+    let (ok, _, err) = processes[0].psql_c(&format!(
+        "CREATE STREAM recent (id BIGINT NOT NULL, ts TIMESTAMP(3) NOT NULL)
+           WITH (connector = 'kafka', topic = 'events', 'bootstrap.servers' = '{bootstrap}',
+                 'scan.startup.mode' = 'latest');
+         CREATE MATERIALIZED VIEW recent_ids AS SELECT id FROM recent;"
+    ));
+    assert!(ok, "{err}");
+    let (ok, _, err) = processes[0]
+        .psql_c("CREATE SINK recent_out FROM recent_ids WITH (connector = 'blackhole')");
+    assert!(
+        !ok && err.contains("0A000") && err.contains("cannot read materialized view"),
+        "{err}"
+    );
     for weir in &mut processes {
         assert!(weir.stop(), "{}", weir.log_text());
     }

@@ -41,7 +41,7 @@ use async_trait::async_trait;
 use datafusion::physical_expr::PhysicalExpr;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -58,8 +58,6 @@ const DATA: u8 = b'D';
 const MARKER: u8 = b'M';
 /// Bytes before a data record's IPC stream: kind, writer, generation, epoch.
 const HEADER: usize = 1 + 4 + 8 + 8;
-/// How long a flush may wait for the broker.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Writer `writer` (a source partition) of `writers` committed every epoch up to `epoch`
 /// of generation `generation`, and its watermark is `watermark` (`i64::MAX`: idle).
@@ -171,24 +169,13 @@ impl RepartitionSink {
 
     /// Waits until the broker has every record sent; fails if any was lost.
     async fn flush(&mut self) -> Result<()> {
-        let producer = self.producer.clone();
-        tokio::task::spawn_blocking(move || producer.flush(FLUSH_TIMEOUT))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .map_err(|e| {
-                super::kafka_error(&format!("cannot flush to {}", self.target.topic), e)
-            })?;
-        let failed = self.acks.failed.swap(0, Ordering::Relaxed);
-        if failed > 0 {
-            return Err(Error::external(
-                weir_runtime::error::External::Connection,
-                format!(
-                    "{failed} records were not delivered to {}",
-                    self.target.topic
-                ),
-            ));
-        }
-        Ok(())
+        super::sink::flush(
+            &self.producer,
+            &self.acks,
+            "repartition writer",
+            &self.target.topic,
+        )
+        .await
     }
 
     /// Sends `state`'s marker to every repartition partition.

@@ -144,25 +144,37 @@ fn json_lines(batch: &RecordBatch) -> Result<Vec<u8>> {
 impl KafkaSink {
     /// Waits until the broker has every message; fails if any was not delivered.
     async fn flush(&mut self) -> Result<()> {
-        let producer = self.producer.clone();
-        tokio::task::spawn_blocking(move || producer.flush(FLUSH_TIMEOUT))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .map_err(|e| {
-                super::kafka_error(&format!("Kafka sink {}: flush failed", self.name), e)
-            })?;
-        let failed = self.acks.failed.swap(0, Ordering::Relaxed);
-        if failed > 0 {
-            return Err(Error::external(
-                weir_runtime::error::External::Connection,
-                format!(
-                    "Kafka sink {}: {failed} messages were not delivered to {}",
-                    self.name, self.topic
-                ),
-            ));
-        }
-        Ok(())
+        flush(
+            &self.producer,
+            &self.acks,
+            &format!("Kafka sink {}", self.name),
+            &self.topic,
+        )
+        .await
     }
+}
+
+/// Waits until the broker has every message `producer` was given; fails (naming `who` and
+/// `topic`) if any was not delivered since the last flush.
+pub(super) async fn flush(
+    producer: &Arc<ThreadedProducer<Acks>>,
+    acks: &Acks,
+    who: &str,
+    topic: &str,
+) -> Result<()> {
+    let producer = producer.clone();
+    tokio::task::spawn_blocking(move || producer.flush(FLUSH_TIMEOUT))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .map_err(|e| super::kafka_error(&format!("{who}: flush failed"), e))?;
+    let failed = acks.failed.swap(0, Ordering::Relaxed);
+    if failed > 0 {
+        return Err(Error::external(
+            weir_runtime::error::External::Connection,
+            format!("{who}: {failed} messages were not delivered to {topic}"),
+        ));
+    }
+    Ok(())
 }
 
 #[async_trait]

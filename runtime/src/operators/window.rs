@@ -1162,9 +1162,9 @@ mod tests {
         ]
     }
 
-    #[test]
-    fn tumbling_and_hopping_windows_resume_from_a_snapshot_as_if_never_interrupted() {
-        for (kind, lateness) in [
+    /// TUMBLE, TUMBLE with allowed lateness, HOP: each with its lateness.
+    fn kinds() -> [(WindowKind, i64); 3] {
+        [
             (WindowKind::Tumble { size: 1000 }, 0),
             (WindowKind::Tumble { size: 1000 }, 500),
             (
@@ -1174,7 +1174,12 @@ mod tests {
                 },
                 0,
             ),
-        ] {
+        ]
+    }
+
+    #[test]
+    fn tumbling_and_hopping_windows_resume_from_a_snapshot_as_if_never_interrupted() {
+        for (kind, lateness) in kinds() {
             assert_restores(|| Box::new(operator(kind, lateness)), &script());
         }
     }
@@ -1242,17 +1247,7 @@ mod tests {
 
     #[test]
     fn a_partial_and_a_final_phase_emit_what_one_operator_does() {
-        for (kind, lateness) in [
-            (WindowKind::Tumble { size: 1000 }, 0),
-            (WindowKind::Tumble { size: 1000 }, 500),
-            (
-                WindowKind::Hop {
-                    size: 3000,
-                    slide: 1000,
-                },
-                0,
-            ),
-        ] {
+        for (kind, lateness) in kinds() {
             let mut whole = operator(kind, lateness);
             let mut expected = Vec::new();
             for step in script() {
