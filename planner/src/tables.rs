@@ -95,7 +95,8 @@ impl TableProvider for LookupTableProvider {
     }
 }
 
-/// A materialized view: a snapshot of its current rows, queried with all of DataFusion.
+/// A materialized view: a snapshot of its current rows (on a cluster, gathered from every
+/// process), queried with all of DataFusion.
 #[derive(Debug)]
 pub struct MvTable {
     pub store: Arc<MvStore>,
@@ -118,7 +119,11 @@ impl TableProvider for MvTable {
         _filters: &[Expr],
         _limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let batches = self.store.snapshot();
+        let batches = self
+            .store
+            .rows()
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
         Ok(MemorySourceConfig::try_new_exec(
             &[batches],
             self.store.schema(),

@@ -239,6 +239,15 @@ impl CheckpointStore {
     }
 
     /// Writes `path` unless it exists; `false` if it did.
+    /// The contents of `name` (a path under the store's root, e.g. `.cluster/c/secret`),
+    /// created with `initial` if absent: of several processes asking at once, the first
+    /// decides it for all (on a store that can create conditionally).
+    pub async fn shared_file(&self, name: &str, initial: Vec<u8>) -> Result<bytes::Bytes> {
+        let path = self.job_dir(name);
+        self.create(&path, initial).await?;
+        self.get(&path).await
+    }
+
     async fn create(&self, path: &Path, bytes: Vec<u8>) -> Result<bool> {
         let options = object_store::PutOptions::from(object_store::PutMode::Create);
         match self

@@ -151,6 +151,15 @@ pub trait PartitionedSource: Send + Sync + Debug {
     /// may have made it with its default count).
     fn create_shuffle(&self, topic: &str, partitions: usize) -> Result<usize>;
 
+    /// Appends `record` under `key` to `topic`, a small topic of one partition created if
+    /// missing and kept forever: the directory through which a cluster's processes find
+    /// each other.
+    fn publish(&self, topic: &str, key: &str, record: &[u8]) -> Result<()>;
+
+    /// Every record of `topic` (see [`PartitionedSource::publish`]), oldest first; none if
+    /// the topic does not exist.
+    fn read_all(&self, topic: &str) -> Result<Vec<(String, Vec<u8>)>>;
+
     /// The writer of input partition `writer` (of `writers`) into the shuffle: rows go to
     /// the partition their `keys` hash to; the bytes written are counted in `bytes`.
     fn shuffle_writer(

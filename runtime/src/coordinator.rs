@@ -177,11 +177,16 @@ impl Coordinator {
     pub async fn stop(&mut self, timeout: Duration) -> bool {
         let (done_tx, done_rx) = oneshot::channel();
         let deadline = tokio::time::Instant::now() + timeout;
-        if self.control.send(Control::Stop(done_tx)).await.is_ok() {
-            // A closed channel means the coordinator ended already (the input finished).
-            if tokio::time::timeout_at(deadline, done_rx).await.is_err() {
-                return false;
+        match tokio::time::timeout_at(deadline, self.control.send(Control::Stop(done_tx))).await {
+            // The coordinator takes no requests (busy writing a checkpoint past the deadline).
+            Err(_) => return false,
+            Ok(Ok(())) => {
+                if tokio::time::timeout_at(deadline, done_rx).await.is_err() {
+                    return false;
+                }
             }
+            // A closed channel means the coordinator ended already (the input finished).
+            Ok(Err(_)) => {}
         }
         match self.task.take() {
             Some(task) => tokio::time::timeout_at(deadline, task).await.is_ok(),

@@ -1,6 +1,7 @@
 //! [`MvStore`]: the rows of a materialized view, in memory, bounded by age and count.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Debug;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -19,12 +20,26 @@ pub const DEFAULT_MAX_ROWS: usize = 1_000_000;
 
 /// Batches in arrival order; the oldest are dropped once older than `retention` or once the
 /// view holds more than `max_rows`, so memory never grows without limit.
+///
+/// On a cluster, each instance feeding the view in this process writes its own *part*
+/// (`r3`), bounded alone, which moves with the instance; the view's rows are every part's,
+/// in every process, and a [`Gather`] collects them.
 #[derive(Debug)]
 pub struct MvStore {
     schema: SchemaRef,
     retention: Duration,
     max_rows: usize,
     batches: RwLock<Inner>,
+    parts: RwLock<BTreeMap<String, Arc<MvStore>>>,
+    gather: RwLock<Option<Arc<dyn Gather>>>,
+}
+
+/// Collects a view's rows from the processes of a cluster.
+#[async_trait]
+pub trait Gather: Send + Sync + Debug {
+    /// Every row of `view`: its parts in this process ([`MvStore::local_parts`]) and every
+    /// other process's.
+    async fn gather(&self, view: &MvStore) -> Result<Vec<RecordBatch>>;
 }
 
 #[derive(Debug, Default)]
@@ -40,7 +55,51 @@ impl MvStore {
             retention,
             max_rows,
             batches: RwLock::default(),
+            parts: RwLock::default(),
+            gather: RwLock::default(),
         })
+    }
+
+    /// A new, empty part `name` (replacing one of that name), for an instance on a cluster.
+    pub fn part(&self, name: &str) -> Arc<MvStore> {
+        let part = Self::new(self.schema.clone(), self.retention, self.max_rows);
+        let mut parts = self.parts.write().unwrap_or_else(|e| e.into_inner());
+        parts.insert(name.to_string(), part.clone());
+        part
+    }
+
+    /// Drops part `name`: its instance stopped here (and runs elsewhere next).
+    pub fn remove_part(&self, name: &str) {
+        let mut parts = self.parts.write().unwrap_or_else(|e| e.into_inner());
+        parts.remove(name);
+    }
+
+    /// The parts in this process and their rows.
+    pub fn local_parts(&self) -> Vec<(String, Vec<RecordBatch>)> {
+        let parts = self.parts.read().unwrap_or_else(|e| e.into_inner());
+        parts
+            .iter()
+            .map(|(name, part)| (name.clone(), part.snapshot()))
+            .collect()
+    }
+
+    /// Sets (or clears) how the view's rows are gathered from a cluster.
+    pub fn set_gather(&self, gather: Option<Arc<dyn Gather>>) {
+        *self.gather.write().unwrap_or_else(|e| e.into_inner()) = gather;
+    }
+
+    /// Every row of the view: [`MvStore::snapshot`], or on a cluster, the rows gathered
+    /// from every process.
+    pub async fn rows(&self) -> Result<Vec<RecordBatch>> {
+        let gather = self
+            .gather
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match gather {
+            Some(gather) => gather.gather(self).await,
+            None => Ok(self.snapshot()),
+        }
     }
 
     pub fn schema(&self) -> SchemaRef {
@@ -79,12 +138,18 @@ impl MvStore {
         }
     }
 
-    /// A consistent copy (cheap: batches are reference-counted) of the current rows.
+    /// A consistent copy (cheap: batches are reference-counted) of the current rows, and
+    /// of every part's in this process.
     pub fn snapshot(&self) -> Vec<RecordBatch> {
         let now = Instant::now();
         let mut inner = self.batches.write().unwrap_or_else(|e| e.into_inner());
         Self::evict(&mut inner, now, self.retention, self.max_rows);
-        inner.batches.iter().map(|(_, b)| b.clone()).collect()
+        let mut rows: Vec<RecordBatch> = inner.batches.iter().map(|(_, b)| b.clone()).collect();
+        drop(inner);
+        for (_, part) in self.local_parts() {
+            rows.extend(part);
+        }
+        rows
     }
 
     /// The rows with the wall-clock time each batch arrived (ms since the epoch), for a
@@ -121,8 +186,11 @@ impl MvStore {
         Self::evict(&mut inner, now, self.retention, self.max_rows);
     }
 
+    /// The rows held in this process (every part's, on a cluster).
     pub fn row_count(&self) -> usize {
-        self.batches.read().unwrap_or_else(|e| e.into_inner()).rows
+        let own = self.batches.read().unwrap_or_else(|e| e.into_inner()).rows;
+        let parts = self.parts.read().unwrap_or_else(|e| e.into_inner());
+        own + parts.values().map(|p| p.row_count()).sum::<usize>()
     }
 }
 
@@ -193,19 +261,7 @@ mod tests {
         store.append(batch(&schema, vec![1, 2, 3]));
         store.append(batch(&schema, vec![4, 5, 6]));
         store.append(batch(&schema, vec![7]));
-        let rows: Vec<i64> = store
-            .snapshot()
-            .iter()
-            .flat_map(|b| {
-                b.column(0)
-                    .as_any()
-                    .downcast_ref::<Int64Array>()
-                    .expect("i64")
-                    .values()
-                    .to_vec()
-            })
-            .collect();
-        assert_eq!(rows, vec![3, 4, 5, 6, 7]);
+        assert_eq!(values(&store.snapshot()), vec![3, 4, 5, 6, 7]);
         assert_eq!(store.row_count(), 5);
     }
 
@@ -216,5 +272,45 @@ mod tests {
         store.append(batch(&schema, vec![1]));
         std::thread::sleep(Duration::from_millis(2));
         assert!(store.snapshot().is_empty());
+    }
+
+    fn values(batches: &[RecordBatch]) -> Vec<i64> {
+        let mut v: Vec<i64> = batches
+            .iter()
+            .flat_map(|b| {
+                b.column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .expect("i64")
+                    .values()
+                    .to_vec()
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Restoring one instance's part leaves the other instances' rows alone (one store
+    /// shared by every instance lost them).
+    #[tokio::test]
+    async fn parts_restore_and_leave_alone() {
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let view = MvStore::new(schema.clone(), DEFAULT_RETENTION, 100);
+        let mut r0 = MvSink(view.part("r0"));
+        let mut r1 = MvSink(view.part("r1"));
+        r0.write(batch(&schema, vec![1, 2])).await.expect("write");
+        r1.write(batch(&schema, vec![3])).await.expect("write");
+        let saved = r0.snapshot().expect("snapshot").expect("some");
+
+        // r0 moves: dropped here, restored (in another process) from its checkpoint.
+        view.remove_part("r0");
+        assert_eq!(values(&view.snapshot()), vec![3]);
+        let mut moved = MvSink(view.part("r0"));
+        moved.restore(saved).await.expect("restore");
+        assert_eq!(values(&view.snapshot()), vec![1, 2, 3]);
+        assert_eq!(view.row_count(), 3);
+        let parts: Vec<String> = view.local_parts().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(parts, vec!["r0", "r1"]);
+        assert_eq!(values(&view.rows().await.expect("rows")), vec![1, 2, 3]);
     }
 }

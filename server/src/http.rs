@@ -1,22 +1,24 @@
-//! HTTP: `GET /health` (the pipelines' health, JSON) and `GET /metrics` (Prometheus text
-//! format).
+//! HTTP: `GET /health` (the pipelines' health, JSON), `GET /metrics` (Prometheus text
+//! format), and on a cluster `GET /cluster/views/{view}` (a view's rows in this process,
+//! for the other processes; they present the cluster's secret).
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::header;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, PARTS_HEADER, PeerAnswer};
 
 /// Serves until the process ends.
 pub async fn serve(listener: TcpListener, engine: Arc<Engine>) -> std::io::Result<()> {
     let app = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/cluster/views/{view}", get(view_parts))
         .with_state(engine);
     axum::serve(listener, app).await
 }
@@ -72,4 +74,31 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> impl IntoResponse {
         )],
         engine.metrics().encode(),
     )
+}
+
+async fn view_parts(
+    State(engine): State<Arc<Engine>>,
+    Path(view): Path<String>,
+    headers: HeaderMap,
+) -> axum::response::Response {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match engine.view_parts(&view, token).await {
+        PeerAnswer::Parts { parts, body } => (
+            [
+                (
+                    header::CONTENT_TYPE,
+                    "application/vnd.apache.arrow.stream".to_string(),
+                ),
+                (header::HeaderName::from_static(PARTS_HEADER), parts),
+            ],
+            body,
+        )
+            .into_response(),
+        PeerAnswer::Unauthorized => StatusCode::UNAUTHORIZED.into_response(),
+        PeerAnswer::NotFound => StatusCode::NOT_FOUND.into_response(),
+        PeerAnswer::Failed(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+    }
 }

@@ -78,6 +78,11 @@ enum Command {
         workers: Option<usize>,
         #[command(flatten)]
         cluster: ClusterArgs,
+        /// With --cluster: the address (host:port) at which the other processes reach this
+        /// one's HTTP port, to gather a view's rows. Default: --http-listen's, unless that
+        /// listens on every interface.
+        #[arg(long, requires = "cluster")]
+        cluster_advertise: Option<String>,
     },
     /// Run pipelines headless until SIGINT/SIGTERM, or until every source is bounded and done.
     Run {
@@ -125,6 +130,7 @@ impl ClusterArgs {
             .map(|name| weir_server::engine::ClusterConfig {
                 name: name.clone(),
                 pre_aggregate: !self.no_pre_aggregate,
+                advertise: None,
             })
     }
 }
@@ -165,6 +171,7 @@ fn main() -> ExitCode {
                 allow_paths,
                 workers,
                 cluster,
+                cluster_advertise,
             } => {
                 let mut roots = allow_paths;
                 if roots.is_empty() {
@@ -188,7 +195,12 @@ fn main() -> ExitCode {
                     tls,
                     tls_required: pg_tls_required,
                 };
-                serve(pg_listen, http_listen, config, queries, front_door, roots).await
+                let listen = Listen {
+                    pg: pg_listen,
+                    http: http_listen,
+                    advertise: cluster_advertise,
+                };
+                serve(listen, config, queries, front_door, roots).await
             }
             Command::Run {
                 files,
@@ -225,10 +237,16 @@ struct FrontDoor {
     tls_required: bool,
 }
 
+/// Where `serve` listens, and the HTTP address it gives its cluster's other processes.
+struct Listen {
+    pg: SocketAddr,
+    http: SocketAddr,
+    advertise: Option<String>,
+}
+
 async fn serve(
-    pg_listen: SocketAddr,
-    http_listen: SocketAddr,
-    config: EngineConfig,
+    listen: Listen,
+    mut config: EngineConfig,
     queries: Option<PathBuf>,
     front_door: FrontDoor,
     allowed_roots: Vec<PathBuf>,
@@ -248,6 +266,24 @@ async fn serve(
         .collect::<Vec<_>>()
         .join(", ");
     tracing::info!(%allowed, "connectors may use files under these directories");
+    let (pg_listen, http_listen) = (listen.pg, listen.http);
+    let http = tokio::net::TcpListener::bind(http_listen)
+        .await
+        .map_err(|e| format!("cannot listen on {http_listen} (--http-listen): {e}"))?;
+    if let Some(cluster) = config.cluster.as_mut() {
+        let bound = http
+            .local_addr()
+            .map_err(|e| format!("--http-listen {http_listen}: {e}"))?;
+        cluster.advertise = match listen.advertise {
+            Some(address) => Some(address),
+            None if bound.ip().is_unspecified() => {
+                return Err(format!(
+                    "--http-listen {http_listen} listens on every interface: say with --cluster-advertise host:port where the other processes of the cluster reach it"
+                ));
+            }
+            None => Some(bound.to_string()),
+        };
+    }
     let engine = Engine::open(config, Arc::new(Connectors::confined(paths)))
         .await
         .map_err(|e| e.to_string())?;
@@ -267,9 +303,6 @@ async fn serve(
     let pg = tokio::net::TcpListener::bind(pg_listen)
         .await
         .map_err(|e| format!("cannot listen on {pg_listen} (--pg-listen): {e}"))?;
-    let http = tokio::net::TcpListener::bind(http_listen)
-        .await
-        .map_err(|e| format!("cannot listen on {http_listen} (--http-listen): {e}"))?;
     tracing::info!(pg = %pg_listen, http = %http_listen, data_dir = %data_dir.display(), "weir is serving");
     if front_door.auth == AuthMode::Trust {
         tracing::warn!("--auth trust: every SQL client is an admin, without a password");

@@ -42,7 +42,8 @@ fn cluster_equals_duckdb(dir: &Path, bootstrap: &str, partitions: i32, stream_op
              CREATE SINK lake WITH (connector = 'parquet', path = '{lake}',
                partition_by = 'date', 'rollover.interval' = '2s') AS {window};
              CREATE SINK prom WITH (connector = 'prometheus_remote_write',
-               url = '{url}', metric_prefix = 'ck') AS {window};",
+               url = '{url}', metric_prefix = 'ck') AS {window};
+             CREATE MATERIALIZED VIEW win AS {window};",
             vehicles = vehicles.display(),
             lake = lake.display(),
             url = prometheus.write_url(),
@@ -143,6 +144,45 @@ fn cluster_equals_duckdb(dir: &Path, bootstrap: &str, partitions: i32, stream_op
 
     // Prometheus: every window's sample per region, each from one process.
     assert_prometheus_has_every_window(&prometheus, base, &expected, expected_rows, "cluster");
+    // The view, asked of any process, is gathered whole from the processes holding it.
+    let mut expected_view: Vec<String> = duckdb(&format!(
+        "SELECT window_end || '|' || region || '|' || n || '|' || total FROM ({expected})"
+    ));
+    expected_view.sort();
+    for weir in &processes {
+        let mut rows = Vec::new();
+        let complete = eventually(Duration::from_secs(120), || {
+            let (ok, out, err) = weir.psql_c(
+                "SELECT CAST(date_part('epoch', window_end) * 1000 AS BIGINT) AS w, region, n, total FROM win",
+            );
+            // 57000: a part of the view was moving between processes; asked again.
+            assert!(ok || err.contains("57000"), "{err}");
+            rows = out
+                .lines()
+                .filter(|l| l.matches('|').count() == 3 && *l != "w|region|n|total")
+                .map(str::to_string)
+                .collect();
+            rows.sort();
+            (rows.len() >= expected_view.len()).then_some(())
+        });
+        assert!(
+            complete.is_some(),
+            "the view fills: {} of {} rows\n{}",
+            rows.len(),
+            expected_view.len(),
+            logs(&processes)
+        );
+        assert_eq!(
+            rows, expected_view,
+            "SELECT on the view from any process returns the whole view, each row once"
+        );
+    }
+    // A view's rows go only to peers presenting the cluster's secret.
+    let refused = processes[0].http_get("/cluster/views/win");
+    assert!(
+        refused.starts_with("HTTP/1.0 401") || refused.starts_with("HTTP/1.1 401"),
+        "{refused}"
+    );
     // Partial aggregates crossed the repartition topic, counted per process.
     let shuffled: u64 = processes
         .iter()

@@ -11,6 +11,8 @@ use datafusion::physical_expr::PhysicalExpr;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::message::Message as _;
+use rdkafka::producer::{BaseRecord, Producer as _, ThreadedProducer};
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -18,6 +20,7 @@ use weir_runtime::connector::{Membership, MembershipEvent, PartitionedSource};
 use weir_runtime::{Error, Result, Sink, Source};
 
 use super::repartition::{RepartitionSink, RepartitionSource, RepartitionTarget};
+use super::sink::Acks;
 use super::source::{KafkaSource, Mode, SourceConfig, topic_partitions};
 
 /// How long a revoked partition's tasks may take to stop (with a last checkpoint) before
@@ -33,6 +36,71 @@ const SHUFFLE_RETENTION_MS: &str = "604800000";
 #[derive(Debug)]
 pub(super) struct KafkaPartitions {
     pub(super) config: Arc<SourceConfig>,
+}
+
+impl KafkaPartitions {
+    /// Creates `topic` with `partitions` partitions kept `retention_ms` (-1: forever),
+    /// unless it exists; returns how many partitions it has (a broker that cannot create
+    /// topics on request may have made it with its default count).
+    fn create_topic(&self, topic: &str, partitions: usize, retention_ms: &str) -> Result<usize> {
+        let admin: AdminClient<_> = self
+            .config
+            .client
+            .config(&[])
+            .create()
+            .map_err(|e| super::kafka_error("cannot create a Kafka admin client", e))?;
+        let count = i32::try_from(partitions).unwrap_or(i32::MAX);
+        let new = NewTopic::new(topic, count, TopicReplication::Fixed(-1))
+            .set("retention.ms", retention_ms);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let options = AdminOptions::new()
+            .operation_timeout(Some(Duration::from_secs(10)))
+            .request_timeout(Some(Duration::from_secs(10)));
+        match runtime.block_on(admin.create_topics([&new], &options)) {
+            Ok(results) => {
+                for result in results {
+                    match result {
+                        Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                        Err((name, code)) => {
+                            return Err(Error::external(
+                                weir_runtime::error::External::Connection,
+                                format!("cannot create topic {name}: {code}"),
+                            ));
+                        }
+                    }
+                }
+            }
+            // A broker without CreateTopics (librdkafka's mock cluster) creates a topic
+            // when its metadata is asked for, with its default partition count.
+            Err(e) => {
+                tracing::warn!(topic, error = %e,
+                    "the broker did not create the topic; relying on its automatic topic creation");
+            }
+        }
+        let consumer: BaseConsumer = self
+            .config
+            .client
+            .config(&[("allow.auto.create.topics", "true")])
+            .create()
+            .map_err(|e| super::kafka_error("cannot create a Kafka client", e))?;
+        let deadline = std::time::Instant::now() + self.config.broker_timeout;
+        loop {
+            let found = topic_partitions(&consumer, topic, self.config.broker_timeout)?.len();
+            if found > 0 {
+                return Ok(found);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::external(
+                    weir_runtime::error::External::Connection,
+                    format!("topic {topic} has no partitions"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
 }
 
 impl PartitionedSource for KafkaPartitions {
@@ -105,63 +173,87 @@ impl PartitionedSource for KafkaPartitions {
     }
 
     fn create_shuffle(&self, topic: &str, partitions: usize) -> Result<usize> {
-        let admin: AdminClient<_> = self
+        self.create_topic(topic, partitions, SHUFFLE_RETENTION_MS)
+    }
+
+    fn publish(&self, topic: &str, key: &str, record: &[u8]) -> Result<()> {
+        self.create_topic(topic, 1, "-1")?;
+        let acks = Acks::default();
+        let producer: ThreadedProducer<Acks> = self
             .config
             .client
-            .config(&[])
-            .create()
-            .map_err(|e| super::kafka_error("cannot create a Kafka admin client", e))?;
-        let count = i32::try_from(partitions).unwrap_or(i32::MAX);
-        let new = NewTopic::new(topic, count, TopicReplication::Fixed(-1))
-            .set("retention.ms", SHUFFLE_RETENTION_MS);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        let options = AdminOptions::new()
-            .operation_timeout(Some(Duration::from_secs(10)))
-            .request_timeout(Some(Duration::from_secs(10)));
-        match runtime.block_on(admin.create_topics([&new], &options)) {
-            Ok(results) => {
-                for result in results {
-                    match result {
-                        Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                        Err((name, code)) => {
-                            return Err(Error::external(
-                                weir_runtime::error::External::Connection,
-                                format!("cannot create topic {name}: {code}"),
-                            ));
-                        }
-                    }
-                }
-            }
-            // A broker without CreateTopics (librdkafka's mock cluster) creates a topic
-            // when its metadata is asked for, with its default partition count.
-            Err(e) => {
-                tracing::warn!(topic, error = %e,
-                    "the broker did not create the repartition topic; relying on its automatic topic creation");
-            }
+            .config(&[("acks", "all")])
+            .create_with_context(acks.clone())
+            .map_err(|e| super::kafka_error("cannot create a Kafka producer", e))?;
+        producer
+            // Partition 0 even where the broker made the topic with more.
+            .send(BaseRecord::to(topic).partition(0).key(key).payload(record))
+            .map_err(|(e, _)| super::kafka_error(&format!("cannot write to {topic}"), e))?;
+        producer
+            .flush(self.config.broker_timeout)
+            .map_err(|e| super::kafka_error(&format!("cannot write to {topic}"), e))?;
+        if acks.failed.load(Ordering::Relaxed) > 0 {
+            return Err(Error::external(
+                weir_runtime::error::External::Connection,
+                format!("a record was not delivered to {topic}"),
+            ));
         }
+        Ok(())
+    }
+
+    fn read_all(&self, topic: &str) -> Result<Vec<(String, Vec<u8>)>> {
         let consumer: BaseConsumer = self
             .config
             .client
-            .config(&[("allow.auto.create.topics", "true")])
+            .config(&[
+                ("group.id", "weir-directory-reader"),
+                ("enable.auto.commit", "false"),
+                ("enable.partition.eof", "false"),
+            ])
             .create()
             .map_err(|e| super::kafka_error("cannot create a Kafka client", e))?;
-        let deadline = std::time::Instant::now() + self.config.broker_timeout;
-        loop {
-            let found = topic_partitions(&consumer, topic, self.config.broker_timeout)?.len();
-            if found > 0 {
-                return Ok(found);
-            }
+        let timeout = self.config.broker_timeout;
+        if topic_partitions(&consumer, topic, timeout)?.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (low, high) = consumer
+            .fetch_watermarks(topic, 0, timeout)
+            .map_err(|e| super::kafka_error(&format!("cannot read {topic}"), e))?;
+        let mut records = Vec::new();
+        if high <= low {
+            return Ok(records);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Offset(low))
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        consumer
+            .assign(&tpl)
+            .map_err(|e| super::kafka_error(&format!("cannot read {topic}"), e))?;
+        let deadline = std::time::Instant::now() + timeout;
+        let mut next = low;
+        while next < high {
             if std::time::Instant::now() >= deadline {
                 return Err(Error::external(
                     weir_runtime::error::External::Connection,
-                    format!("the repartition topic {topic} has no partitions"),
+                    format!("{topic} was not read to its end in {timeout:?}"),
                 ));
             }
-            std::thread::sleep(Duration::from_millis(200));
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(message)) => {
+                    next = message.offset() + 1;
+                    let key = String::from_utf8_lossy(message.key().unwrap_or_default());
+                    records.push((
+                        key.into_owned(),
+                        message.payload().unwrap_or_default().to_vec(),
+                    ));
+                }
+                Some(Err(e)) => {
+                    return Err(super::kafka_error(&format!("cannot read {topic}"), e));
+                }
+                None => {}
+            }
         }
+        Ok(records)
     }
 
     fn shuffle_writer(

@@ -32,6 +32,8 @@ use weir_runtime::pipeline::{
 };
 use weir_runtime::{CancellationToken, CheckpointStore, CommitLog, Metrics, Snapshot};
 
+use super::peers::{Peers, ViewGather};
+
 /// How long an instance's last checkpoint may take when it stops.
 const STOP_WAIT: Duration = Duration::from_secs(30);
 
@@ -41,6 +43,9 @@ pub struct ClusterConfig {
     pub name: String,
     /// Send partial window aggregates through the shuffle, not rows (default).
     pub pre_aggregate: bool,
+    /// Where the other processes reach this one's HTTP port, to gather a view's rows;
+    /// `None` without an HTTP server (`weir run`).
+    pub advertise: Option<String>,
 }
 
 /// Where an instance's rows go.
@@ -66,6 +71,7 @@ pub(super) struct Spec {
     pub status: StatusCell,
     pub instance_id: Option<String>,
     pub release: CancellationToken,
+    pub peers: Option<Arc<Peers>>,
 }
 
 /// A running cluster pipeline: its instances in this process, and the tasks managing
@@ -111,11 +117,7 @@ impl ClusterPipeline {
         let instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
         instances
             .keys()
-            .map(|n| {
-                n.rsplit_once('/')
-                    .map_or(n.as_str(), |(_, i)| i)
-                    .to_string()
-            })
+            .map(|n| partition_of(n).to_string())
             .collect()
     }
 
@@ -215,6 +217,39 @@ async fn run(
             )));
         }
     };
+    if let (Output::View(store), Some(peers)) = (&spec.output, &spec.peers) {
+        let (prefix, count) = match &shuffle {
+            Some(shuffle) => ("r", shuffle.partitions),
+            None => ("p", writers),
+        };
+        if let Err(e) = peers.announce(spec.input.clone()).await {
+            tracing::warn!(pipeline = %spec.pipeline, error = %e,
+                "cannot record this process in the cluster's directory: the other processes cannot gather this view's rows from it");
+        }
+        store.set_gather(Some(Arc::new(ViewGather {
+            peers: peers.clone(),
+            view: spec.pipeline.clone(),
+            input: spec.input.clone(),
+            parts: (0..count).map(|i| format!("{prefix}{i}")).collect(),
+        })));
+    }
+    let result = run_managers(&spec, group, shuffle_topic, shuffle, stop, abort, instances).await;
+    if let Output::View(store) = &spec.output {
+        store.set_gather(None);
+    }
+    result
+}
+
+/// Runs the group managers of the pipeline's halves until they end.
+async fn run_managers(
+    spec: &Arc<Spec>,
+    group: String,
+    shuffle_topic: String,
+    shuffle: Option<Arc<Shuffle>>,
+    stop: CancellationToken,
+    abort: CancellationToken,
+    instances: Arc<Mutex<BTreeMap<String, ()>>>,
+) -> weir_runtime::Result<()> {
     let mut managers = vec![tokio::spawn(manage(
         spec.clone(),
         Role::Upstream,
@@ -308,6 +343,8 @@ async fn manage(
 /// One partition's pipeline in this process.
 struct Instance {
     name: String,
+    /// The view part it writes, dropped when it stops here.
+    part: Option<(Arc<MvStore>, String)>,
     coordinator: Option<Coordinator>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -316,6 +353,7 @@ struct Instance {
 impl Instance {
     /// Takes a last checkpoint, then ends the tasks.
     async fn stop(mut self) {
+        tracing::info!(instance = %self.name, "instance stopping");
         if let Some(mut coordinator) = self.coordinator.take()
             && !coordinator.stop(STOP_WAIT).await
         {
@@ -331,6 +369,7 @@ impl Instance {
                 task.abort();
             }
         }
+        self.drop_part();
         tracing::info!(instance = %self.name, "instance stopped");
     }
 
@@ -339,6 +378,13 @@ impl Instance {
         self.shutdown.cancel();
         for task in &self.tasks {
             task.abort();
+        }
+        self.drop_part();
+    }
+
+    fn drop_part(&mut self) {
+        if let Some((view, part)) = self.part.take() {
+            view.remove_part(&part);
         }
     }
 }
@@ -354,6 +400,7 @@ async fn start_instance(
         Role::Upstream => format!("{}/p{p}", spec.pipeline),
         Role::Downstream => format!("{}/r{p}", spec.pipeline),
     };
+    tracing::info!(instance = %name, "instance starting");
     let restored = match &spec.store {
         Some(store) => store.latest(&name).await?,
         None => None,
@@ -422,11 +469,22 @@ async fn start_instance(
                 )));
             }
         };
+    // The view part `output` made, which the instance drops when it stops.
+    let part = match &spec.output {
+        Output::View(view) if role == Role::Downstream || shuffle.is_none() => {
+            Some((view.clone(), partition_of(&name).to_string()))
+        }
+        _ => None,
+    };
     for (i, stage) in stages.iter_mut().enumerate() {
         if let Stage::Sync(op) = stage
             && let Some(state) = snapshot(&format!("op{i}"))
+            && let Err(e) = op.restore(state)
         {
-            op.restore(state)?;
+            if let Some((view, part)) = &part {
+                view.remove_part(part);
+            }
+            return Err(e);
         }
     }
     let (coordinator, checkpoints) = Coordinator::spawn(
@@ -489,6 +547,7 @@ async fn start_instance(
     tracing::info!(instance = %name, restored = saved.as_ref().map(|c| c.epoch), "instance started");
     Ok(Instance {
         name,
+        part,
         coordinator: Some(coordinator),
         shutdown,
         tasks,
@@ -502,14 +561,19 @@ fn output(
     spec: &Spec,
     name: &str,
 ) -> weir_runtime::Result<(Box<dyn weir_runtime::Sink>, &'static str)> {
-    let partition = name.rsplit_once('/').map_or(name, |(_, p)| p);
+    let partition = partition_of(name);
     Ok(match &spec.output {
-        Output::View(store) => (Box::new(MvSink(store.clone())), "view"),
+        Output::View(view) => (Box::new(MvSink(view.part(partition))), "view"),
         Output::Sink(factory) => (
             factory.create_instance(&spec.metrics, partition)?,
             factory.connector(),
         ),
     })
+}
+
+/// `r3` of instance `v/r3`.
+fn partition_of(instance: &str) -> &str {
+    instance.rsplit_once('/').map_or(instance, |(_, p)| p)
 }
 
 fn plan_error(e: weir_planner::PlanError) -> weir_runtime::Error {

@@ -25,6 +25,7 @@ use weir_sql::{ObjectKind, Privilege, ShowKind, Statement, parse_sql_with_positi
 
 mod cluster;
 mod ddl;
+mod peers;
 mod pipelines;
 mod query;
 mod supervise;
@@ -78,6 +79,16 @@ pub struct EngineConfig {
 }
 
 pub use cluster::ClusterConfig;
+pub use peers::PARTS_HEADER;
+
+/// What [`Engine::view_parts`] answers a peer.
+#[derive(Debug)]
+pub enum PeerAnswer {
+    Parts { parts: String, body: Vec<u8> },
+    Unauthorized,
+    NotFound,
+    Failed(String),
+}
 
 /// The number of cores this process may use.
 pub fn default_workers() -> usize {
@@ -260,6 +271,8 @@ pub struct Engine {
     /// Workers per pipeline over a source that splits.
     workers: usize,
     cluster: Option<ClusterConfig>,
+    /// On a cluster: how this process finds the others and gathers views from them.
+    peers: Option<Arc<peers::Peers>>,
     /// This data directory's stable id (Kafka static membership).
     instance_id: Option<String>,
     /// Who may log in, and what each user may do. Not under `state`: a login or a privilege
@@ -288,6 +301,14 @@ impl Engine {
             (Some(location), _) => Some(CheckpointStore::open(location, retained)?),
             (None, Some(dir)) => Some(CheckpointStore::local(&dir.join("checkpoints"), retained)?),
             (None, None) => None,
+        };
+        let peers = match (&config.cluster, &store) {
+            (Some(cluster), Some(store)) => Some(Arc::new(peers::Peers::new(
+                &cluster.name,
+                cluster.advertise.clone(),
+                store.clone(),
+            )?)),
+            _ => None,
         };
         let instance_id = match &config.data_dir {
             Some(dir) => Some(instance_id(dir)?),
@@ -338,6 +359,7 @@ impl Engine {
                 .unwrap_or(DEFAULT_CHECKPOINT_INTERVAL),
             workers: config.workers.unwrap_or_else(default_workers).max(1),
             cluster: config.cluster.clone(),
+            peers,
             instance_id,
             users,
         });
@@ -381,6 +403,32 @@ impl Engine {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// For a peer on the cluster presenting `token`: view `name`'s parts in this process,
+    /// as their names (comma-separated) and an Arrow IPC stream of their rows.
+    pub async fn view_parts(&self, name: &str, token: Option<&str>) -> PeerAnswer {
+        let Some(peers) = &self.peers else {
+            return PeerAnswer::NotFound;
+        };
+        match peers.authorized(token).await {
+            Ok(true) => {}
+            Ok(false) => return PeerAnswer::Unauthorized,
+            Err(e) => return PeerAnswer::Failed(e.to_string()),
+        }
+        let store = {
+            let state = self.lock();
+            state
+                .catalog
+                .get(name)
+                .filter(|e| e.kind == ObjectKind::MaterializedView)
+                .and_then(|e| e.store.clone())
+        };
+        match store.map(|s| peers::encode_parts(&s)) {
+            None => PeerAnswer::NotFound,
+            Some(Ok((parts, body))) => PeerAnswer::Parts { parts, body },
+            Some(Err(e)) => PeerAnswer::Failed(e.to_string()),
+        }
     }
 
     pub fn users(&self) -> &Arc<Users> {

@@ -248,6 +248,7 @@ impl Engine {
                 status: status.clone(),
                 instance_id: self.instance_id.clone(),
                 release: release.clone(),
+                peers: self.peers.clone(),
             });
             self.metrics
                 .pipelines_running(&entry.kind.to_string())
