@@ -56,6 +56,19 @@ pub struct BenchArgs {
     /// cluster-run: window rows to wait for.
     #[arg(long, hide = true, default_value_t = 0)]
     window_rows: u64,
+    /// cluster-run: join this cluster (with --store and --progress) instead of running alone.
+    #[arg(long, hide = true)]
+    cluster_name: Option<String>,
+    /// cluster-run: the cluster's checkpoint store.
+    #[arg(long, hide = true)]
+    store: Option<PathBuf>,
+    /// cluster-run: where to write progress (JSON) for the parent; it stops when
+    /// `<progress>.stop` appears.
+    #[arg(long, hide = true)]
+    progress: Option<PathBuf>,
+    /// cluster-run: send rows through the repartition topic, not partial aggregates.
+    #[arg(long, hide = true)]
+    no_pre_aggregate: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -97,7 +110,8 @@ enum Which {
     Checkpoint,
     /// TUMBLE(1 minute) count, sum, max GROUP BY k over Kafka (the mock cluster in this
     /// process, k not the message key): one worker pinned to one core against one process
-    /// with two workers, each run a child process.
+    /// with two workers, and against two `--cluster` processes pinned to a core each (with
+    /// and without pre-aggregation); each run in child processes.
     Cluster,
     /// One run of `cluster`.
     #[value(hide = true)]

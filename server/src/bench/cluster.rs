@@ -1,17 +1,28 @@
 //! `weir bench cluster`: the windows benchmark over Kafka on one worker pinned to one core,
-//! against one process with two workers. Each run is a child process (`cluster-run`) reading
-//! a topic produced beforehand to librdkafka's mock cluster in this process, so the figures
-//! are the child's alone; the broker's CPU (serving fetches, here) is printed beside them.
+//! against one process with two workers, and against two `--cluster` processes pinned to a
+//! core each (with pre-aggregation, then without, for the repartition topic's bytes per
+//! event). Each run is one or two child processes (`cluster-run`) reading a topic produced
+//! beforehand to librdkafka's mock cluster in this process, so the figures are the
+//! children's alone; the broker's CPU (serving fetches and the repartition topic) is
+//! printed beside them.
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use super::pipeline::{Topic, xorshift};
-use super::{BenchArgs, Consumed, counter, cpu_seconds, peak_rss_kib, write_event};
+use super::{BenchArgs, Consumed, Scratch, counter, cpu_seconds, peak_rss_kib, write_event};
 
 /// One minute in the events' time: 10 events per millisecond.
 const EVENTS_PER_MINUTE: u64 = 600_000;
+/// The window rows the blackhole sink wrote.
+const WINDOW_ROWS: &str = "weir_sink_rows_written_total{pipeline=\"out\",sink=\"blackhole\"}";
+/// How often a cluster process checkpoints: each commit releases what crossed the
+/// repartition topic, so it bounds the latency from the source to the window.
+const CLUSTER_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 pub async fn cluster(args: &BenchArgs) -> Result<ExitCode, String> {
     // The (minute, k) rows the windows emit, counted as the events are made.
@@ -96,12 +107,245 @@ pub async fn cluster(args: &BenchArgs) -> Result<ExitCode, String> {
             .ok_or_else(|| format!("{title}: no events/s in\n{text}"))?;
         rates.push(rate);
     }
+    let one = rates[0];
     println!(
         "\n2 workers against 1 pinned: {:.2}x the events/s",
-        rates[1] / rates[0]
+        rates[1] / one
     );
-    println!("2 processes, 1 core each: needs `weir serve --cluster`, not built yet (issue 15)");
+    for pre_aggregate in [true, false] {
+        let title = if pre_aggregate {
+            "2 processes (--cluster), 1 core each (taskset -c 0, -c 1), partial aggregates through the repartition topic"
+        } else {
+            "2 processes (--cluster), 1 core each, rows through the repartition topic (--no-pre-aggregate)"
+        };
+        let broker_cpu = cpu_seconds();
+        let run = two_processes(args, &topic, windows, pre_aggregate).await?;
+        let broker_cpu = cpu_seconds() - broker_cpu;
+        println!("\n{title}:");
+        run.print(args.events);
+        println!("broker cpu seconds:    {broker_cpu:.2} (the mock cluster, in the parent)");
+        println!(
+            "against 1 pinned:      {:.2}x the events/s",
+            run.events_per_second(args.events) / one
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a `cluster-run` child in a cluster reports, rewritten as it goes.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct Progress {
+    /// Window rows this process wrote.
+    rows: u64,
+    /// Bytes this process wrote to the repartition topic.
+    shuffled: u64,
+    /// Unix ms and CPU seconds when it read its first record.
+    first_ms: Option<u64>,
+    cpu_at_first: f64,
+    cpu: f64,
+    peak_rss_kib: u64,
+}
+
+/// The two processes' run, summed.
+struct ClusterRun {
+    wall: f64,
+    cpu: f64,
+    shuffled: u64,
+    peak_rss_kib: u64,
+    join_seconds: f64,
+    /// Per process: seconds from the first record read (in either) to its own first, its
+    /// window rows, CPU seconds.
+    processes: Vec<(f64, u64, f64)>,
+}
+
+impl ClusterRun {
+    fn events_per_second(&self, events: u64) -> f64 {
+        events as f64 / self.wall
+    }
+
+    fn print(&self, events: u64) {
+        println!("events:                {events}");
+        println!(
+            "group join:            {:.2} s (start to the first record read; not measured)",
+            self.join_seconds
+        );
+        println!(
+            "wall seconds:          {:.2} (first record read in either process to the last window row)",
+            self.wall
+        );
+        println!("cpu seconds:           {:.2} (both processes)", self.cpu);
+        println!(
+            "events/s:              {:.0}",
+            self.events_per_second(events)
+        );
+        println!(
+            "events per cpu-second: {:.0}",
+            events as f64 / self.cpu.max(1e-9)
+        );
+        println!(
+            "repartition traffic:   {} bytes, {:.1} bytes per event",
+            self.shuffled,
+            self.shuffled as f64 / events as f64
+        );
+        println!(
+            "peak RSS:              {} MiB (the larger process)",
+            self.peak_rss_kib / 1024
+        );
+        for (i, (first, rows, cpu)) in self.processes.iter().enumerate() {
+            println!(
+                "process {i}:             first record at +{first:.2} s, {rows} window rows, {cpu:.2} cpu seconds"
+            );
+        }
+    }
+}
+
+/// Two `cluster-run --cluster-name` children, pinned to cores 0 and 1, until their window
+/// rows add up to `windows`.
+async fn two_processes(
+    args: &BenchArgs,
+    topic: &Topic,
+    windows: u64,
+    pre_aggregate: bool,
+) -> Result<ClusterRun, String> {
+    let scratch = Scratch::new(args)?;
+    let dir = scratch.0.as_path();
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let name = format!(
+        "bench-{}-{}",
+        std::process::id(),
+        if pre_aggregate { "partial" } else { "rows" }
+    );
+    let progress: Vec<PathBuf> = (0..2).map(|i| dir.join(format!("p{i}.json"))).collect();
+    let started = Instant::now();
+    let mut children = Vec::new();
+    for (core, progress) in progress.iter().enumerate() {
+        let mut command = std::process::Command::new("taskset");
+        command.args(["-c", &core.to_string()]).arg(&exe).args([
+            "bench",
+            "cluster-run",
+            "--events",
+            &args.events.to_string(),
+            "--bootstrap",
+            &topic.bootstrap(),
+            "--topic",
+            &topic.name,
+            "--workers",
+            "1",
+            "--cluster-name",
+            &name,
+        ]);
+        command
+            .arg("--store")
+            .arg(dir.join("checkpoints"))
+            .arg("--progress")
+            .arg(progress);
+        if !pre_aggregate {
+            command.arg("--no-pre-aggregate");
+        }
+        command.stdout(std::process::Stdio::null()).stderr(
+            std::fs::File::create(progress.with_extension("log")).map_err(|e| e.to_string())?,
+        );
+        children.push(
+            command
+                .spawn()
+                .map_err(|e| format!("cannot run {}: {e}", exe.display()))?,
+        );
+    }
+    let mut last = (0, Instant::now());
+    let reports = loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let reports: Vec<Progress> = progress.iter().map(|p| read_progress(p)).collect();
+        let rows: u64 = reports.iter().map(|r| r.rows).sum();
+        if rows >= windows {
+            break reports;
+        }
+        for child in &mut children {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "a cluster process ended early ({status}):\n{}",
+                    logs(&progress)
+                ));
+            }
+        }
+        if rows > last.0 {
+            last = (rows, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(120) {
+            for child in &mut children {
+                let _ = child.kill();
+            }
+            return Err(format!(
+                "stalled at {rows} of {windows} window rows:\n{}",
+                logs(&progress)
+            ));
+        }
+    };
+    let ended_ms = unix_ms();
+    for p in &progress {
+        std::fs::write(p.with_extension("stop"), b"").map_err(|e| e.to_string())?;
+    }
+    for mut child in children {
+        let waited = tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        waited.await.map_err(|e| e.to_string())?;
+    }
+    let first_ms = reports
+        .iter()
+        .filter_map(|r| r.first_ms)
+        .min()
+        .unwrap_or(ended_ms);
+    let started_ms = ended_ms.saturating_sub(started.elapsed().as_millis() as u64);
+    Ok(ClusterRun {
+        wall: ended_ms.saturating_sub(first_ms) as f64 / 1000.0,
+        cpu: reports.iter().map(|r| r.cpu - r.cpu_at_first).sum(),
+        shuffled: reports.iter().map(|r| r.shuffled).sum(),
+        peak_rss_kib: reports.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0),
+        join_seconds: first_ms.saturating_sub(started_ms) as f64 / 1000.0,
+        processes: reports
+            .iter()
+            .map(|r| {
+                let first = r.first_ms.unwrap_or(ended_ms).saturating_sub(first_ms);
+                (first as f64 / 1000.0, r.rows, r.cpu - r.cpu_at_first)
+            })
+            .collect(),
+    })
+}
+
+fn read_progress(path: &Path) -> Progress {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// The last lines each process logged.
+fn logs(progress: &[PathBuf]) -> String {
+    progress
+        .iter()
+        .map(|p| {
+            let log = std::fs::read_to_string(p.with_extension("log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        })
+        .collect::<Vec<_>>()
+        .join("\n-----\n")
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// One run of `cluster`: `--workers` workers read `--topic` through the windows until
@@ -110,13 +354,28 @@ pub async fn cluster_run(args: &BenchArgs) -> Result<ExitCode, String> {
     let (Some(bootstrap), Some(topic)) = (&args.bootstrap, &args.topic) else {
         return Err("cluster-run needs --bootstrap and --topic".into());
     };
-    let engine = weir_server::engine::Engine::open(
-        weir_server::engine::EngineConfig {
+    let config = match (&args.cluster_name, &args.store) {
+        (Some(name), Some(store)) => weir_server::engine::EngineConfig {
+            // The repartition topic's records are released at each checkpoint's commit.
+            checkpoint_interval: Some(CLUSTER_CHECKPOINT_INTERVAL),
+            checkpoint_store: Some(store.display().to_string()),
+            workers: Some(1),
+            cluster: Some(weir_server::engine::ClusterConfig {
+                name: name.clone(),
+                pre_aggregate: !args.no_pre_aggregate,
+                advertise: None,
+            }),
+            ..weir_server::engine::EngineConfig::default()
+        },
+        _ => weir_server::engine::EngineConfig {
             // No checkpoints: the cost of one is measured by `weir bench checkpoint`.
             checkpoint_interval: Some(Duration::from_secs(86_400)),
             workers: Some(args.workers),
             ..weir_server::engine::EngineConfig::default()
         },
+    };
+    let engine = weir_server::engine::Engine::open(
+        config,
         std::sync::Arc::new(weir_connectors::Connectors::default()),
     )
     .await
@@ -124,22 +383,32 @@ pub async fn cluster_run(args: &BenchArgs) -> Result<ExitCode, String> {
     let sql = format!(
         "CREATE STREAM events (k BIGINT, v DOUBLE, ts TIMESTAMP(3), WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)
            WITH (connector = 'kafka', topic = '{topic}', 'bootstrap.servers' = '{bootstrap}', 'scan.startup.mode' = 'earliest',
-                 'group.id' = 'bench-{pid}');
+                 'group.id' = '{group}');
          CREATE SINK out WITH (connector = 'blackhole') AS
            SELECT window_start, window_end, k, count(*) AS n, sum(v) AS total, max(v) AS top
            FROM TUMBLE(events, ts, INTERVAL '1' MINUTE) GROUP BY window_start, window_end, k;",
         // Each run reads the topic from the start: a group of its own (the previous run
-        // committed its offsets at its end).
-        pid = std::process::id()
+        // committed its offsets at its end). A cluster's processes run the same SQL: a
+        // different query in each would give each its own repartition topic.
+        group = match &args.cluster_name {
+            Some(name) => name.clone(),
+            None => format!("bench-{}", std::process::id()),
+        }
     );
     for result in engine.execute(&sql).await {
         result.map_err(|e| e.to_string())?;
+    }
+    if let Some(progress) = &args.progress {
+        engine.start_all().await.map_err(|e| e.to_string())?;
+        report_progress(&engine, progress).await?;
+        engine.shutdown(Duration::from_secs(30)).await;
+        return Ok(ExitCode::SUCCESS);
     }
     let rss_before = peak_rss_kib();
     let joined = Instant::now();
     engine.start_all().await.map_err(|e| e.to_string())?;
     let read = "weir_source_partition_records_in_total{source=\"events\"";
-    let written = "weir_sink_rows_written_total{pipeline=\"out\"";
+    let written = WINDOW_ROWS;
     let mut first = None;
     let mut progress = (0, Instant::now());
     loop {
@@ -171,4 +440,36 @@ pub async fn cluster_run(args: &BenchArgs) -> Result<ExitCode, String> {
     );
     engine.shutdown(Duration::from_secs(30)).await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A cluster process's share: rewrites `progress` (JSON) every 20 ms until
+/// `<progress>.stop` appears.
+async fn report_progress(
+    engine: &weir_server::engine::Engine,
+    progress: &Path,
+) -> Result<(), String> {
+    let read = "weir_source_partition_records_in_total{source=\"events\"";
+    let mut report = Progress::default();
+    let stop = progress.with_extension("stop");
+    let temp = progress.with_extension("tmp");
+    while !stop.exists() {
+        let metrics = engine.metrics().encode();
+        if report.first_ms.is_none() && counter(&metrics, read) > 0 {
+            report.first_ms = Some(unix_ms());
+            report.cpu_at_first = cpu_seconds();
+        }
+        // The blackhole's rows only: the repartition writer's are counted as a sink's too.
+        report.rows = counter(&metrics, WINDOW_ROWS);
+        report.shuffled = counter(
+            &metrics,
+            "weir_shuffle_bytes_written_total{pipeline=\"out\"",
+        );
+        report.cpu = cpu_seconds();
+        report.peak_rss_kib = peak_rss_kib();
+        let json = serde_json::to_vec(&report).map_err(|e| e.to_string())?;
+        std::fs::write(&temp, json).map_err(|e| e.to_string())?;
+        std::fs::rename(&temp, progress).map_err(|e| e.to_string())?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
