@@ -139,6 +139,8 @@ struct Progress {
     rows: u64,
     /// Bytes this process wrote to the repartition topic.
     shuffled: u64,
+    /// Records the window dropped as late (none, when the watermark is right).
+    late: u64,
     /// Unix ms and CPU seconds when it read its first record.
     first_ms: Option<u64>,
     cpu_at_first: f64,
@@ -153,6 +155,7 @@ struct ClusterRun {
     shuffled: u64,
     peak_rss_kib: u64,
     join_seconds: f64,
+    late: u64,
     /// Per process: seconds from the first record read (in either) to its own first, its
     /// window rows, CPU seconds.
     processes: Vec<(f64, u64, f64)>,
@@ -191,6 +194,7 @@ impl ClusterRun {
             "peak RSS:              {} MiB (the larger process)",
             self.peak_rss_kib / 1024
         );
+        println!("late records dropped:  {}", self.late);
         for (i, (first, rows, cpu)) in self.processes.iter().enumerate() {
             println!(
                 "process {i}:             first record at +{first:.2} s, {rows} window rows, {cpu:.2} cpu seconds"
@@ -273,8 +277,9 @@ async fn two_processes(
             for child in &mut children {
                 let _ = child.kill();
             }
+            let late: u64 = reports.iter().map(|r| r.late).sum();
             return Err(format!(
-                "stalled at {rows} of {windows} window rows:\n{}",
+                "stalled at {rows} of {windows} window rows ({late} records dropped as late):\n{}",
                 logs(&progress)
             ));
         }
@@ -312,6 +317,7 @@ async fn two_processes(
         shuffled: reports.iter().map(|r| r.shuffled).sum(),
         peak_rss_kib: reports.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0),
         join_seconds: first_ms.saturating_sub(started_ms) as f64 / 1000.0,
+        late: reports.iter().map(|r| r.late).sum(),
         processes: reports
             .iter()
             .map(|r| {
@@ -460,6 +466,7 @@ async fn report_progress(
         }
         // The blackhole's rows only: the repartition writer's are counted as a sink's too.
         report.rows = counter(&metrics, WINDOW_ROWS);
+        report.late = counter(&metrics, "weir_late_records_dropped_total");
         report.shuffled = counter(
             &metrics,
             "weir_shuffle_bytes_written_total{pipeline=\"out\"",
