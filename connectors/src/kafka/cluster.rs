@@ -2,8 +2,9 @@
 //! only hands out partitions (the tasks that read them have consumers of their own), a
 //! source per partition, and the repartition topic.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
@@ -19,7 +20,7 @@ use tokio::sync::mpsc;
 use weir_runtime::connector::{Membership, MembershipEvent, PartitionedSource};
 use weir_runtime::{Error, Result, Sink, Source};
 
-use super::repartition::{RepartitionSink, RepartitionSource, RepartitionTarget};
+use super::repartition::{RepartitionSink, RepartitionSource, RepartitionTarget, ShuffleProducer};
 use super::sink::Acks;
 use super::source::{KafkaSource, Mode, SourceConfig, topic_partitions};
 
@@ -36,6 +37,8 @@ const SHUFFLE_RETENTION_MS: &str = "604800000";
 #[derive(Debug)]
 pub(super) struct KafkaPartitions {
     pub(super) config: Arc<SourceConfig>,
+    /// The producer this process's writers of each repartition topic share, while any runs.
+    pub(super) producers: Mutex<HashMap<String, Weak<ShuffleProducer>>>,
 }
 
 impl KafkaPartitions {
@@ -265,6 +268,17 @@ impl PartitionedSource for KafkaPartitions {
         writers: usize,
         bytes: weir_runtime::metrics::Counter,
     ) -> Result<Box<dyn Sink>> {
+        let producer = {
+            let mut producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
+            match producers.get(topic).and_then(Weak::upgrade) {
+                Some(producer) => producer,
+                None => {
+                    let producer = Arc::new(ShuffleProducer::new(&self.config.client)?);
+                    producers.insert(topic.to_string(), Arc::downgrade(&producer));
+                    producer
+                }
+            }
+        };
         Ok(Box::new(RepartitionSink::new(
             RepartitionTarget {
                 client: self.config.client.clone(),
@@ -274,6 +288,7 @@ impl PartitionedSource for KafkaPartitions {
                 writer,
                 writers,
             },
+            producer,
             bytes,
         )?))
     }

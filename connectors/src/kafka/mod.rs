@@ -346,6 +346,7 @@ impl SourceFactory for KafkaSourceFactory {
     fn partitioned(&self) -> Option<Arc<dyn weir_runtime::connector::PartitionedSource>> {
         Some(Arc::new(cluster::KafkaPartitions {
             config: self.config.clone(),
+            producers: std::sync::Mutex::default(),
         }))
     }
 }

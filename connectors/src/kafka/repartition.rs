@@ -8,8 +8,8 @@
 //! - **write:** rows (or partial window states) go to the repartition partition their key
 //!   hashes to, tagged with the writer, its *generation* (random, new each time a task
 //!   starts) and the epoch (the next checkpoint's);
-//! - **pre-commit** (at the barrier): the producer is flushed, so every record of the epoch
-//!   is in Kafka;
+//! - **pre-commit** (at the barrier): the writer waits until the broker has every record it
+//!   sent, so every record of the epoch is in Kafka;
 //! - the checkpoint (source offset and this sink's generation and epoch) is written to the
 //!   store: *that* is the commit point;
 //! - **commit:** a marker `(writer, generation, epoch, watermark)` goes to every repartition
@@ -25,12 +25,15 @@
 //! offset of the oldest record still held back, so held records are read again after a
 //! restore rather than saved.
 //!
+//! A process's writers of one topic share one producer ([`ShuffleProducer`]), which counts
+//! each writer's records in flight and lost, so that a writer waits for its own only.
+//!
 //! A record's value: one byte of kind, then for rows the writer (i32), generation (u64) and
 //! epoch (u64), big-endian, and an Arrow IPC stream; for a marker, JSON.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
@@ -39,9 +42,10 @@ use arrow::ipc::writer::StreamWriter;
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use datafusion::physical_expr::PhysicalExpr;
+use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
-use rdkafka::producer::{BaseRecord, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -52,7 +56,6 @@ use weir_runtime::{
 };
 
 use super::ClientSettings;
-use super::sink::Acks;
 
 const DATA: u8 = b'D';
 const MARKER: u8 = b'M';
@@ -97,8 +100,9 @@ struct WriterState {
 /// module's docs).
 pub struct RepartitionSink {
     target: RepartitionTarget,
-    producer: Arc<ThreadedProducer<Acks>>,
-    acks: Acks,
+    producer: Arc<ShuffleProducer>,
+    /// This writer's records in flight and lost.
+    tally: Arc<Tally>,
     router: KeyRouter,
     generation: u64,
     /// The epoch of the records being written (the next barrier's).
@@ -112,11 +116,24 @@ pub struct RepartitionSink {
     bytes: weir_runtime::metrics::Counter,
 }
 
-impl RepartitionSink {
-    pub fn new(target: RepartitionTarget, bytes: weir_runtime::metrics::Counter) -> Result<Self> {
-        let acks = Acks::default();
-        let producer: ThreadedProducer<Acks> = target
-            .client
+/// How long a writer waits for the broker to take what it sent.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One producer for a process's writers of a repartition topic: one Kafka client, not one
+/// per source partition.
+pub struct ShuffleProducer {
+    producer: ThreadedProducer<Deliveries>,
+}
+
+impl std::fmt::Debug for ShuffleProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ShuffleProducer")
+    }
+}
+
+impl ShuffleProducer {
+    pub fn new(client: &ClientSettings) -> Result<Self> {
+        let producer = client
             .config(&[
                 // In order and once per partition, across retries.
                 ("enable.idempotence", "true"),
@@ -124,13 +141,50 @@ impl RepartitionSink {
                 ("linger.ms", "20"),
                 ("compression.type", "lz4"),
             ])
-            .create_with_context(acks.clone())
+            .create_with_context(Deliveries)
             .map_err(|e| super::kafka_error("cannot create the repartition producer", e))?;
+        Ok(Self { producer })
+    }
+}
+
+/// One writer's records sent and not yet acknowledged, and those lost.
+#[derive(Default)]
+struct Tally {
+    in_flight: AtomicU64,
+    failed: AtomicU64,
+    drained: tokio::sync::Notify,
+}
+
+/// Settles each record's [`Tally`] (its delivery opaque).
+struct Deliveries;
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = Arc<Tally>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, tally: Arc<Tally>) {
+        if let Err((e, m)) = result {
+            tally.failed.fetch_add(1, Ordering::AcqRel);
+            tracing::warn!(topic = m.topic(), error = %e, "a repartition record was not delivered");
+        }
+        if tally.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            tally.drained.notify_waiters();
+        }
+    }
+}
+
+impl RepartitionSink {
+    pub fn new(
+        target: RepartitionTarget,
+        producer: Arc<ShuffleProducer>,
+        bytes: weir_runtime::metrics::Counter,
+    ) -> Result<Self> {
         let router = KeyRouter::try_new(target.keys.clone(), target.partitions)?;
         Ok(Self {
             target,
-            producer: Arc::new(producer),
-            acks,
+            producer,
+            tally: Arc::default(),
             router,
             generation: new_generation(),
             epoch: 1,
@@ -146,18 +200,20 @@ impl RepartitionSink {
         self.bytes.inc_by(value.len() as u64);
         let partition = i32::try_from(partition).unwrap_or(i32::MAX);
         loop {
-            let record = BaseRecord::<(), _>::to(&self.target.topic)
-                .partition(partition)
-                .payload(&value);
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
-                    _,
-                )) => tokio::time::sleep(Duration::from_millis(5)).await,
-                Err((e, _)) => {
+            let record =
+                BaseRecord::<(), _, _>::with_opaque_to(&self.target.topic, self.tally.clone())
+                    .partition(partition)
+                    .payload(&value);
+            self.tally.in_flight.fetch_add(1, Ordering::AcqRel);
+            let Err((e, _)) = self.producer.producer.send(record) else {
+                return Ok(());
+            };
+            self.tally.in_flight.fetch_sub(1, Ordering::AcqRel);
+            match e {
+                rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::QueueFull,
+                ) => tokio::time::sleep(Duration::from_millis(5)).await,
+                e => {
                     return Err(super::kafka_error(
                         &format!("cannot write to {}", self.target.topic),
                         e,
@@ -167,15 +223,39 @@ impl RepartitionSink {
         }
     }
 
-    /// Waits until the broker has every record sent; fails if any was lost.
+    /// Waits until the broker has every record this writer sent; fails if any was lost.
     async fn flush(&mut self) -> Result<()> {
-        super::sink::flush(
-            &self.producer,
-            &self.acks,
-            "repartition writer",
-            &self.target.topic,
-        )
-        .await
+        let deadline = tokio::time::Instant::now() + DELIVERY_TIMEOUT;
+        loop {
+            let drained = self.tally.drained.notified();
+            tokio::pin!(drained);
+            // Registered before the count is read: a delivery in between still wakes it.
+            drained.as_mut().enable();
+            if self.tally.in_flight.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, drained).await.is_err() {
+                return Err(Error::external(
+                    weir_runtime::error::External::Connection,
+                    format!(
+                        "repartition writer: {} records to {} not acknowledged in {DELIVERY_TIMEOUT:?}",
+                        self.tally.in_flight.load(Ordering::Acquire),
+                        self.target.topic
+                    ),
+                ));
+            }
+        }
+        let failed = self.tally.failed.swap(0, Ordering::AcqRel);
+        if failed > 0 {
+            return Err(Error::external(
+                weir_runtime::error::External::Connection,
+                format!(
+                    "repartition writer: {failed} records were not delivered to {}",
+                    self.target.topic
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Sends `state`'s marker to every repartition partition.
@@ -601,7 +681,7 @@ mod tests {
         }
     }
 
-    fn writer(bootstrap: &str, writer: i32) -> RepartitionSink {
+    fn writer(producer: &Arc<ShuffleProducer>, bootstrap: &str, writer: i32) -> RepartitionSink {
         RepartitionSink::new(
             RepartitionTarget {
                 client: client(bootstrap),
@@ -611,6 +691,7 @@ mod tests {
                 writer,
                 writers: 2,
             },
+            producer.clone(),
             weir_runtime::metrics::Counter::default(),
         )
         .expect("sink")
@@ -689,9 +770,11 @@ mod tests {
         let cluster = MockCluster::new(1).expect("mock cluster");
         cluster.create_topic("rep", 2, 1).expect("topic");
         let bootstrap = cluster.bootstrap_servers();
+        // One producer for every writer, as in a process: each waits for its own records.
+        let producer = Arc::new(ShuffleProducer::new(&client(&bootstrap)).expect("producer"));
 
         // Writer 0 commits epoch 1 (keys 0..100)...
-        let mut zero = writer(&bootstrap, 0);
+        let mut zero = writer(&producer, &bootstrap, 0);
         let saved = epoch(&mut zero, 1, 0..100, 100).await;
         zero.commit(1).await.expect("commit");
         // ...writes epoch 2 (keys 1000..1050) and dies before its checkpoint is stored.
@@ -700,13 +783,13 @@ mod tests {
         drop(zero);
         // Its successor restores epoch 1 (sending its markers again) and replays the
         // source from there as epoch 2 (keys 2000..2010).
-        let mut again = writer(&bootstrap, 0);
+        let mut again = writer(&producer, &bootstrap, 0);
         again.restore(saved).await.expect("restore");
         epoch(&mut again, 2, 2000..2010, 150).await;
         again.commit(2).await.expect("commit");
         again.finish().await.expect("flush");
         // Writer 1 has no rows and an earlier watermark.
-        let mut one = writer(&bootstrap, 1);
+        let mut one = writer(&producer, &bootstrap, 1);
         one.on_watermark(Watermark(80)).await.expect("watermark");
         let (tx, _done) = std::sync::mpsc::channel();
         one.pre_commit(CheckpointBarrier::tracked(1, tx))
