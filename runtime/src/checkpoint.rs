@@ -340,6 +340,14 @@ impl CheckpointStore {
         Ok(None)
     }
 
+    /// The fingerprints `job`'s checkpoint `epoch` was taken with (its manifest only).
+    pub async fn fingerprints(&self, job: &str, epoch: u64) -> Result<BTreeMap<String, String>> {
+        let path = self.epoch_dir(job, epoch).join(MANIFEST);
+        let manifest: Manifest = serde_json::from_slice(&self.get(&path).await?)
+            .map_err(|e| Error::Execution(format!("checkpoint {path} is unreadable: {e}")))?;
+        Ok(manifest.fingerprints)
+    }
+
     async fn read(&self, job: &str, epoch: u64) -> Result<Checkpoint> {
         let dir = self.epoch_dir(job, epoch);
         let manifest_path = dir.clone().join(MANIFEST);

@@ -308,10 +308,27 @@ impl Task {
                     // cluster's partition moved while this process still ran it). Nothing
                     // more is committed here; the pipeline fails, and a restart restores
                     // what the other committed.
-                    let message = format!(
-                        "checkpoint {epoch} of {} was committed by another process: this one no longer owns it",
-                        self.job
-                    );
+                    // A process running another query for the pipeline (a cluster's
+                    // processes started with different SQL) takes the same checkpoints.
+                    let theirs = store
+                        .fingerprints(&self.job, epoch)
+                        .await
+                        .unwrap_or_default();
+                    let other_query = checkpoint
+                        .fingerprints
+                        .iter()
+                        .any(|(k, v)| theirs.get(k).is_some_and(|t| t != v));
+                    let message = if other_query {
+                        format!(
+                            "checkpoint {epoch} of {} was committed by another process that runs a different query for it: the processes of a cluster must run the same SQL",
+                            self.job
+                        )
+                    } else {
+                        format!(
+                            "checkpoint {epoch} of {} was committed by another process: this one no longer owns it",
+                            self.job
+                        )
+                    };
                     tracing::error!(job = %self.job, epoch, "{message}");
                     if let Some(status) = &self.config.status {
                         status.set(crate::pipeline::PipelineStatus::Failed(
@@ -570,15 +587,15 @@ mod tests {
         lines
     }
 
-    /// A cluster's partition moved while this process still ran it: the new owner
-    /// committed epoch 1 first. This coordinator commits nothing, stops, and fails its
-    /// pipeline so that a restart restores what the owner committed.
-    #[tokio::test]
-    async fn a_coordinator_whose_epoch_another_process_committed_stops_and_fails_the_pipeline() {
+    /// Runs a coordinator for `job` (query fingerprint `ours`) whose epoch 1 another process
+    /// committed first (with `theirs`): it commits nothing, takes no further checkpoint, and
+    /// fails its pipeline (external, so that a restart restores what the other committed).
+    async fn fenced(ours: &str, theirs: &str) -> crate::pipeline::Failure {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = CheckpointStore::local(dir.path(), 3).expect("store");
         let other = Checkpoint {
             epoch: 1,
+            fingerprints: BTreeMap::from([("job".to_string(), theirs.to_string())]),
             ..Checkpoint::default()
         };
         store.write("job", &other).await.expect("the other process");
@@ -593,6 +610,7 @@ mod tests {
             0,
             Metrics::new().checkpoints("job"),
         );
+        coordinator.set_fingerprint("job", ours.to_string());
         let barrier = tokio::time::timeout(Duration::from_secs(5), checkpoints.barriers.recv())
             .await
             .expect("a barrier")
@@ -600,11 +618,15 @@ mod tests {
         assert_eq!(barrier.epoch, 1);
         barrier.ack();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !matches!(status.get(), crate::pipeline::PipelineStatus::Failed(ref f) if f.external)
-        {
+        let failure = loop {
+            if let crate::pipeline::PipelineStatus::Failed(f) = status.get()
+                && f.external
+            {
+                break f;
+            }
             assert!(tokio::time::Instant::now() < deadline, "the pipeline fails");
             tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        };
         assert_eq!(
             *coordinator.committed().borrow(),
             0,
@@ -615,6 +637,22 @@ mod tests {
         assert!(
             next.is_err() || next.is_ok_and(|b| b.is_none()),
             "no further checkpoint"
+        );
+        failure
+    }
+
+    /// A cluster's partition moved while this process still ran it (the new owner
+    /// committed epoch 1 first), or a process started with other SQL took its checkpoint:
+    /// the error says which.
+    #[tokio::test]
+    async fn a_coordinator_whose_epoch_another_process_committed_stops_and_fails_the_pipeline() {
+        let moved = fenced("q1", "q1").await;
+        assert!(moved.cause.contains("no longer owns it"), "{}", moved.cause);
+        let other_sql = fenced("q2", "q1").await;
+        assert!(
+            other_sql.cause.contains("runs a different query"),
+            "{}",
+            other_sql.cause
         );
     }
 
