@@ -61,28 +61,8 @@ pub async fn cluster(args: &BenchArgs) -> Result<ExitCode, String> {
         args.events
     );
     for (title, core, workers) in runs {
-        let mut command = match core {
-            Some(core) => {
-                let mut c = std::process::Command::new("taskset");
-                c.args(["-c", core]).arg(&exe);
-                c
-            }
-            None => std::process::Command::new(&exe),
-        };
-        command.args([
-            "bench",
-            "cluster-run",
-            "--events",
-            &args.events.to_string(),
-            "--bootstrap",
-            &topic.bootstrap(),
-            "--topic",
-            &topic.name,
-            "--window-rows",
-            &windows.to_string(),
-            "--workers",
-            &workers.to_string(),
-        ]);
+        let mut command = run_command(&exe, core, args, &topic, workers);
+        command.args(["--window-rows", &windows.to_string()]);
         let broker_cpu = cpu_seconds();
         let output = tokio::task::spawn_blocking(move || command.output())
             .await
@@ -223,21 +203,8 @@ async fn two_processes(
     let started = Instant::now();
     let mut children = Vec::new();
     for (core, progress) in progress.iter().enumerate() {
-        let mut command = std::process::Command::new("taskset");
-        command.args(["-c", &core.to_string()]).arg(&exe).args([
-            "bench",
-            "cluster-run",
-            "--events",
-            &args.events.to_string(),
-            "--bootstrap",
-            &topic.bootstrap(),
-            "--topic",
-            &topic.name,
-            "--workers",
-            "1",
-            "--cluster-name",
-            &name,
-        ]);
+        let mut command = run_command(&exe, Some(&core.to_string()), args, topic, 1);
+        command.args(["--cluster-name", &name]);
         command
             .arg("--store")
             .arg(dir.join("checkpoints"))
@@ -326,6 +293,37 @@ async fn two_processes(
             })
             .collect(),
     })
+}
+
+/// `weir bench cluster-run` over `topic` with `workers` workers, pinned to `core` if given.
+fn run_command(
+    exe: &Path,
+    core: Option<&str>,
+    args: &BenchArgs,
+    topic: &Topic,
+    workers: usize,
+) -> std::process::Command {
+    let mut command = match core {
+        Some(core) => {
+            let mut c = std::process::Command::new("taskset");
+            c.args(["-c", core]).arg(exe);
+            c
+        }
+        None => std::process::Command::new(exe),
+    };
+    command.args([
+        "bench",
+        "cluster-run",
+        "--events",
+        &args.events.to_string(),
+        "--bootstrap",
+        &topic.bootstrap(),
+        "--topic",
+        &topic.name,
+        "--workers",
+        &workers.to_string(),
+    ]);
+    command
 }
 
 fn read_progress(path: &Path) -> Progress {

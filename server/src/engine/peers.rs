@@ -239,20 +239,9 @@ impl Gather for ViewGather {
             for answer in fetched {
                 answers.extend(answer?);
             }
-            let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
-            for (parts, _) in &answers {
-                for part in parts {
-                    *seen.entry(part.as_str()).or_default() += 1;
-                }
-            }
-            missing = self
-                .parts
-                .iter()
-                .filter(|p| seen.get(p.as_str()) != Some(&1))
-                .cloned()
-                .collect();
-            if missing.is_empty() {
-                return Ok(answers.into_iter().flat_map(|(_, rows)| rows).collect());
+            match complete(&self.parts, answers) {
+                Ok(rows) => return Ok(rows),
+                Err(absent) => missing = absent,
             }
             tracing::debug!(view = %self.view, ?missing, attempt, "parts missing or doubled; asking again");
         }
@@ -266,6 +255,29 @@ impl Gather for ViewGather {
             ),
         ))
     }
+}
+
+/// The rows of `answers` (each a process's part names and rows) when every part of
+/// `parts` came back exactly once; else the parts missing or doubled.
+fn complete(
+    parts: &BTreeSet<String>,
+    answers: Vec<(Vec<String>, Vec<RecordBatch>)>,
+) -> std::result::Result<Vec<RecordBatch>, Vec<String>> {
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for (names, _) in &answers {
+        for name in names {
+            *seen.entry(name.as_str()).or_default() += 1;
+        }
+    }
+    let wrong: Vec<String> = parts
+        .iter()
+        .filter(|p| seen.get(p.as_str()) != Some(&1))
+        .cloned()
+        .collect();
+    if !wrong.is_empty() {
+        return Err(wrong);
+    }
+    Ok(answers.into_iter().flat_map(|(_, rows)| rows).collect())
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -282,4 +294,39 @@ fn random_hex(bytes: usize) -> Result<String> {
         .fill(&mut buf)
         .map_err(|_| Error::Internal("the system's random number generator failed".into()))?;
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(names: &[&str]) -> (Vec<String>, Vec<RecordBatch>) {
+        let schema = Arc::new(arrow::datatypes::Schema::empty());
+        let rows = RecordBatch::try_new_with_options(
+            schema,
+            vec![],
+            &arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(names.len())),
+        )
+        .expect("batch");
+        (names.iter().map(|n| n.to_string()).collect(), vec![rows])
+    }
+
+    /// A view is answered only when every part came back exactly once: a part moving
+    /// between processes (missing, or held by two for a moment) is named instead.
+    #[test]
+    fn a_view_is_whole_or_the_wrong_parts_are_named() {
+        let parts: BTreeSet<String> = ["r0", "r1", "r2"].map(String::from).into();
+        let rows = complete(&parts, vec![answer(&["r0", "r2"]), answer(&["r1"])]).expect("whole");
+        assert_eq!(rows.iter().map(RecordBatch::num_rows).sum::<usize>(), 3);
+        assert_eq!(
+            complete(&parts, vec![answer(&["r0"]), answer(&["r2"])]).map(|_| ()),
+            Err(vec!["r1".to_string()]),
+            "missing"
+        );
+        assert_eq!(
+            complete(&parts, vec![answer(&["r0", "r1"]), answer(&["r1", "r2"])]).map(|_| ()),
+            Err(vec!["r1".to_string()]),
+            "doubled"
+        );
+    }
 }
