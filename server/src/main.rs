@@ -303,7 +303,10 @@ async fn serve(
     let pg = tokio::net::TcpListener::bind(pg_listen)
         .await
         .map_err(|e| format!("cannot listen on {pg_listen} (--pg-listen): {e}"))?;
-    tracing::info!(pg = %pg_listen, http = %http_listen, data_dir = %data_dir.display(), "weir is serving");
+    // The addresses bound (a port 0 asked for is the one the system chose).
+    let bound = |l: &tokio::net::TcpListener, asked: SocketAddr| l.local_addr().unwrap_or(asked);
+    tracing::info!(pg = %bound(&pg, pg_listen), http = %bound(&http, http_listen),
+        data_dir = %data_dir.display(), "weir is serving");
     if front_door.auth == AuthMode::Trust {
         tracing::warn!("--auth trust: every SQL client is an admin, without a password");
     }

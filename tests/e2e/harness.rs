@@ -76,17 +76,19 @@ impl Weir {
         args: &[String],
         env: &[(String, String)],
     ) -> Weir {
-        let pg_port = free_port();
-        let http_port = free_port();
-        let log = work_dir.join(format!("weir-{pg_port}.log"));
+        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = work_dir.join(format!("weir-{n}.log"));
         let mut command = Command::new(weir_bin());
+        // Port 0: weir binds ports the system chooses and logs them (`weir is serving`), so
+        // no other server can take a port between its choice and weir's bind.
         command
             .current_dir(work_dir)
             .arg("serve")
             .arg("--pg-listen")
-            .arg(format!("127.0.0.1:{pg_port}"))
+            .arg("127.0.0.1:0")
             .arg("--http-listen")
-            .arg(format!("127.0.0.1:{http_port}"))
+            .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(work_dir.join("weir-data"))
             // Frequent checkpoints: sinks publish sooner, and every test exercises them.
@@ -102,20 +104,28 @@ impl Weir {
         let child = command.spawn().expect("spawn weir serve");
         let mut weir = Weir {
             child: Some(child),
-            pg_port,
-            http_port,
+            pg_port: 0,
+            http_port: 0,
             log,
         };
         weir.wait_ready();
         weir
     }
 
+    /// Waits for the log's `weir is serving pg=<addr> http=<addr>` and takes the ports.
     fn wait_ready(&mut self) {
+        let port = |line: &str, key: &str| -> Option<u16> {
+            let addr = line.split_whitespace().find_map(|w| w.strip_prefix(key))?;
+            addr.rsplit_once(':')?.1.parse().ok()
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", self.pg_port)).is_ok()
-                && std::net::TcpStream::connect(("127.0.0.1", self.http_port)).is_ok()
+            let log = self.log_text();
+            if let Some(line) = log.lines().find(|l| l.contains("weir is serving"))
+                && let (Some(pg), Some(http)) = (port(line, "pg="), port(line, "http="))
             {
+                self.pg_port = pg;
+                self.http_port = http;
                 return;
             }
             if let Some(child) = self.child.as_mut()
@@ -220,7 +230,21 @@ impl Weir {
     }
 
     pub fn http_get(&self, path: &str) -> String {
-        http_get(self.http_port, path).expect("weir answers HTTP")
+        http_get(self.http_port, path).unwrap_or_else(|e| {
+            let pid = self.child.as_ref().map(Child::id).unwrap_or_default();
+            let state = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("State:"))
+                        .map(str::to_string)
+                })
+                .unwrap_or_else(|| "gone".to_string());
+            panic!(
+                "weir (pid {pid}, {state}) does not answer GET {path}: {e}\n{}",
+                self.log_text()
+            )
+        })
     }
 
     /// `GET /health`'s JSON.

@@ -12,6 +12,13 @@
 //!   `weir-<cluster>-<pipeline>-repartition-<hash>` gives it: the shuffle reader, the window
 //!   (its final phase) and what follows, and the sink.
 //!
+//! A sink reading a materialized view on a cluster (`CREATE SINK s FROM v`) is a
+//! *follower* of the view: it runs inside each of the view's instances that write the view
+//! (the `r<q>`, or the `p<n>` of a view without a window), fed the rows the instance writes,
+//! and is checkpointed with it. So a view and the sinks reading it are one job on the
+//! cluster as in one process: the same rows reach the view, the lake and Prometheus, and
+//! each source record is read once for all of them.
+//!
 //! A revoked partition's instance stops with a last checkpoint before the group hands it
 //! on; an assigned one restores its last checkpoint. A process killed takes no last
 //! checkpoint: the next owner resumes from the one before, and the shuffle's protocol
@@ -21,6 +28,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use weir_planner::continuous::{ContinuousPlan, Partitioning};
 use weir_runtime::connector::{MembershipEvent, PartitionedSource, SinkFactory};
@@ -36,6 +44,8 @@ use super::peers::{Peers, ViewGather};
 
 /// How long an instance's last checkpoint may take when it stops.
 const STOP_WAIT: Duration = Duration::from_secs(30);
+/// How long a change of a view's followers settles before its instances restart.
+const FOLLOWERS_SETTLE: Duration = Duration::from_millis(500);
 
 /// How this process takes part in a cluster.
 #[derive(Debug, Clone)]
@@ -74,6 +84,22 @@ pub(super) struct Spec {
     pub peers: Option<Arc<Peers>>,
 }
 
+/// A sink reading the view a cluster pipeline writes: it runs in each instance that
+/// writes the view (see the module's documentation).
+pub(super) struct Follower {
+    pub name: String,
+    pub fingerprint: String,
+    /// Row-by-row steps over the view's rows, if any.
+    pub plan: Option<Arc<ContinuousPlan>>,
+    pub sink: Arc<dyn SinkFactory>,
+    /// The follower's own status: its tasks' failures restart the view's job.
+    pub status: StatusCell,
+}
+
+/// The followers a pipeline's instances run; a change restarts the instances that write
+/// the view (each with a last checkpoint) so that they run the new set.
+type Followers = watch::Sender<Vec<Arc<Follower>>>;
+
 /// A running cluster pipeline: its instances in this process, and the tasks managing
 /// them.
 pub(super) struct ClusterPipeline {
@@ -84,6 +110,7 @@ pub(super) struct ClusterPipeline {
     task: Option<JoinHandle<()>>,
     /// Names of the instances running here, for `SHOW QUERIES`.
     instances: Arc<Mutex<BTreeMap<String, ()>>>,
+    followers: Arc<Followers>,
 }
 
 impl ClusterPipeline {
@@ -93,12 +120,15 @@ impl ClusterPipeline {
         let stop = CancellationToken::new();
         let abort = CancellationToken::new();
         let instances = Arc::new(Mutex::new(BTreeMap::new()));
+        let followers = Arc::new(watch::Sender::new(Vec::new()));
         let task = {
             let (stop, abort, instances) = (stop.clone(), abort.clone(), instances.clone());
+            let followers = followers.clone();
             let status = spec.status.clone();
             let pipeline = spec.pipeline.clone();
             pipeline::spawn_task(status.clone(), pipeline.clone(), "cluster", async move {
-                if let Err(e) = run(Arc::new(spec), stop, abort, instances).await {
+                let run = run(Arc::new(spec), stop, abort, instances, followers);
+                if let Err(e) = run.await {
                     tracing::error!(pipeline = %pipeline, error = %e, "cluster pipeline failed");
                     status.set(PipelineStatus::Failed(Failure::of(&e)));
                 }
@@ -109,7 +139,26 @@ impl ClusterPipeline {
             abort,
             task: Some(task),
             instances,
+            followers,
         }
+    }
+
+    /// Runs `follower` in every instance that writes the view, from now on (replacing
+    /// one of the same name).
+    pub fn follow(&self, follower: Follower) {
+        self.followers.send_modify(|all| {
+            all.retain(|f| f.name != follower.name);
+            all.push(Arc::new(follower));
+        });
+    }
+
+    /// Stops running follower `name`.
+    pub fn unfollow(&self, name: &str) {
+        self.followers.send_if_modified(|all| {
+            let before = all.len();
+            all.retain(|f| f.name != name);
+            all.len() != before
+        });
     }
 
     /// The instances running in this process, by partition (`p3`, `r0`).
@@ -138,8 +187,12 @@ impl ClusterPipeline {
     /// Tears every instance down without a last checkpoint (a restart after a failure).
     pub async fn abort(&mut self) {
         self.abort.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        if let Some(mut task) = self.task.take()
+            && tokio::time::timeout(Duration::from_secs(10), &mut task)
+                .await
+                .is_err()
+        {
+            task.abort();
         }
     }
 }
@@ -181,6 +234,7 @@ async fn run(
     stop: CancellationToken,
     abort: CancellationToken,
     instances: Arc<Mutex<BTreeMap<String, ()>>>,
+    followers: Arc<Followers>,
 ) -> weir_runtime::Result<()> {
     tokio::select! {
         () = spec.release.cancelled() => {}
@@ -233,11 +287,26 @@ async fn run(
             parts: (0..count).map(|i| format!("{prefix}{i}")).collect(),
         })));
     }
-    let result = run_managers(&spec, group, shuffle_topic, shuffle, stop, abort, instances).await;
+    let halves = Halves {
+        stop,
+        abort,
+        instances,
+        followers,
+    };
+    let result = run_managers(&spec, group, shuffle_topic, shuffle, halves).await;
     if let Output::View(store) = &spec.output {
         store.set_gather(None);
     }
     result
+}
+
+/// What the managers of a pipeline's halves share.
+#[derive(Clone)]
+struct Halves {
+    stop: CancellationToken,
+    abort: CancellationToken,
+    instances: Arc<Mutex<BTreeMap<String, ()>>>,
+    followers: Arc<Followers>,
 }
 
 /// Runs the group managers of the pipeline's halves until they end.
@@ -246,9 +315,7 @@ async fn run_managers(
     group: String,
     shuffle_topic: String,
     shuffle: Option<Arc<Shuffle>>,
-    stop: CancellationToken,
-    abort: CancellationToken,
-    instances: Arc<Mutex<BTreeMap<String, ()>>>,
+    halves: Halves,
 ) -> weir_runtime::Result<()> {
     let mut managers = vec![tokio::spawn(manage(
         spec.clone(),
@@ -256,9 +323,7 @@ async fn run_managers(
         group,
         None,
         shuffle.clone(),
-        stop.clone(),
-        abort.clone(),
-        instances.clone(),
+        halves.clone(),
     ))];
     if shuffle.is_some() {
         managers.push(tokio::spawn(manage(
@@ -267,9 +332,7 @@ async fn run_managers(
             shuffle_topic.clone(),
             Some(shuffle_topic),
             shuffle,
-            stop.clone(),
-            abort.clone(),
-            instances,
+            halves,
         )));
     }
     for result in futures::future::join_all(managers).await {
@@ -284,25 +347,41 @@ async fn run_managers(
 
 /// Runs the instances of one group's partitions: joins it, starts an instance per
 /// partition assigned, stops one revoked (with a last checkpoint) before letting it go.
-#[allow(clippy::too_many_arguments)]
+/// The half that writes the pipeline's output restarts its instances when the view's
+/// followers change.
 async fn manage(
     spec: Arc<Spec>,
     role: Role,
     group: String,
     topic: Option<String>,
     shuffle: Option<Arc<Shuffle>>,
-    stop: CancellationToken,
-    abort: CancellationToken,
-    instances: Arc<Mutex<BTreeMap<String, ()>>>,
+    halves: Halves,
 ) -> weir_runtime::Result<()> {
+    let Halves {
+        stop,
+        abort,
+        instances,
+        followers,
+    } = halves;
+    let writes_output = role == Role::Downstream || shuffle.is_none();
+    let mut followers = followers.subscribe();
     let input = spec.input.clone();
     let (g, t) = (group.clone(), topic.clone());
     let mut membership = tokio::task::spawn_blocking(move || input.join(&g, t.as_deref()))
         .await
         .map_err(|e| weir_runtime::Error::Internal(e.to_string()))??;
     let mut running: BTreeMap<i32, Instance> = BTreeMap::new();
+    let start = |p: i32, followers: Vec<Arc<Follower>>| {
+        let spec = spec.clone();
+        let shuffle = shuffle.clone();
+        async move {
+            let followers = if writes_output { followers } else { Vec::new() };
+            start_instance(&spec, role, p, shuffle.as_deref(), &followers).await
+        }
+    };
     let result = loop {
         tokio::select! {
+            biased;
             () = abort.cancelled() => {
                 for instance in running.values_mut() {
                     instance.tear_down();
@@ -315,11 +394,26 @@ async fn manage(
                 }
                 break Ok(());
             }
+            Ok(()) = followers.changed(), if writes_output => {
+                // A moment for more changes (the sinks of one DDL batch, or the
+                // teardown of the whole job on a restart) before restarting anything.
+                tokio::select! {
+                    () = abort.cancelled() => continue,
+                    () = stop.cancelled() => continue,
+                    () = tokio::time::sleep(FOLLOWERS_SETTLE) => {}
+                }
+                let current = followers.borrow_and_update().clone();
+                for (p, instance) in std::mem::take(&mut running) {
+                    instance.stop().await;
+                    running.insert(p, start(p, current.clone()).await?);
+                }
+            }
             event = membership.events.recv() => match event {
                 None => break Err(weir_runtime::Error::Internal(format!("group {group} ended"))),
                 Some(MembershipEvent::Assigned(partitions)) => {
                     for p in partitions {
-                        let instance = start_instance(&spec, role, p, shuffle.as_deref()).await?;
+                        let current = followers.borrow().clone();
+                        let instance = start(p, current).await?;
                         instances.lock().unwrap_or_else(|e| e.into_inner()).insert(instance.name.clone(), ());
                         running.insert(p, instance);
                     }
@@ -389,12 +483,14 @@ impl Instance {
     }
 }
 
-/// Starts the instance of partition `p` in role `role`, restored from its last checkpoint.
+/// Starts the instance of partition `p` in role `role`, restored from its last checkpoint,
+/// with `followers` reading what it writes.
 async fn start_instance(
     spec: &Spec,
     role: Role,
     p: i32,
     shuffle: Option<&Shuffle>,
+    followers: &[Arc<Follower>],
 ) -> weir_runtime::Result<Instance> {
     let name = match role {
         Role::Upstream => format!("{}/p{p}", spec.pipeline),
@@ -406,6 +502,18 @@ async fn start_instance(
         None => None,
     };
     let epoch = restored.as_ref().map_or(0, |c| c.epoch);
+    // A follower whose query changed since the checkpoint starts fresh; the others restore.
+    let fresh_followers: Vec<&str> = followers
+        .iter()
+        .filter(|f| {
+            restored.as_ref().is_some_and(|c| {
+                c.fingerprints
+                    .get(&f.name)
+                    .is_some_and(|saved| *saved != f.fingerprint)
+            })
+        })
+        .map(|f| f.name.as_str())
+        .collect();
     let saved = restored.filter(|c| match c.fingerprints.get(&spec.pipeline) {
         Some(f) if *f == spec.fingerprint => true,
         Some(_) => {
@@ -419,6 +527,12 @@ async fn start_instance(
         saved
             .as_ref()
             .and_then(|c| c.snapshots.get(&format!("{name}/{participant}")).cloned())
+    };
+    let follower_snapshot = |follower: &Follower, participant: &str| {
+        if fresh_followers.contains(&follower.name.as_str()) {
+            return None;
+        }
+        snapshot(&format!("{}/{participant}", follower.name))
     };
     let metrics = &spec.metrics;
     let pre_aggregate = spec.cluster.pre_aggregate;
@@ -498,6 +612,30 @@ async fn start_instance(
         metrics.checkpoints(&spec.pipeline),
     );
     coordinator.set_fingerprint(&spec.pipeline, spec.fingerprint.clone());
+    for follower in followers {
+        coordinator.set_fingerprint(&follower.name, follower.fingerprint.clone());
+    }
+    // Followers first (they subscribe before the first row is sent): what fails here
+    // leaves nothing running.
+    let fanout = Fanout::new();
+    let mut follower_tasks = Vec::new();
+    for follower in followers {
+        let started = start_follower(spec, follower, &name, &fanout, &coordinator, |p| {
+            follower_snapshot(follower, p)
+        });
+        match started {
+            Ok(mut more) => follower_tasks.append(&mut more),
+            Err(e) => {
+                for task in &follower_tasks {
+                    task.abort();
+                }
+                if let Some((view, part)) = &part {
+                    view.remove_part(part);
+                }
+                return Err(e);
+            }
+        }
+    }
     let shutdown = CancellationToken::new();
     let connector = match role {
         Role::Upstream => "kafka",
@@ -517,8 +655,8 @@ async fn start_instance(
             worker: Worker::ONLY,
         },
     );
-    let fanout = Fanout::new();
     let mut tasks = vec![source_task];
+    tasks.append(&mut follower_tasks);
     tasks.push(pipeline::spawn_sink(
         sink,
         fanout.subscribe(),
@@ -552,6 +690,62 @@ async fn start_instance(
         shutdown,
         tasks,
     })
+}
+
+/// Starts `follower` in instance `instance`, reading what `output` carries: its steps and
+/// its sink (files named for the instance's partition), checkpointed by `coordinator` as
+/// `<instance>/<follower>/...`.
+fn start_follower(
+    spec: &Spec,
+    follower: &Follower,
+    instance: &str,
+    output: &Arc<Fanout>,
+    coordinator: &Coordinator,
+    snapshot: impl Fn(&str) -> Option<Snapshot>,
+) -> weir_runtime::Result<Vec<JoinHandle<()>>> {
+    let metrics = &spec.metrics;
+    let participant = format!("{instance}/{}", follower.name);
+    let mut stages = match &follower.plan {
+        Some(plan) => plan.stages(metrics, &follower.name).map_err(plan_error)?,
+        None => Vec::new(),
+    };
+    for (i, stage) in stages.iter_mut().enumerate() {
+        if let Stage::Sync(op) = stage
+            && let Some(state) = snapshot(&format!("op{i}"))
+        {
+            op.restore(state)?;
+        }
+    }
+    let sink = follower
+        .sink
+        .create_instance(metrics, partition_of(instance))?;
+    let fanout = Fanout::new();
+    let mut tasks = vec![pipeline::spawn_sink(
+        sink,
+        fanout.subscribe(),
+        SinkTask {
+            metrics: metrics.sink(&follower.name, follower.sink.connector()),
+            status: follower.status.clone(),
+            pipeline: participant.clone(),
+            committed: Some(coordinator.committed()),
+            restore: snapshot("sink"),
+            commit_log: spec.store.clone().map(|store| CommitLog {
+                store,
+                job: instance.to_string(),
+            }),
+        },
+    )];
+    tasks.extend(pipeline::spawn_stages(
+        output.subscribe(),
+        stages,
+        0,
+        fanout,
+        metrics,
+        &follower.name,
+        &participant,
+        &follower.status,
+    ));
+    Ok(tasks)
 }
 
 /// A fresh sink for instance `name`'s output (`<pipeline>/r3`): its files are named for

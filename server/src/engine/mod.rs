@@ -160,6 +160,29 @@ struct Running {
     job: String,
 }
 
+impl Running {
+    /// A pipeline of `kind` reading `input`, in job `job`, with no tasks yet.
+    fn new(
+        kind: ObjectKind,
+        input: &str,
+        stop: CancellationToken,
+        status: StatusCell,
+        job: &str,
+    ) -> Self {
+        Self {
+            kind,
+            input: input.to_string(),
+            stop,
+            status,
+            output: None,
+            tasks: Vec::new(),
+            cluster: None,
+            started: Instant::now(),
+            job: job.to_string(),
+        }
+    }
+}
+
 /// A source, the pipeline reading it, and the pipelines reading that one's output: what
 /// one coordinator checkpoints together.
 struct Job {

@@ -59,9 +59,11 @@ impl State {
                     .get(&r.job)
                     .map(|j| j.coordinator.info())
                     .unwrap_or_default(),
+                // A sink following a view on a cluster runs in the view's instances.
                 instances: r
                     .cluster
                     .as_ref()
+                    .or_else(|| self.running.get(&r.job)?.cluster.as_ref())
                     .map(|c| c.instance_names())
                     .unwrap_or_default(),
             })
@@ -197,14 +199,44 @@ impl Engine {
                 .as_ref()
                 .and_then(|c| c.snapshots.get(participant).cloned())
         };
-        if state
+        if let Some(view) = state
             .running
             .get(&input_name)
-            .is_some_and(|r| r.cluster.is_some())
+            .and_then(|r| r.cluster.as_ref())
         {
-            return Err(PlanError::NotSupported(format!(
-                "on a cluster, {name} cannot read materialized view {input_name}: write the view's query in it"
-            )));
+            // On a cluster, a sink reading a view runs inside the view's instances.
+            let not_here = |what: &str| {
+                PlanError::NotSupported(format!(
+                    "on a cluster, {name} cannot read materialized view {input_name}: {what}"
+                ))
+            };
+            if entry.kind != ObjectKind::Sink {
+                return Err(not_here(
+                    "only sinks read views there; write the view's query in it",
+                ));
+            }
+            if entry
+                .plan
+                .as_ref()
+                .is_some_and(|p| !matches!(p.partitioning(), Partitioning::RowByRow))
+            {
+                return Err(not_here(
+                    "a sink reading a view there works row by row; aggregate in the view",
+                ));
+            }
+            view.follow(cluster::Follower {
+                name: name.to_string(),
+                fingerprint,
+                plan: entry.plan.clone(),
+                sink: entry
+                    .sink
+                    .clone()
+                    .ok_or_else(|| PlanError::Internal(format!("sink {name} has no factory")))?,
+                status: status.clone(),
+            });
+            let running = Running::new(entry.kind, &input_name, stop, status, &input_name);
+            self.insert_running(state, name, running);
+            return Ok(());
         }
         // The stream it reads, when it heads a job of its own, and how many workers read it.
         let source = match &view_output {
@@ -250,23 +282,9 @@ impl Engine {
                 release: release.clone(),
                 peers: self.peers.clone(),
             });
-            self.metrics
-                .pipelines_running(&entry.kind.to_string())
-                .inc();
-            state.running.insert(
-                name.to_string(),
-                Running {
-                    kind: entry.kind,
-                    input: input_name,
-                    stop,
-                    status,
-                    output: None,
-                    tasks: Vec::new(),
-                    cluster: Some(pipeline),
-                    started: Instant::now(),
-                    job: name.to_string(),
-                },
-            );
+            let mut running = Running::new(entry.kind, &input_name, stop, status, name);
+            running.cluster = Some(pipeline);
+            self.insert_running(state, name, running);
             return Ok(());
         }
         let workers = match &source {
@@ -437,24 +455,19 @@ impl Engine {
             &status,
             source_watermark,
         )?);
-        self.metrics
-            .pipelines_running(&entry.kind.to_string())
-            .inc();
-        state.running.insert(
-            name.to_string(),
-            Running {
-                kind: entry.kind,
-                input: input_name,
-                stop,
-                status,
-                output,
-                tasks,
-                cluster: None,
-                started: Instant::now(),
-                job,
-            },
-        );
+        let mut running = Running::new(entry.kind, &input_name, stop, status, &job);
+        running.output = output;
+        running.tasks = tasks;
+        self.insert_running(state, name, running);
         Ok(())
+    }
+
+    /// Records `running` as pipeline `name`'s.
+    fn insert_running(&self, state: &mut State, name: &str, running: Running) {
+        self.metrics
+            .pipelines_running(&running.kind.to_string())
+            .inc();
+        state.running.insert(name.to_string(), running);
     }
 
     /// How many workers run pipeline `name` over a source made by `factory` (see
@@ -592,6 +605,13 @@ impl Engine {
         } else {
             if let Some(job) = state.jobs.get(&running.job) {
                 job.coordinator.remove_pipeline(name);
+            }
+            if let Some(view) = state
+                .running
+                .get(&running.job)
+                .and_then(|r| r.cluster.as_ref())
+            {
+                view.unfollow(name);
             }
             None
         };
