@@ -44,7 +44,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     windows: u32,
     /// How often jobs checkpoint (into a temporary data directory), e.g. `10s`, or `none`.
-    /// Default: `10s` for pipeline and checkpoint, `none` for the others.
+    /// Default: `10s` for pipeline and checkpoint, `1s` for the `cluster` processes (each commit
+    /// releases what crossed the repartition topic), `none` for the others.
     #[arg(long)]
     checkpoint_interval: Option<String>,
     /// Workers per pipeline over Kafka (`kafka`, `pipeline`, `checkpoint`, `cluster-run`).

@@ -205,6 +205,9 @@ async fn two_processes(
     for (core, progress) in progress.iter().enumerate() {
         let mut command = run_command(&exe, Some(&core.to_string()), args, topic, 1);
         command.args(["--cluster-name", &name]);
+        if let Some(interval) = &args.checkpoint_interval {
+            command.args(["--checkpoint-interval", interval]);
+        }
         command
             .arg("--store")
             .arg(dir.join("checkpoints"))
@@ -358,10 +361,12 @@ pub async fn cluster_run(args: &BenchArgs) -> Result<ExitCode, String> {
     let (Some(bootstrap), Some(topic)) = (&args.bootstrap, &args.topic) else {
         return Err("cluster-run needs --bootstrap and --topic".into());
     };
+    // The repartition topic's records are released at each checkpoint's commit.
+    let interval = super::checkpoint_interval(args, Some(CLUSTER_CHECKPOINT_INTERVAL))?
+        .ok_or("a cluster checkpoints: --checkpoint-interval cannot be none")?;
     let config = match (&args.cluster_name, &args.store) {
         (Some(name), Some(store)) => weir_server::engine::EngineConfig {
-            // The repartition topic's records are released at each checkpoint's commit.
-            checkpoint_interval: Some(CLUSTER_CHECKPOINT_INTERVAL),
+            checkpoint_interval: Some(interval),
             checkpoint_store: Some(store.display().to_string()),
             workers: Some(1),
             cluster: Some(weir_server::engine::ClusterConfig {
