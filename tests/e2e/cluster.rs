@@ -155,32 +155,7 @@ fn cluster_equals_duckdb(dir: &Path, bootstrap: &str, partitions: i32, stream_op
     ));
     expected_view.sort();
     for weir in &processes {
-        let mut rows = Vec::new();
-        let complete = eventually(Duration::from_secs(120), || {
-            let (ok, out, err) = weir.psql_c(
-                "SELECT CAST(date_part('epoch', window_end) * 1000 AS BIGINT) AS w, region, n, total FROM win",
-            );
-            // 57000: a part of the view was moving between processes; asked again.
-            assert!(ok || err.contains("57000"), "{err}");
-            rows = out
-                .lines()
-                .filter(|l| l.matches('|').count() == 3 && *l != "w|region|n|total")
-                .map(str::to_string)
-                .collect();
-            rows.sort();
-            (rows.len() >= expected_view.len()).then_some(())
-        });
-        assert!(
-            complete.is_some(),
-            "the view fills: {} of {} rows\n{}",
-            rows.len(),
-            expected_view.len(),
-            logs(&processes)
-        );
-        assert_eq!(
-            rows, expected_view,
-            "SELECT on the view from any process returns the whole view, each row once"
-        );
+        assert_view_is_whole(weir, &expected_view, &processes);
     }
     // A view's rows go only to peers presenting the cluster's secret.
     let refused = processes[0].http_get("/cluster/views/win");
@@ -211,9 +186,74 @@ fn cluster_equals_duckdb(dir: &Path, bootstrap: &str, partitions: i32, stream_op
         !ok && err.contains("0A000") && err.contains("cannot read materialized view"),
         "{err}"
     );
+    // A sink created later joins the running view: this process's instances writing the
+    // view restart with it (each from a last checkpoint), and the view stays whole. Dropping
+    // it restarts them again without it.
+    let (host, readers) = processes
+        .iter()
+        .map(|w| {
+            let readers = instances(w, "win")
+                .iter()
+                .filter(|i| i.starts_with('r'))
+                .count();
+            (w, readers)
+        })
+        .max_by_key(|(_, readers)| *readers)
+        .expect("processes");
+    assert!(readers > 0, "a process runs windows");
+    let starts = |w: &Weir| w.log_text().matches("instance started").count();
+    for ddl in [
+        "CREATE SINK extra FROM win WITH (connector = 'blackhole')",
+        "DROP SINK extra",
+    ] {
+        let before = starts(host);
+        let (ok, _, err) = host.psql_c(ddl);
+        assert!(ok, "{ddl}: {err}");
+        let restarted = eventually(Duration::from_secs(60), || {
+            (starts(host) >= before + readers).then_some(())
+        });
+        assert!(
+            restarted.is_some(),
+            "{ddl} restarts the view's {readers} instances here:\n{}",
+            host.log_text()
+        );
+        assert_view_is_whole(host, &expected_view, &processes);
+    }
+    let (_, out, _) = host.psql_c("SHOW QUERIES");
+    assert!(!out.contains("extra|"), "{out}");
     for weir in &mut processes {
         assert!(weir.stop(), "{}", weir.log_text());
     }
+}
+
+/// `SELECT` on the view `win` from `weir` returns `expected` (sorted `w|region|n|total`
+/// rows), each row once; asked again while a part is moving (57000).
+fn assert_view_is_whole(weir: &Weir, expected: &[String], processes: &[Weir]) {
+    let mut rows = Vec::new();
+    let complete = eventually(Duration::from_secs(120), || {
+        let (ok, out, err) = weir.psql_c(
+            "SELECT CAST(date_part('epoch', window_end) * 1000 AS BIGINT) AS w, region, n, total FROM win",
+        );
+        assert!(ok || err.contains("57000"), "{err}");
+        rows = out
+            .lines()
+            .filter(|l| l.matches('|').count() == 3 && *l != "w|region|n|total")
+            .map(str::to_string)
+            .collect();
+        rows.sort();
+        (rows.len() >= expected.len()).then_some(())
+    });
+    assert!(
+        complete.is_some(),
+        "the view fills: {} of {} rows\n{}",
+        rows.len(),
+        expected.len(),
+        logs(processes)
+    );
+    assert_eq!(
+        rows, expected,
+        "SELECT on the view from any process returns the whole view, each row once"
+    );
 }
 
 /// Pipeline `pipeline`'s instances in this process, from SHOW QUERIES (`p0`, `r3`, ...).
