@@ -186,6 +186,17 @@ fn cluster_equals_duckdb(dir: &Path, bootstrap: &str, partitions: i32, stream_op
         !ok && err.contains("0A000") && err.contains("cannot read materialized view"),
         "{err}"
     );
+    // Nor a sink with a window of its own over the view: the instances split the view's
+    // rows by the view's key, not the sink's.
+    let (ok, _, err) = processes[0].psql_c(
+        "CREATE SINK per_minute WITH (connector = 'blackhole') AS
+           SELECT window_start, sum(n) AS n
+           FROM TUMBLE(win, window_end, INTERVAL '1' MINUTE) GROUP BY window_start, window_end",
+    );
+    assert!(
+        !ok && err.contains("0A000") && err.contains("row by row"),
+        "{err}"
+    );
     // A sink created later joins the running view: this process's instances writing the
     // view restart with it (each from a last checkpoint), and the view stays whole. Dropping
     // it restarts them again without it.
