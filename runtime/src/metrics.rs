@@ -10,14 +10,15 @@ pub use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 pub use prometheus_client::metrics::gauge::Gauge;
 pub use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::{Metric, Registry};
 
 type Labels = Vec<(String, String)>;
 
 /// The registry and every metric family Weir reports.
 #[derive(Clone)]
 pub struct Metrics {
-    registry: Arc<Mutex<Registry>>,
+    registry: Arc<Mutex<Families>>,
     records_in: Family<Labels, Counter>,
     records_out: Family<Labels, Counter>,
     operator_errors: Family<Labels, Counter>,
@@ -172,9 +173,15 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("weir");
+        let mut registry = Families {
+            registry: Registry::with_prefix("weir"),
+            described: Vec::new(),
+        };
         let metrics = Self {
-            registry: Arc::new(Mutex::new(Registry::default())),
+            registry: Arc::new(Mutex::new(Families {
+                registry: Registry::default(),
+                described: Vec::new(),
+            })),
             records_in: Family::default(),
             records_out: Family::default(),
             operator_errors: Family::default(),
@@ -622,10 +629,42 @@ impl Metrics {
     /// Everything, in the Prometheus text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let families = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         // Writing to a String cannot fail.
-        let _ = encode(&mut out, &registry);
+        let _ = encode(&mut out, &families.registry);
+        // The encoder leaves out a family with no series yet (no Kafka source, say); it is
+        // described anyway, so that /metrics lists every metric Weir has and dashboards and
+        // alerts can be checked against it before the first series exists.
+        let typed: std::collections::HashSet<&str> = out
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+            .collect();
+        let missing: String = families
+            .described
+            .iter()
+            .filter(|(name, ..)| !typed.contains(name.as_str()))
+            .map(|(name, help, kind)| {
+                format!("# HELP {name} {help}.\n# TYPE {name} {}\n", kind.as_str())
+            })
+            .collect();
+        if let Some(eof) = out.rfind("# EOF") {
+            out.insert_str(eof, &missing);
+        }
         out
+    }
+}
+
+/// The registry, and each family's name, help and type: what `/metrics` describes.
+struct Families {
+    registry: Registry,
+    described: Vec<(String, String, MetricType)>,
+}
+
+impl Families {
+    fn register<M: Metric + TypedMetric>(&mut self, name: &str, help: &str, metric: M) {
+        self.described
+            .push((format!("weir_{name}"), help.to_string(), M::TYPE));
+        self.registry.register(name, help, metric);
     }
 }
 
@@ -951,6 +990,26 @@ mod tests {
         );
         assert!(
             text.contains("weir_decode_errors_total{pipeline=\"p1\",reason=\"json\"} 2"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn families_without_series_are_described_once() {
+        let metrics = Metrics::new();
+        metrics.operator("p1", "filter", 0, false).records_in.inc();
+        let text = metrics.encode();
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        for (line, count) in [
+            ("# TYPE weir_source_partition_lag gauge\n", 1),
+            ("# TYPE weir_lookup_seconds histogram\n", 1),
+            ("# TYPE weir_logins counter\n", 1),
+            ("# TYPE weir_records_in counter\n", 1),
+        ] {
+            assert_eq!(text.matches(line).count(), count, "{line} in {text}");
+        }
+        assert!(
+            text.contains("# HELP weir_source_partition_lag Consumer lag in records"),
             "{text}"
         );
     }
