@@ -478,7 +478,7 @@ impl Metrics {
         );
         registry.register(
             "logins",
-            "Login attempts on the SQL port, per result (ok, wrong_password, rate_limited, tls_required, protocol_error)",
+            "Login attempts on the SQL port and the web console, per result (ok, wrong_password, rate_limited, tls_required, protocol_error)",
             metrics.logins.clone(),
         );
         *metrics.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;

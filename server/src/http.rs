@@ -1,7 +1,8 @@
-//! HTTP: `GET /health` (the pipelines' health, JSON), `GET /metrics` (Prometheus text
+//! HTTP: the web console (`/`, [`crate::console`]), `GET /health` (the pipelines' health, JSON), `GET /metrics` (Prometheus text
 //! format), and on a cluster `GET /cluster/views/{view}` (a view's rows in this process,
 //! for the other processes; they present the cluster's secret).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -11,16 +12,26 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 
+use crate::console::Console;
 use crate::engine::{Engine, PARTS_HEADER, PeerAnswer};
 
 /// Serves until the process ends.
-pub async fn serve(listener: TcpListener, engine: Arc<Engine>) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    console: Arc<Console>,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/cluster/views/{view}", get(view_parts))
-        .with_state(engine);
-    axum::serve(listener, app).await
+        .with_state(engine)
+        .merge(console.routes());
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .await
 }
 
 /// `{"status": "ok" | "failing", "pipelines": [{"name", "kind", "status", "cause"?,

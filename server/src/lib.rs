@@ -12,6 +12,7 @@
 //! - `main.rs`: the CLI (`weir serve | run | check`).
 
 pub mod compat;
+pub mod console;
 pub mod engine;
 #[cfg(test)]
 mod fuzz;

@@ -45,6 +45,10 @@ enum Command {
         /// are kept as they are).
         #[arg(long)]
         queries: Option<PathBuf>,
+        /// The web console's notebooks: Markdown files (*.md) with ```sql blocks, under this
+        /// directory.
+        #[arg(long, default_value = "queries")]
+        notebooks: PathBuf,
         /// How often each job checkpoints (a view's or sink's 'checkpoint.interval'
         /// overrides it), e.g. 10s.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -162,6 +166,7 @@ fn main() -> ExitCode {
                 http_listen,
                 data_dir,
                 queries,
+                notebooks,
                 checkpoint_interval,
                 checkpoint_store,
                 auth,
@@ -200,7 +205,7 @@ fn main() -> ExitCode {
                     http: http_listen,
                     advertise: cluster_advertise,
                 };
-                serve(listen, config, queries, front_door, roots).await
+                serve(listen, config, queries, notebooks, front_door, roots).await
             }
             Command::Run {
                 files,
@@ -248,6 +253,7 @@ async fn serve(
     listen: Listen,
     mut config: EngineConfig,
     queries: Option<PathBuf>,
+    notebooks: PathBuf,
     front_door: FrontDoor,
     allowed_roots: Vec<PathBuf>,
 ) -> Result<ExitCode, String> {
@@ -310,8 +316,13 @@ async fn serve(
     if front_door.auth == AuthMode::Trust {
         tracing::warn!("--auth trust: every SQL client is an admin, without a password");
     }
+    let console = Arc::new(weir_server::console::Console::new(
+        engine.clone(),
+        auth.clone(),
+        notebooks,
+    ));
     let pg_task = tokio::spawn(weir_server::pg::serve(pg, engine.clone(), auth, tls));
-    let http_task = tokio::spawn(weir_server::http::serve(http, engine.clone()));
+    let http_task = tokio::spawn(weir_server::http::serve(http, engine.clone(), console));
     wait_for_signal().await;
     tracing::info!("stopping: each pipeline takes a last checkpoint");
     pg_task.abort();
@@ -418,45 +429,13 @@ async fn check(files: &[PathBuf]) -> Result<ExitCode, String> {
                 continue;
             }
         };
-        let statements = match parse_sql_with_positions(&text) {
-            Ok(s) => s,
-            Err(e) => {
-                let p = e.position.unwrap_or_default();
-                println!(
-                    "{}:{}:{}: {} (SQLSTATE 42601)",
-                    file.display(),
-                    p.line.max(1),
-                    p.column.max(1),
-                    e.message
-                );
-                errors += 1;
-                continue;
+        // A notebook's ```sql blocks, each where it stands in the file.
+        if file.extension().is_some_and(|x| x == "md") {
+            for (line, sql) in weir_server::console::sql_blocks(&text) {
+                errors += check_sql(&engine, file, &sql, line - 1).await;
             }
-        };
-        for statement in statements {
-            // Queries are planned, never run: a live tail would wait for data.
-            let result = match statement.statement {
-                Statement::Query(_) | Statement::Explain { .. } => {
-                    engine.describe(&statement.sql).await.map(|_| ())
-                }
-                _ => engine.execute_one(&statement.sql).await.map(|_| ()),
-            };
-            if let Err(e) = result {
-                // One line per error, whatever the message holds.
-                let message = e
-                    .to_string()
-                    .split_whitespace()
-                    .collect::<Vec<_>>()
-                    .join(" ");
-                println!(
-                    "{}:{}:{}: {message} (SQLSTATE {})",
-                    file.display(),
-                    statement.start.line,
-                    statement.start.column,
-                    e.sqlstate()
-                );
-                errors += 1;
-            }
+        } else {
+            errors += check_sql(&engine, file, &text, 0).await;
         }
     }
     if errors == 0 {
@@ -466,6 +445,53 @@ async fn check(files: &[PathBuf]) -> Result<ExitCode, String> {
         eprintln!("{errors} error(s)");
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// Checks `text`, which starts `lines_before` lines into `file`; prints each error and
+/// returns how many there were.
+async fn check_sql(engine: &Engine, file: &Path, text: &str, lines_before: usize) -> usize {
+    let lines_before = lines_before as u64;
+    let statements = match parse_sql_with_positions(text) {
+        Ok(s) => s,
+        Err(e) => {
+            let p = e.position.unwrap_or_default();
+            println!(
+                "{}:{}:{}: {} (SQLSTATE 42601)",
+                file.display(),
+                p.line.max(1) + lines_before,
+                p.column.max(1),
+                e.message
+            );
+            return 1;
+        }
+    };
+    let mut errors = 0;
+    for statement in statements {
+        // Queries are planned, never run: a live tail would wait for data.
+        let result = match statement.statement {
+            Statement::Query(_) | Statement::Explain { .. } => {
+                engine.describe(&statement.sql).await.map(|_| ())
+            }
+            _ => engine.execute_one(&statement.sql).await.map(|_| ()),
+        };
+        if let Err(e) = result {
+            // One line per error, whatever the message holds.
+            let message = e
+                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            println!(
+                "{}:{}:{}: {message} (SQLSTATE {})",
+                file.display(),
+                statement.start.line + lines_before,
+                statement.start.column,
+                e.sqlstate()
+            );
+            errors += 1;
+        }
+    }
+    errors
 }
 
 fn sql_files(dir: &Path) -> Result<Vec<PathBuf>, String> {

@@ -11,6 +11,7 @@ mod checkpoints;
 mod clients;
 mod cluster;
 mod concurrency;
+mod console;
 mod dashboards;
 mod front_door;
 mod grafana;

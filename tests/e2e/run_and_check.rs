@@ -83,6 +83,8 @@ fn weir_check_lints_files_with_positions() {
         .collect();
     let mut sorted = good.clone();
     sorted.sort();
+    // The notebook reads the demo's streams, so it comes after them.
+    sorted.push(repo_root().join("queries/getting-started.md"));
     // Run where the README runs it: the demo's table path is relative to the repository root.
     let out = Command::new(weir_bin())
         .current_dir(repo_root())
@@ -128,6 +130,27 @@ fn weir_check_lints_files_with_positions() {
     );
     assert!(
         lines[2].starts_with(&format!("{}:2:15: ", syntax.display())) && lines[2].contains("42601"),
+        "{stdout}"
+    );
+
+    // A notebook's ```sql blocks are checked where they stand in the file; other text and
+    // other code blocks are not.
+    let notebook = dir.path().join("notes.md");
+    std::fs::write(
+        &notebook,
+        "# Notes\n\nSELECT this is prose;\n\n```sql\nCREATE STREAM n (x INT) WITH (connector = 'datagen');\n```\n\n```python\nSELECT not sql\n```\n\n```sql\nSELECT x\nFROM nope;\n```\n",
+    )
+    .expect("write");
+    let out = Command::new(weir_bin())
+        .arg("check")
+        .arg(&notebook)
+        .output()
+        .expect("weir check");
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(
+        stdout.starts_with(&format!("{}:14:1: ", notebook.display())) && stdout.contains("42P01"),
         "{stdout}"
     );
 }

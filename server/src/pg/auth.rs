@@ -74,6 +74,46 @@ impl Auth {
         }
     }
 
+    /// A password login over HTTP (the web console): the same users, failed-login limit and
+    /// counters as SCRAM on the SQL port. An unknown user costs the same work as a known
+    /// one and fails alike.
+    pub fn check_password(&self, ip: IpAddr, user: &str, password: &str) -> PasswordCheck {
+        if let Err(wait) = self.limiter.check(ip) {
+            self.metrics.logins("rate_limited").inc();
+            return PasswordCheck::RateLimited(wait);
+        }
+        let known = self.users.verifier(user);
+        let (salt, iterations) = match &known {
+            Some(v) => (v.salt.clone(), v.iterations),
+            None => (
+                crate::users::hmac_sha256(&self.mock_secret, user.as_bytes())[..16].to_vec(),
+                crate::users::SCRAM_ITERATIONS,
+            ),
+        };
+        let matches = match crate::users::Verifier::with_salt(password, &salt, iterations) {
+            Ok(computed) => known.is_some_and(|known| {
+                constant_time_eq(&computed.stored_key, &known.stored_key)
+                    & constant_time_eq(&computed.server_key, &known.server_key)
+            }),
+            Err(_) => false,
+        };
+        if matches {
+            self.metrics.logins("ok").inc();
+            self.limiter.succeeded(ip);
+            PasswordCheck::Ok
+        } else {
+            self.metrics.logins("wrong_password").inc();
+            self.limiter.failed(ip);
+            tracing::info!(%user, peer = %ip, "console password authentication failed");
+            PasswordCheck::Wrong
+        }
+    }
+
+    /// Whether `user` may run DDL (under `--auth trust`, everyone may).
+    pub fn is_admin(&self, user: Option<&str>) -> bool {
+        user.is_none_or(|user| self.users.has(user, Privilege::Admin))
+    }
+
     /// A startup handler for one connection.
     pub fn startup(self: &Arc<Self>) -> Login {
         Login {
@@ -81,6 +121,20 @@ impl Auth {
             exchange: Mutex::new(None),
         }
     }
+}
+
+/// What [`Auth::check_password`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordCheck {
+    Ok,
+    /// A wrong password or an unknown user.
+    Wrong,
+    /// Too many failures from this address: refused for this long without checking.
+    RateLimited(Duration),
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// One connection's startup: its SCRAM exchange, once the server's first message is sent.
