@@ -200,6 +200,11 @@ impl Metrics {
         let st = &metrics.state;
         for (name, help, family) in [
             (
+                "operator_watermark_ms",
+                "The last watermark an operator received, per pipeline and operator (ms since the epoch; with several workers, the last any worker received)",
+                &st.watermark,
+            ),
+            (
                 "operator_open_windows",
                 "Windows open in a window operator's state, per pipeline and operator",
                 &st.open_windows,
@@ -516,6 +521,7 @@ impl Metrics {
             records_in: self.records_in.get_or_create(&labels).clone(),
             records_out: self.records_out.get_or_create(&labels).clone(),
             errors: self.operator_errors.get_or_create(&labels).clone(),
+            watermark_ms: self.state.watermark.get_or_create(&labels).clone(),
             state: stateful.then(|| {
                 StateMetrics::new(
                     self.state.open_windows.get_or_create(&labels).clone(),
@@ -674,12 +680,15 @@ pub struct OperatorMetrics {
     pub records_in: Counter,
     pub records_out: Counter,
     pub errors: Counter,
+    /// The last watermark the operator received (ms since the epoch).
+    pub watermark_ms: Gauge,
     /// Present for stateful operators only.
     pub state: Option<StateMetrics>,
 }
 
 #[derive(Clone, Debug, Default)]
 struct StateFamilies {
+    watermark: Family<Labels, Gauge>,
     open_windows: Family<Labels, Gauge>,
     keys: Family<Labels, Gauge>,
     bytes: Family<Labels, Gauge>,

@@ -570,7 +570,10 @@ impl Chain {
                         m.records_in.inc_by(batch.num_rows() as u64);
                         op.process_batch(batch, &mut next)
                     }
-                    Message::Watermark(w) => op.on_watermark(w, &mut next),
+                    Message::Watermark(w) => {
+                        m.watermark_ms.set(w.0);
+                        op.on_watermark(w, &mut next)
+                    }
                     Message::Barrier(b) => match op.snapshot() {
                         Ok(snapshot) => {
                             if let Some(snapshot) = snapshot {

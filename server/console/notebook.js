@@ -51,24 +51,30 @@ export function parseCells(text) {
       lines.push(line);
       if (ticks && ticks[1].length >= fence.ticks && !ticks[2].trim()) fence = null;
     } else if (ticks && ticks[1].length >= fence.ticks && !ticks[2].trim()) {
-      cells.push({ type: 'sql', open: fence.open, close: line, code: fence.code.join('\n') });
+      cells.push({ type: 'sql', open: fence.open, close: line, code: fence.code.join('\n'), bare: !fence.code.length });
       fence = null;
     } else {
       fence.code.push(line);
     }
   }
   if (fence && !fence.other) {
-    cells.push({ type: 'sql', open: fence.open, close: null, code: fence.code.join('\n') });
+    cells.push({ type: 'sql', open: fence.open, close: null, code: fence.code.join('\n'), bare: !fence.code.length });
   } else if (lines.length) {
     cells.push({ type: 'text', text: lines.join('\n') });
   }
   return cells;
 }
 
+// A parsed block keeps its fences as written; one without code lines (`bare`) gets none back,
+// and an unclosed one (the end of the file) no closing fence.
 export function joinCells(cells) {
-  return cells.map((c) => (c.type === 'text'
-    ? c.text
-    : [c.open ?? '```sql', c.code, c.close ?? '```'].join('\n'))).join('\n');
+  return cells.map((c) => {
+    if (c.type === 'text') return c.text;
+    const lines = [c.open ?? '```sql'];
+    if (!(c.bare && c.code === '')) lines.push(c.code);
+    if (c.close !== null) lines.push(c.close ?? '```');
+    return lines.join('\n');
+  }).join('\n');
 }
 
 // A small Markdown renderer for text cells: headings, lists, paragraphs, code, emphasis,
@@ -228,6 +234,7 @@ class SqlCell {
     this.editor.value = cell.code;
     this.editor.addEventListener('input', () => {
       cell.code = this.editor.value;
+      cell.bare = false;
       this.editor.rows = Math.max(2, cell.code.split('\n').length);
       this.onchange?.();
     });

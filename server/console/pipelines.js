@@ -59,6 +59,7 @@ function operatorBox(pipeline, operator, previous, reading, nowMs) {
     lines.push(line('in/s', number(inRate)));
     lines.push(line('out/s', number(outRate)));
   }
+  if (m.operator_watermark_ms > 0) lines.push(line('watermark lag', seconds((nowMs - m.operator_watermark_ms) / 1000)));
   if (m.operator_state_bytes !== undefined) lines.push(line('state', bytes(m.operator_state_bytes)));
   if (m.operator_open_windows !== undefined) lines.push(line('open windows', number(m.operator_open_windows)));
   if (m.operator_keys_in_state !== undefined) lines.push(line('groups', number(m.operator_keys_in_state)));

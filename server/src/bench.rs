@@ -11,6 +11,7 @@ use weir_connectors::Connectors;
 use weir_server::engine::{Engine, EngineConfig};
 
 mod cluster;
+mod console;
 mod front_door;
 mod pipeline;
 mod remote_write;
@@ -121,6 +122,10 @@ enum Which {
     /// (handshake, login, one query), then SELECTs on a 100 k-row materialized view from 32
     /// concurrent clients (queries/s, p50 and p99 latency).
     FrontDoor,
+    /// A `weir serve` child with a 10 k rows/s stream: a live tail streamed to an HTTP
+    /// client (rows/s, the server's CPU and memory), read at full speed and at 1 000 rows/s,
+    /// then the pipelines page's cost at one read a second.
+    Console,
 }
 
 pub async fn run(args: BenchArgs) -> Result<ExitCode, String> {
@@ -144,6 +149,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         Which::Pipeline => pipeline::pipeline(&args).await,
         Which::Checkpoint => pipeline::checkpoint(&args).await,
         Which::FrontDoor => front_door::run(&args).await,
+        Which::Console => console::run(&args).await,
         Which::Cluster => cluster::cluster(&args).await,
         Which::ClusterRun => cluster::cluster_run(&args).await,
     }
@@ -894,12 +900,17 @@ fn peak_rss_kib() -> u64 {
 
 /// Peak resident set size (VmHWM) of process `pid` (or `self`), KiB.
 fn process_peak_rss_kib(pid: &str) -> u64 {
+    process_status_kib(pid, "VmHWM:")
+}
+
+/// A `/proc/<pid>/status` field in KiB (`VmHWM:`, `VmRSS:`); 0 if unreadable.
+fn process_status_kib(pid: &str, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
         })
         .unwrap_or(0)
 }

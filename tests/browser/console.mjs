@@ -7,11 +7,9 @@
 // Environment: WEIR_URL, ADMIN_USER, ADMIN_PASSWORD, READ_USER, READ_PASSWORD, NOTEBOOK
 // (its name), VIEW (the view its second block creates), SCREENSHOTS (a directory),
 // CHROMIUM (default /usr/bin/chromium), NODE_PATH (where playwright-core is).
-import { createRequire } from 'node:module';
 import path from 'node:path';
 
-const require = createRequire(path.join(process.env.NODE_PATH ?? '.', 'x.js'));
-const { chromium } = require('playwright-core');
+import { launch } from './browser.mjs';
 
 const env = (name) => {
   const value = process.env[name];
@@ -37,11 +35,7 @@ async function until(what, fn, ms = 30000) {
   }
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-});
+const browser = await launch();
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
   const consoleErrors = [];
@@ -58,6 +52,18 @@ try {
   await page.fill('#login-password', env('ADMIN_PASSWORD'));
   await page.click('#login button[type=submit]');
   await page.waitForSelector('ul.notebooks');
+
+  // Cells split from a notebook join back to the same text, whatever its fences.
+  seen.roundTrips = await page.evaluate(async () => {
+    const { parseCells, joinCells } = await import('/assets/notebook.js');
+    const texts = [
+      '', '\n', 'text only', '# T\n\n```sql\nSELECT 1;\n```\n', '```sql\nA\n```\n```sql\nB\n```',
+      '````sql\nSELECT \'```\';\n````\n', '```python\n```sql\n```\ntail', '```sql\nunclosed\n',
+      '  ```SQL  \n  x\n  ```  \n', '```sql\n```',
+    ];
+    return texts.filter((t) => joinCells(parseCells(t)) !== t);
+  });
+  check(seen.roundTrips.length === 0, `notebooks that do not join back: ${JSON.stringify(seen.roundTrips)}`);
 
   // The notebook.
   const notebook = env('NOTEBOOK');

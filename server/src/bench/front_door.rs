@@ -26,7 +26,7 @@ const CLIENTS: usize = 32;
 const QUERY_SECONDS: u64 = 10;
 
 /// The server child, killed when dropped.
-struct Server(Child);
+pub(super) struct Server(pub(super) Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -43,23 +43,14 @@ pub async fn run(args: &BenchArgs) -> Result<ExitCode, String> {
     self_signed(&cert, &key)?;
     let pg_port = free_port()?;
     let http_port = free_port()?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let server = Server(
-        Command::new(exe)
-            .arg("serve")
-            .args(["--pg-listen", &format!("127.0.0.1:{pg_port}")])
-            .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
-            .arg("--data-dir")
-            .arg(dir.join("data"))
+        serve_command(&dir, pg_port, http_port)?
             .arg("--pg-tls-cert")
             .arg(&cert)
             .arg("--pg-tls-key")
             .arg(&key)
             .arg("--pg-tls-required")
             .env("WEIR_ADMIN_PASSWORD", PASSWORD)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| format!("cannot start weir serve: {e}"))?,
     );
@@ -257,7 +248,24 @@ async fn connect(
     Ok(client)
 }
 
-fn free_port() -> Result<u16, String> {
+/// `weir serve` (this executable) on the given loopback ports with its data under `dir`,
+/// logging warnings only; the caller adds its options and spawns it.
+pub(super) fn serve_command(dir: &Path, pg_port: u16, http_port: u16) -> Result<Command, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut command = Command::new(exe);
+    command
+        .arg("serve")
+        .args(["--pg-listen", &format!("127.0.0.1:{pg_port}")])
+        .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    Ok(command)
+}
+
+pub(super) fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
