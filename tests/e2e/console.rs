@@ -236,6 +236,39 @@ async fn the_console_api_checks_logins_csrf_privileges_and_names() {
         NOTEBOOK
     );
 
+    // Closing a block (dropping the stream) stops the tail's pipeline: its source's count
+    // stops moving.
+    let mut response = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}/api/run", weir.http_port))
+        .header("Cookie", reader.cookie.clone().expect("cookie"))
+        .header("X-Weir-CSRF", &reader_csrf)
+        .body(r#"{"sql": "SELECT * FROM events LIMIT 100000000"}"#)
+        .send()
+        .await
+        .expect("a tail");
+    let mut received = 0;
+    while received < 2000 {
+        received += response.chunk().await.expect("chunk").expect("more").len();
+    }
+    let tail_count = || {
+        let metrics = weir.http_get("/metrics");
+        metrics
+            .lines()
+            .find(|l| l.starts_with("weir_records_out_total{pipeline=\"tail_events\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("the tail's source count: {metrics}"))
+    };
+    assert!(tail_count() > 0);
+    drop(response);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let stopped = tail_count();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(
+        tail_count(),
+        stopped,
+        "the tail's source ran on after its reader left"
+    );
+
     // Notebooks: listed, read, saved; names stay inside the directory.
     let (status, list, _) = admin
         .send(reqwest::Method::GET, "/api/notebooks", None, &[])

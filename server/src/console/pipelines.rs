@@ -98,6 +98,71 @@ fn add(into: &mut Metrics, sample: &Sample) {
     *into.entry(sample.name.clone()).or_default() += sample.value;
 }
 
+/// One pipeline's samples, by what they describe.
+#[derive(Debug, Default, PartialEq)]
+struct Grouped {
+    /// By drawing order (source, steps, the rest).
+    operators: BTreeMap<(u8, u64, String), Metrics>,
+    /// By the `sink` label; a Prometheus sink's `remote_write_*` counters (labelled with the
+    /// sink's name) are merged into it.
+    sinks: BTreeMap<String, Metrics>,
+    /// By source and partition.
+    partitions: BTreeMap<(String, i64), Metrics>,
+    /// By lookup table.
+    lookups: BTreeMap<String, Metrics>,
+    source: Metrics,
+    other: Metrics,
+}
+
+/// The samples of pipeline `name`, grouped.
+fn group(samples: &[Sample], name: &str) -> Grouped {
+    let mut grouped = Grouped::default();
+    let mut remote_write = Metrics::new();
+    for sample in samples {
+        let labels = &sample.labels;
+        if labels.get("pipeline").map(String::as_str) != Some(name) {
+            // Remote-write counters are the sink's own, by its name.
+            if sample.name.starts_with("remote_write")
+                && labels.get("sink").map(String::as_str) == Some(name)
+            {
+                add(&mut remote_write, sample);
+            }
+            continue;
+        }
+        if let Some(operator) = labels.get("operator") {
+            add(
+                grouped
+                    .operators
+                    .entry(operator_order(operator))
+                    .or_default(),
+                sample,
+            );
+        } else if let Some(sink) = labels.get("sink") {
+            add(grouped.sinks.entry(sink.clone()).or_default(), sample);
+        } else if let Some(partition) = labels.get("partition") {
+            let key = (
+                labels.get("source").cloned().unwrap_or_default(),
+                partition.parse().unwrap_or(-1),
+            );
+            add(grouped.partitions.entry(key).or_default(), sample);
+        } else if let Some(table) = labels.get("table") {
+            add(grouped.lookups.entry(table.clone()).or_default(), sample);
+        } else if labels.contains_key("source") {
+            add(&mut grouped.source, sample);
+        } else {
+            add(&mut grouped.other, sample);
+        }
+    }
+    if !remote_write.is_empty() {
+        let sink = match grouped.sinks.values_mut().next() {
+            Some(sink) => sink,
+            None => grouped.sinks.entry("remote_write".into()).or_default(),
+        };
+        sink.extend(remote_write);
+    }
+    grouped
+}
+
 pub(super) async fn pipelines(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
     if let Err(e) = console.reader(&headers) {
         return e.into_response();
@@ -109,41 +174,14 @@ pub(super) async fn pipelines(State(console): State<Arc<Console>>, headers: Head
     let pipelines: Vec<serde_json::Value> = rows
         .iter()
         .map(|row| {
-            let mut operators: BTreeMap<(u8, u64, String), Metrics> = BTreeMap::new();
-            let mut sinks: BTreeMap<String, Metrics> = BTreeMap::new();
-            let mut partitions: BTreeMap<(String, i64), Metrics> = BTreeMap::new();
-            let mut lookups: BTreeMap<String, Metrics> = BTreeMap::new();
-            let mut source = Metrics::new();
-            let mut other = Metrics::new();
-            for sample in &samples {
-                let labels = &sample.labels;
-                if labels.get("pipeline") != Some(&row.name) {
-                    // Remote-write counters are the sink's own, by its name.
-                    if sample.name.starts_with("remote_write")
-                        && labels.get("sink") == Some(&row.name)
-                    {
-                        add(sinks.entry("remote_write".into()).or_default(), sample);
-                    }
-                    continue;
-                }
-                if let Some(operator) = labels.get("operator") {
-                    add(operators.entry(operator_order(operator)).or_default(), sample);
-                } else if let Some(sink) = labels.get("sink") {
-                    add(sinks.entry(sink.clone()).or_default(), sample);
-                } else if let Some(partition) = labels.get("partition") {
-                    let key = (
-                        labels.get("source").cloned().unwrap_or_default(),
-                        partition.parse().unwrap_or(-1),
-                    );
-                    add(partitions.entry(key).or_default(), sample);
-                } else if let Some(table) = labels.get("table") {
-                    add(lookups.entry(table.clone()).or_default(), sample);
-                } else if labels.contains_key("source") {
-                    add(&mut source, sample);
-                } else {
-                    add(&mut other, sample);
-                }
-            }
+            let Grouped {
+                operators,
+                sinks,
+                partitions,
+                lookups,
+                source,
+                other,
+            } = group(&samples, &row.name);
             let (status, cause) = match &row.status {
                 PipelineStatus::Running => ("running", None),
                 PipelineStatus::Finished => ("finished", None),
@@ -247,6 +285,58 @@ mod tests {
                     value: 1.5
                 },
             ]
+        );
+    }
+
+    #[test]
+    fn a_pipelines_samples_are_grouped_by_what_they_describe() {
+        let text = "weir_records_out_total{pipeline=\"p\",operator=\"source_kafka\"} 10\n\
+            weir_records_in_total{pipeline=\"p\",operator=\"0_filter\"} 10\n\
+            weir_records_in_total{pipeline=\"q\",operator=\"0_filter\"} 99\n\
+            weir_sink_rows_written_total{pipeline=\"p\",sink=\"prometheus_remote_write\"} 4\n\
+            weir_remote_write_queue_samples{sink=\"p\"} 7\n\
+            weir_remote_write_samples_dropped_total{sink=\"p\",reason=\"bad_request\"} 1\n\
+            weir_remote_write_samples_dropped_total{sink=\"p\",reason=\"client_error\"} 2\n\
+            weir_source_partition_lag{source=\"s\",pipeline=\"p\",partition=\"3\"} 12\n\
+            weir_source_watermark_ms{source=\"s\",pipeline=\"p\"} 1000\n\
+            weir_lookup_misses_total{pipeline=\"p\",table=\"t\"} 5\n\
+            weir_decode_errors_total{pipeline=\"p\",reason=\"json\"} 2\n";
+        let grouped = group(&parse(text), "p");
+        let metrics = |pairs: &[(&str, f64)]| -> Metrics {
+            pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+        };
+        assert_eq!(
+            grouped,
+            Grouped {
+                operators: [
+                    (
+                        (0, 0, "source_kafka".to_string()),
+                        metrics(&[("records_out", 10.0)])
+                    ),
+                    (
+                        (1, 0, "0_filter".to_string()),
+                        metrics(&[("records_in", 10.0)])
+                    ),
+                ]
+                .into(),
+                sinks: [(
+                    "prometheus_remote_write".to_string(),
+                    metrics(&[
+                        ("sink_rows_written", 4.0),
+                        ("remote_write_queue_samples", 7.0),
+                        ("remote_write_samples_dropped", 3.0),
+                    ])
+                )]
+                .into(),
+                partitions: [(
+                    ("s".to_string(), 3),
+                    metrics(&[("source_partition_lag", 12.0)])
+                )]
+                .into(),
+                lookups: [("t".to_string(), metrics(&[("lookup_misses", 5.0)]))].into(),
+                source: metrics(&[("source_watermark_ms", 1000.0)]),
+                other: metrics(&[("decode_errors", 2.0)]),
+            }
         );
     }
 
