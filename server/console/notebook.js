@@ -187,8 +187,10 @@ function chart(container, columns, rows, previous) {
   const times = columns.map((c, i) => [c, i]).filter(([c]) => c.kind === 'time');
   if (!times.length) return null;
   const [, x] = times.find(([c]) => c.name === 'window_end') ?? times.find(([c]) => c.name === 'window_start') ?? times[0];
-  const numbers = columns.map((c, i) => [c, i]).filter(([c]) => c.kind === 'number');
-  const labels = columns.map((c, i) => [c, i]).filter(([c]) => c.kind === 'text' || c.kind === 'bool');
+  // An identifier (`vehicle_id`) names a line; it is not a value to draw.
+  const isId = (c) => /(^|_)id$/i.test(c.name);
+  const numbers = columns.map((c, i) => [c, i]).filter(([c]) => c.kind === 'number' && !isId(c));
+  const labels = columns.map((c, i) => [c, i]).filter(([c]) => c.kind === 'text' || c.kind === 'bool' || isId(c));
   if (!numbers.length) return null;
   const xs = [...new Set(rows.map((r) => r[x]).filter((v) => v !== null))].sort((a, b) => a - b);
   const position = new Map(xs.map((v, i) => [v, i]));
@@ -372,7 +374,10 @@ class SqlCell {
       plot = chart(chartBox, columns, rows, plot);
       if (plot) {
         chartBox.dataset.points = String(plot.points);
-        tableBox.replaceChildren();
+        // The rows stay one click away.
+        const open = tableBox.querySelector('details')?.open ?? false;
+        tableBox.replaceChildren(el('details', { open },
+          el('summary', {}, `${rows.length} rows`), table(columns, rows.slice(0, TABLE_ROWS))));
       } else {
         tableBox.replaceChildren(table(columns, rows.slice(0, TABLE_ROWS)));
       }
