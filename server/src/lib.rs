@@ -1,4 +1,5 @@
-//! The `weir` server: the engine that executes statements, its Postgres front door, and HTTP.
+//! The `weir` server: the engine that executes statements, its Postgres front door, and HTTP
+//! (the web console, health and metrics).
 //!
 //! # Layout
 //!
@@ -8,7 +9,9 @@
 //! - [`introspection`]: the rows of SHOW / DESCRIBE / SHOW CREATE / EXPLAIN.
 //! - [`pg`]: the pgwire handlers (simple and extended protocol), type mapping and errors.
 //! - [`users`]: users, their SCRAM verifiers and privileges (`users.json`).
-//! - [`http`]: `GET /health` and `GET /metrics`.
+//! - [`console`]: the web console's API (sessions, notebooks, running blocks, the pipelines
+//!   page); its page and scripts are in `server/console/`, embedded.
+//! - [`http`]: the HTTP listener: the console, `GET /health` and `GET /metrics`.
 //! - `main.rs`: the CLI (`weir serve | run | check`).
 
 pub mod compat;
