@@ -433,8 +433,10 @@ class TextCell {
 
 export async function notebookPage(main, name) {
   let text = '';
+  // The version this editor started from: a save does not overwrite a file changed since.
+  let version = null;
   try {
-    ({ text } = await api('GET', `/api/notebooks/${name.split('/').map(encodeURIComponent).join('/')}`));
+    ({ text, version } = await api('GET', `/api/notebooks/${name.split('/').map(encodeURIComponent).join('/')}`));
   } catch (e) {
     if (!/no notebook/.test(e.message)) throw e;
     text = `# ${name.replace(/\.md$/, '')}\n\nNotes, then a query:\n\n\`\`\`sql\nSHOW STREAMS;\n\`\`\`\n`;
@@ -458,7 +460,7 @@ export async function notebookPage(main, name) {
   cells.forEach(add);
   save.addEventListener('click', async () => {
     try {
-      await api('PUT', `/api/notebooks/${name.split('/').map(encodeURIComponent).join('/')}`, { text: joinCells(cells) });
+      ({ version } = await api('PUT', `/api/notebooks/${name.split('/').map(encodeURIComponent).join('/')}`, { text: joinCells(cells), base: version }));
       saved.textContent = 'saved';
     } catch (e) {
       saved.textContent = `not saved: ${e.message}`;

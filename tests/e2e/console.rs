@@ -295,6 +295,27 @@ async fn the_console_api_checks_logins_csrf_privileges_and_names() {
         assert!(status == 400 || status == 404, "{bad}: {status}");
     }
     assert!(!dir.path().join("escape.md").exists());
+    // A save from an editor opened before the file changed on disk is refused.
+    let (_, opened, _) = admin
+        .send(reqwest::Method::GET, "/api/notebooks/team/a.md", None, &[])
+        .await;
+    let opened: serde_json::Value = serde_json::from_str(&opened).expect("JSON");
+    assert_eq!(opened["text"], NOTEBOOK);
+    let base = opened["version"].as_str().expect("version").to_string();
+    std::fs::write(notebooks.join("team/a.md"), "# pulled from git\n").expect("write");
+    let (status, ..) = admin
+        .send(
+            reqwest::Method::PUT,
+            "/api/notebooks/team/a.md",
+            Some(serde_json::json!({ "text": "# mine", "base": base })),
+            &[("X-Weir-CSRF", &csrf)],
+        )
+        .await;
+    assert_eq!(status, 409);
+    assert_eq!(
+        std::fs::read_to_string(notebooks.join("team/a.md")).expect("read"),
+        "# pulled from git\n"
+    );
     let (status, ..) = admin
         .send(
             reqwest::Method::PUT,

@@ -162,6 +162,7 @@ enum ApiError {
     Forbidden(String),
     BadRequest(String),
     NotFound(String),
+    Conflict(String),
     TooManyLogins(Duration),
     Internal(String),
 }
@@ -177,6 +178,7 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, m),
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
             ApiError::TooManyLogins(wait) => (
                 StatusCode::TOO_MANY_REQUESTS,
                 format!(

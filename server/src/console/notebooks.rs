@@ -84,14 +84,28 @@ impl Notebooks {
     }
 
     /// Writes `text` to the notebook (created if new): to a temporary file beside it, then
-    /// renamed over it, so a reader never sees half a file.
-    pub(super) fn write(&self, name: &str, text: &str) -> Result<(), ApiError> {
+    /// renamed over it, so a reader never sees half a file. With `base` (the [`version`] the
+    /// editor started from), a file changed since (a `git pull`, another editor) is not
+    /// overwritten: 409.
+    pub(super) fn write(&self, name: &str, text: &str, base: Option<&str>) -> Result<(), ApiError> {
         if text.len() > MAX_NOTEBOOK_BYTES {
             return Err(ApiError::BadRequest(format!(
                 "a notebook may hold at most {MAX_NOTEBOOK_BYTES} bytes"
             )));
         }
         let path = self.path(name)?;
+        if let Some(base) = base {
+            let current = match std::fs::read_to_string(&path) {
+                Ok(current) => Some(version(&current)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(ApiError::Internal(format!("cannot read {name}: {e}"))),
+            };
+            if current.is_some_and(|current| current != base) {
+                return Err(ApiError::Conflict(format!(
+                    "{name} changed on disk since it was opened: reload it, then make the edit again"
+                )));
+            }
+        }
         let failed = |e: std::io::Error| ApiError::Internal(format!("cannot write {name}: {e}"));
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(failed)?;
@@ -100,6 +114,14 @@ impl Notebooks {
         std::fs::write(&temporary, text).map_err(failed)?;
         std::fs::rename(&temporary, &path).map_err(failed)
     }
+}
+
+/// A notebook's version: a hash of its text.
+fn version(text: &str) -> String {
+    crate::users::sha256(text.as_bytes())[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The ```sql blocks of a Markdown text: (the line its code starts on, 1-based; the code).
@@ -154,7 +176,7 @@ pub(super) async fn list(State(console): State<Arc<Console>>, headers: HeaderMap
     )
 }
 
-/// `GET /api/notebooks/{name}`: `{"name", "text"}`.
+/// `GET /api/notebooks/{name}`: `{"name", "version", "text"}`.
 pub(super) async fn read(
     State(console): State<Arc<Console>>,
     Path(name): Path<String>,
@@ -166,13 +188,14 @@ pub(super) async fn read(
     match result {
         Ok(text) => json_response(
             StatusCode::OK,
-            &serde_json::json!({ "name": name, "text": text }),
+            &serde_json::json!({ "name": name, "version": version(&text), "text": text }),
         ),
         Err(e) => e.into_response(),
     }
 }
 
-/// `PUT /api/notebooks/{name}` `{"text"}`: saves. Admins only: it writes the server's files.
+/// `PUT /api/notebooks/{name}` `{"text", "base"?}`: saves, unless the file changed since
+/// version `base`. Admins only: it writes the server's files.
 pub(super) async fn write(
     State(console): State<Arc<Console>>,
     Path(name): Path<String>,
@@ -191,11 +214,13 @@ pub(super) async fn write(
         let text = body["text"]
             .as_str()
             .ok_or_else(|| ApiError::BadRequest("expected {\"text\": \"...\"}".to_string()))?;
-        console.notebooks.write(&name, text)?;
+        console
+            .notebooks
+            .write(&name, text, body["base"].as_str())?;
         tracing::info!(notebook = %name, user = ?session.user, "notebook saved");
         Ok(json_response(
             StatusCode::OK,
-            &serde_json::json!({ "name": name, "bytes": text.len() }),
+            &serde_json::json!({ "name": name, "version": version(text), "bytes": text.len() }),
         ))
     })();
     result.unwrap_or_else(IntoResponse::into_response)

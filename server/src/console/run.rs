@@ -310,7 +310,10 @@ impl<'a> Column<'a> {
                 let Some(formatter) = formatter else {
                     return serde_json::Value::Null;
                 };
-                let text = formatter.value(row).to_string();
+                // A value Arrow cannot print is shown empty, not a panic.
+                let Ok(text) = formatter.value(row).try_to_string() else {
+                    return serde_json::Value::Null;
+                };
                 if *kind == Kind::Number {
                     // Exactly, or as text: a JSON number is a double in the browser.
                     const EXACT: f64 = 9_007_199_254_740_992.0;
