@@ -3,6 +3,7 @@
 //! Handles ([`OperatorMetrics`], [`SourceMetrics`], [`SinkMetrics`]) are resolved once when a
 //! pipeline is built, so the per-batch cost is an atomic add.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::text::encode;
@@ -25,6 +26,7 @@ pub struct Metrics {
     decode_errors: Family<Labels, Counter>,
     sink_rows: Family<Labels, Counter>,
     sink_errors: Family<Labels, Counter>,
+    sink_write_seconds: Family<Labels, Counter<f64, AtomicU64>>,
     shuffle_bytes: Family<Labels, Counter>,
     pipelines: Family<Labels, Gauge>,
     state: StateFamilies,
@@ -188,6 +190,7 @@ impl Metrics {
             decode_errors: Family::default(),
             sink_rows: Family::default(),
             sink_errors: Family::default(),
+            sink_write_seconds: Family::default(),
             shuffle_bytes: Family::default(),
             pipelines: Family::default(),
             state: StateFamilies::default(),
@@ -315,6 +318,11 @@ impl Metrics {
             "shuffle_bytes_written",
             "Bytes a cluster's pipeline wrote to its repartition topic (record values), per pipeline",
             metrics.shuffle_bytes.clone(),
+        );
+        registry.register(
+            "sink_write_seconds",
+            "Time a sink spent writing batches, per pipeline and sink: its back-pressure (near 1 second per second, the sink is what holds its pipeline back)",
+            metrics.sink_write_seconds.clone(),
         );
         registry.register(
             "sink_errors",
@@ -557,6 +565,7 @@ impl Metrics {
         SinkMetrics {
             rows_written: self.sink_rows.get_or_create(&labels).clone(),
             errors: self.sink_errors.get_or_create(&labels).clone(),
+            write_seconds: self.sink_write_seconds.get_or_create(&labels).clone(),
         }
     }
 
@@ -978,6 +987,8 @@ pub struct CheckpointMetrics {
 pub struct SinkMetrics {
     pub rows_written: Counter,
     pub errors: Counter,
+    /// Seconds spent in the sink's `write`.
+    pub write_seconds: Counter<f64, AtomicU64>,
 }
 
 #[cfg(test)]

@@ -735,7 +735,11 @@ impl SinkRun<'_> {
             match message {
                 Some(Message::Data(batch)) => {
                     let rows = batch.num_rows() as u64;
+                    let started = std::time::Instant::now();
                     self.sink.write(batch).await?;
+                    self.metrics
+                        .write_seconds
+                        .inc_by(started.elapsed().as_secs_f64());
                     self.metrics.rows_written.inc_by(rows);
                 }
                 Some(Message::Watermark(w)) => self.sink.on_watermark(w).await?,

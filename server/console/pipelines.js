@@ -51,6 +51,8 @@ function operatorBox(pipeline, operator, previous, reading, nowMs) {
   } else if (operator.kind === 'sink') {
     lines.push(line('rows/s', number(rate(previous, reading, path, 'sink_rows_written', m))));
     lines.push(line('rows written', number(m.sink_rows_written)));
+    const busy = rate(previous, reading, path, 'sink_write_seconds', m);
+    if (busy !== undefined) lines.push(line('busy writing', `${number(Math.min(1, busy) * 100)} %`));
     if (m.sink_errors) lines.push(line('errors', number(m.sink_errors)));
     if (m.remote_write_samples_retried !== undefined) lines.push(line('retried', number(m.remote_write_samples_retried)));
     if (m.remote_write_queue_samples !== undefined) lines.push(line('queued (back-pressure)', number(m.remote_write_queue_samples)));

@@ -121,6 +121,10 @@ try {
   };
   seen.pipelineRate = await until('the view\'s source rate on the pipelines page', sourceRate, 10000);
   seen.operators = await page.locator(`article[data-pipeline="${view}"] .op`).count();
+  seen.sink = await until('the sink\'s back-pressure', async () => {
+    const text = await page.locator(`article[data-pipeline="${view}"] .op.sink`).textContent().catch(() => '');
+    return /busy writing\s*\d+ %/.test(text) && text;
+  }, 10000);
   await page.screenshot({ path: path.join(shots, 'pipelines.png'), fullPage: true });
 
   // A read-only user: SELECTs run, DDL is refused, saving is not offered.

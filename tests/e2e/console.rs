@@ -402,6 +402,10 @@ fn the_console_in_chromium_runs_blocks_saves_and_shows_pipelines() {
     // The pipelines page showed the view's rate and its operators.
     assert!(seen["pipelineRate"].as_f64() > Some(0.0), "{seen}");
     assert!(seen["operators"].as_u64() >= Some(3), "{seen}");
+    assert!(
+        seen["sink"].as_str().is_some_and(|s| s.contains("rows/s")),
+        "{seen}"
+    );
     // The read user ran the tail, was refused the DDL, and was not offered saving.
     assert!(
         seen["readDdl"]
