@@ -103,6 +103,19 @@ impl Client {
         status
     }
 
+    /// `PUT /api/notebooks/{name}` with this session's CSRF token; the status.
+    async fn put_notebook(&self, name: &str, body: serde_json::Value) -> u16 {
+        let csrf = self.csrf.clone().unwrap_or_default();
+        self.send(
+            reqwest::Method::PUT,
+            &format!("/api/notebooks/{name}"),
+            Some(body),
+            &[("X-Weir-CSRF", &csrf)],
+        )
+        .await
+        .0
+    }
+
     /// `POST /api/run`: the status and the events (name, data).
     async fn run(&self, sql: &str) -> (u16, Vec<(String, serde_json::Value)>) {
         let csrf = self.csrf.clone().unwrap_or_default();
@@ -222,15 +235,12 @@ async fn the_console_api_checks_logins_csrf_privileges_and_names() {
     assert_eq!(events[0].0, "error", "{events:?}");
     assert_eq!(events[0].1["sqlstate"], "42501", "{events:?}");
     let reader_csrf = reader.csrf.clone().expect("csrf");
-    let (status, ..) = reader
-        .send(
-            reqwest::Method::PUT,
-            "/api/notebooks/team/a.md",
-            Some(serde_json::json!({ "text": "overwritten" })),
-            &[("X-Weir-CSRF", &reader_csrf)],
-        )
-        .await;
-    assert_eq!(status, 403);
+    assert_eq!(
+        reader
+            .put_notebook("team/a.md", serde_json::json!({ "text": "overwritten" }))
+            .await,
+        403
+    );
     assert_eq!(
         std::fs::read_to_string(notebooks.join("team/a.md")).expect("read"),
         NOTEBOOK
@@ -284,13 +294,8 @@ async fn the_console_api_checks_logins_csrf_privileges_and_names() {
         ".hidden.md",
         "x.sql",
     ] {
-        let (status, ..) = admin
-            .send(
-                reqwest::Method::PUT,
-                &format!("/api/notebooks/{bad}"),
-                Some(serde_json::json!({ "text": "x" })),
-                &[("X-Weir-CSRF", &csrf)],
-            )
+        let status = admin
+            .put_notebook(bad, serde_json::json!({ "text": "x" }))
             .await;
         assert!(status == 400 || status == 404, "{bad}: {status}");
     }
@@ -303,28 +308,25 @@ async fn the_console_api_checks_logins_csrf_privileges_and_names() {
     assert_eq!(opened["text"], NOTEBOOK);
     let base = opened["version"].as_str().expect("version").to_string();
     std::fs::write(notebooks.join("team/a.md"), "# pulled from git\n").expect("write");
-    let (status, ..) = admin
-        .send(
-            reqwest::Method::PUT,
-            "/api/notebooks/team/a.md",
-            Some(serde_json::json!({ "text": "# mine", "base": base })),
-            &[("X-Weir-CSRF", &csrf)],
-        )
-        .await;
-    assert_eq!(status, 409);
+    assert_eq!(
+        admin
+            .put_notebook(
+                "team/a.md",
+                serde_json::json!({ "text": "# mine", "base": base })
+            )
+            .await,
+        409
+    );
     assert_eq!(
         std::fs::read_to_string(notebooks.join("team/a.md")).expect("read"),
         "# pulled from git\n"
     );
-    let (status, ..) = admin
-        .send(
-            reqwest::Method::PUT,
-            "/api/notebooks/new/b.md",
-            Some(serde_json::json!({ "text": "# B\n" })),
-            &[("X-Weir-CSRF", &csrf)],
-        )
-        .await;
-    assert_eq!(status, 200);
+    assert_eq!(
+        admin
+            .put_notebook("new/b.md", serde_json::json!({ "text": "# B\n" }))
+            .await,
+        200
+    );
     assert_eq!(
         std::fs::read_to_string(notebooks.join("new/b.md")).expect("saved"),
         "# B\n"
@@ -344,6 +346,34 @@ async fn the_console_api_checks_logins_csrf_privileges_and_names() {
         .send(reqwest::Method::GET, "/api/notebooks", None, &[])
         .await;
     assert_eq!(status, 401);
+
+    // Failed console logins count toward the SQL port's limit: after 10 from one address,
+    // both refuse it, the right password included.
+    for _ in 0..10 {
+        assert_eq!(admin.login("weir", "wrong").await, 403);
+    }
+    assert_eq!(admin.login("weir", ADMIN_PASSWORD).await, 429);
+    let (ok, _, err) = weir.psql_c("SELECT 1");
+    assert!(!ok && err.contains("too many failed logins"), "{err}");
+}
+
+#[tokio::test]
+async fn under_auth_trust_the_console_needs_no_login_and_allows_ddl() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let weir = Weir::start_with(dir.path(), None, &["--auth".into(), "trust".into()], &[]);
+    let mut client = Client::new(&weir);
+    let (status, body, headers) = client
+        .send(reqwest::Method::GET, "/api/session", None, &[])
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let session: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(session["admin"], true, "{session}");
+    assert_eq!(session["auth"], "trust", "{session}");
+    let cookie = headers["set-cookie"].to_str().expect("ascii");
+    client.cookie = Some(cookie.split(';').next().expect("pair").to_string());
+    client.csrf = session["csrf"].as_str().map(str::to_string);
+    let (_, events) = client.run(STREAM).await;
+    assert_eq!(events[0].0, "command", "{events:?}");
 }
 
 #[test]
