@@ -642,6 +642,13 @@ impl Scratch {
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         Ok(Self(dir))
     }
+
+    /// Leaves the directory in place (a failed run's logs and checkpoints), and says where.
+    fn keep(self) -> String {
+        let dir = self.0.clone();
+        std::mem::forget(self);
+        format!("(logs and checkpoints kept in {})", dir.display())
+    }
 }
 
 impl Drop for Scratch {

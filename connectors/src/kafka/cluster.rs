@@ -42,10 +42,34 @@ pub(super) struct KafkaPartitions {
 }
 
 impl KafkaPartitions {
+    /// A client to read topics' metadata with; `auto_create`: a topic asked for that does
+    /// not exist is made (by a broker that allows it).
+    fn metadata_client(&self, auto_create: bool) -> Result<BaseConsumer> {
+        self.config
+            .client
+            .config(&[(
+                "allow.auto.create.topics",
+                if auto_create { "true" } else { "false" },
+            )])
+            .create()
+            .map_err(|e| super::kafka_error("cannot create a Kafka client", e))
+    }
+
     /// Creates `topic` with `partitions` partitions kept `retention_ms` (-1: forever),
     /// unless it exists; returns how many partitions it has (a broker that cannot create
     /// topics on request may have made it with its default count).
     fn create_topic(&self, topic: &str, partitions: usize, retention_ms: &str) -> Result<usize> {
+        // A topic made beforehand (by an operator, where the broker lets applications not
+        // create topics) is used as it is.
+        let found = topic_partitions(
+            &self.metadata_client(false)?,
+            topic,
+            self.config.broker_timeout,
+        )?
+        .len();
+        if found > 0 {
+            return Ok(found);
+        }
         let admin: AdminClient<_> = self
             .config
             .client
@@ -83,12 +107,7 @@ impl KafkaPartitions {
                     "the broker did not create the topic; relying on its automatic topic creation");
             }
         }
-        let consumer: BaseConsumer = self
-            .config
-            .client
-            .config(&[("allow.auto.create.topics", "true")])
-            .create()
-            .map_err(|e| super::kafka_error("cannot create a Kafka client", e))?;
+        let consumer = self.metadata_client(true)?;
         let deadline = std::time::Instant::now() + self.config.broker_timeout;
         loop {
             let found = topic_partitions(&consumer, topic, self.config.broker_timeout)?.len();

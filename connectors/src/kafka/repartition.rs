@@ -44,8 +44,10 @@ use async_trait::async_trait;
 use datafusion::physical_expr::PhysicalExpr;
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -210,9 +212,9 @@ impl RepartitionSink {
             };
             self.tally.in_flight.fetch_sub(1, Ordering::AcqRel);
             match e {
-                rdkafka::error::KafkaError::MessageProduction(
-                    rdkafka::types::RDKafkaErrorCode::QueueFull,
-                ) => tokio::time::sleep(Duration::from_millis(5)).await,
+                KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
                 e => {
                     return Err(super::kafka_error(
                         &format!("cannot write to {}", self.target.topic),
@@ -440,6 +442,38 @@ impl ReaderPosition {
             .is_some_and(|w| w.epoch > 0 && epoch <= w.epoch)
     }
 
+    /// Why the watermark stands where it does while some writer is ahead of it, or while
+    /// some writer has sent no marker; `None` when nothing holds it back.
+    fn holdup(&self) -> Option<String> {
+        if self.expected == 0 {
+            return None;
+        }
+        if self.writers.len() < self.expected {
+            let missing: Vec<i32> = (0..i32::try_from(self.expected).unwrap_or(i32::MAX))
+                .filter(|w| !self.writers.contains_key(w))
+                .collect();
+            return Some(format!(
+                "no marker yet from writers {missing:?} of {}",
+                self.expected
+            ));
+        }
+        let current = self.watermark()?;
+        let ahead = self.writers.values().filter_map(|w| w.real).max()?;
+        if ahead <= current {
+            return None;
+        }
+        let slow: Vec<String> = self
+            .writers
+            .iter()
+            .filter(|(_, w)| w.watermark == current)
+            .map(|(id, w)| format!("{id} (generation {:x}, epoch {})", w.generation, w.epoch))
+            .collect();
+        Some(format!(
+            "held at {current} by writers {} while another reached {ahead}",
+            slow.join(", ")
+        ))
+    }
+
     /// The minimum over writers that are not idle once every writer has been heard from;
     /// when all are idle, the highest watermark any of them reached.
     fn watermark(&self) -> Option<i64> {
@@ -455,6 +489,10 @@ impl ReaderPosition {
         active.or_else(|| self.writers.values().filter_map(|w| w.real).max())
     }
 }
+
+/// How long a reader's watermark stands still, while a writer is ahead of it, before it
+/// logs which writers hold it (and again as often while it stays).
+const STALL_LOG: Duration = Duration::from_secs(30);
 
 /// Reads one partition of a repartition topic (see the module's docs).
 pub struct RepartitionSource {
@@ -516,7 +554,9 @@ impl RepartitionSource {
                 ("group.id", "weir-repartition-reader"),
                 ("enable.auto.commit", "false"),
                 ("enable.partition.eof", "false"),
-                ("auto.offset.reset", "earliest"),
+                // Records deleted before they were read (retention, or a broker's size
+                // limit) are an error, never skipped: they are the shuffle's data.
+                ("auto.offset.reset", "error"),
             ])
             .create()
             .map_err(|e| super::kafka_error("cannot create the repartition reader", e))?;
@@ -527,9 +567,9 @@ impl RepartitionSource {
         consumer
             .assign(&tpl)
             .map_err(|e| super::kafka_error(&format!("cannot assign {}", self.topic), e))?;
-        let topic = self.topic.clone();
+        let (topic, partition) = (self.topic.clone(), self.partition);
         std::thread::Builder::new()
-            .name(format!("repartition-{}", self.partition))
+            .name(format!("repartition-{partition}"))
             .spawn(move || {
                 while !stop.load(Ordering::Acquire) {
                     match consumer.poll(Duration::from_millis(100)) {
@@ -539,6 +579,13 @@ impl RepartitionSource {
                             if tx.blocking_send((m.offset(), value)).is_err() {
                                 break;
                             }
+                        }
+                        Some(Err(KafkaError::MessageConsumption(
+                            RDKafkaErrorCode::AutoOffsetReset,
+                        ))) => {
+                            return Err(Error::Execution(format!(
+                                "records of {topic} [{partition}] were deleted before this reader read them (the topic's retention, or the broker's size limit): the shuffle cannot go on without losing them"
+                            )));
                         }
                         Some(Err(e)) => {
                             tracing::warn!(topic = %topic, error = %e, "repartition reader");
@@ -564,11 +611,22 @@ impl Source for RepartitionSource {
         let mut emitted = position.watermark();
         let mut checkpoints = ctx.take_checkpoints();
         let stopping = ctx.stopping_token();
+        // When the watermark last moved, and when a stall was last logged.
+        let mut moved = std::time::Instant::now();
+        let mut logged = moved;
         loop {
             tokio::select! {
                 biased;
                 () = stopping.cancelled() => return Ok(SourceExit::Stopped),
                 Some(barrier) = next_barrier(&mut checkpoints) => {
+                    if moved.elapsed() >= STALL_LOG && logged.elapsed() >= STALL_LOG {
+                        logged = std::time::Instant::now();
+                        if let Some(why) = position.holdup() {
+                            tracing::info!(topic = %self.topic, partition = self.partition,
+                                held = held.len(), "the shuffle's watermark has not moved for {:?}: {why}",
+                                moved.elapsed());
+                        }
+                    }
                     position.offset = held.front().map(|h| h.0).or(next);
                     let snapshot = Snapshot::meta(serde_json::to_value(&position)
                         .map_err(|e| Error::Internal(e.to_string()))?);
@@ -616,6 +674,7 @@ impl Source for RepartitionSource {
                         && emitted.is_none_or(|e| w > e)
                     {
                         emitted = Some(w);
+                        moved = std::time::Instant::now();
                         ctx.metrics.watermark_ms().set(w);
                         if !ctx.emit(Message::Watermark(Watermark(w))).await {
                             return Ok(SourceExit::Stopped);
@@ -806,6 +865,60 @@ mod tests {
         assert_eq!(
             got, expected,
             "committed epochs once; not the dead writer's epoch 2"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_whose_next_records_were_deleted_fails_instead_of_skipping_them() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("rep", 2, 1).expect("topic");
+        let bootstrap = cluster.bootstrap_servers();
+        let producer = Arc::new(ShuffleProducer::new(&client(&bootstrap)).expect("producer"));
+        // More than the mock broker keeps per partition (5 MB), in keys that do not
+        // compress: its first records go.
+        let mut zero = writer(&producer, &bootstrap, 0);
+        let mut state = 42u64;
+        let random: Vec<i64> = (0..2_000_000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as i64
+            })
+            .collect();
+        for (e, chunk) in (1..).zip(random.chunks(100_000)) {
+            let batch =
+                RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(chunk.to_vec()))])
+                    .expect("batch");
+            zero.write(batch).await.expect("write");
+            let (tx, _done) = std::sync::mpsc::channel();
+            zero.pre_commit(CheckpointBarrier::tracked(e, tx))
+                .await
+                .expect("pre-commit");
+        }
+        zero.finish().await.expect("flush");
+
+        // A reader restored at offset 0, as after a long stop.
+        let mut source = RepartitionSource::new(client(&bootstrap), "rep".into(), 0, schema());
+        let position = ReaderPosition {
+            offset: Some(0),
+            ..ReaderPosition::default()
+        };
+        source
+            .restore(Snapshot::meta(
+                serde_json::to_value(&position).expect("position"),
+            ))
+            .await
+            .expect("restore");
+        let (tx, _rx) = mpsc::channel(16);
+        let mut ctx = SourceContext::new(tx, CancellationToken::new(), SourceMetrics::detached());
+        let ended = tokio::time::timeout(Duration::from_secs(30), source.run(&mut ctx))
+            .await
+            .expect("the reader ends");
+        let error = ended.expect_err("deleted records are an error").to_string();
+        assert!(
+            error.contains("were deleted before this reader read them"),
+            "{error}"
         );
     }
 

@@ -225,6 +225,29 @@ async fn two_processes(
                 .map_err(|e| format!("cannot run {}: {e}", exe.display()))?,
         );
     }
+    // The mock cluster has no CreateTopics, and makes a topic asked for with its default
+    // of 4 partitions, each keeping at most 5 MB: a reader lagging further would lose
+    // records (and fail, as it must). So the repartition topic is made here, as an operator
+    // makes it for a broker that lets applications not create topics: with the source's
+    // partition count, under the name the processes report (the same in both).
+    let topics: Vec<PathBuf> = progress.iter().map(|p| p.with_extension("topic")).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let shuffle = loop {
+        if let Some(name) = topics.iter().find_map(|t| std::fs::read_to_string(t).ok()) {
+            break name;
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "no process named its repartition topic in 60 s:\n{}",
+                logs(&progress)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    topic.create_sibling(shuffle.trim())?;
+    for t in &topics {
+        std::fs::write(t.with_extension("go"), b"").map_err(|e| e.to_string())?;
+    }
     let mut last = (0, Instant::now());
     let reports = loop {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -248,9 +271,10 @@ async fn two_processes(
                 let _ = child.kill();
             }
             let late: u64 = reports.iter().map(|r| r.late).sum();
+            let logs = logs(&progress);
             return Err(format!(
-                "stalled at {rows} of {windows} window rows ({late} records dropped as late):\n{}",
-                logs(&progress)
+                "stalled at {rows} of {windows} window rows ({late} records dropped as late) {}:\n{logs}",
+                scratch.keep()
             ));
         }
     };
@@ -408,6 +432,18 @@ pub async fn cluster_run(args: &BenchArgs) -> Result<ExitCode, String> {
         result.map_err(|e| e.to_string())?;
     }
     if let Some(progress) = &args.progress {
+        // Name the repartition topic for the parent to create, and wait until it has.
+        if let Some(shuffle) = engine.shuffle_topic("out") {
+            std::fs::write(progress.with_extension("topic"), shuffle).map_err(|e| e.to_string())?;
+            let go = progress.with_extension("go");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !go.exists() {
+                if Instant::now() >= deadline {
+                    return Err("the parent did not create the repartition topic in 60 s".into());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         engine.start_all().await.map_err(|e| e.to_string())?;
         report_progress(&engine, progress).await?;
         engine.shutdown(Duration::from_secs(30)).await;

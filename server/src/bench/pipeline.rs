@@ -26,6 +26,7 @@ const BASE_MS: i64 = 1_767_225_600_000;
 pub(super) struct Topic {
     cluster: rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
     pub(super) name: String,
+    pub(super) partitions: i32,
 }
 
 impl Topic {
@@ -50,11 +51,22 @@ impl Topic {
             line,
             closer,
         )?;
-        Ok(Topic { cluster, name })
+        Ok(Topic {
+            cluster,
+            name,
+            partitions,
+        })
     }
 
     pub(super) fn bootstrap(&self) -> String {
         self.cluster.bootstrap_servers()
+    }
+
+    /// Creates topic `name` with this topic's partition count on the same mock cluster.
+    pub(super) fn create_sibling(&self, name: &str) -> Result<(), String> {
+        self.cluster
+            .create_topic(name, self.partitions, 1)
+            .map_err(|e| format!("cannot create {name}: {e}"))
     }
 }
 

@@ -199,16 +199,26 @@ impl ClusterPipeline {
 
 /// The names a pipeline's groups and shuffle topic carry.
 fn names(spec: &Spec) -> (String, String) {
+    names_of(&spec.cluster, &spec.pipeline, &spec.fingerprint)
+}
+
+/// The group and shuffle topic names of `pipeline`, whose query (with its inputs') is
+/// `fingerprint`, on `cluster`.
+pub(super) fn names_of(
+    cluster: &ClusterConfig,
+    pipeline: &str,
+    fingerprint: &str,
+) -> (String, String) {
     // FNV-1a over the query and whether it pre-aggregates (what the shuffle's rows are):
     // stable across builds and processes, unlike `DefaultHasher`.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let what = [u8::from(spec.cluster.pre_aggregate)];
-    for &b in spec.fingerprint.as_bytes().iter().chain(&what) {
+    let what = [u8::from(cluster.pre_aggregate)];
+    for &b in fingerprint.as_bytes().iter().chain(&what) {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     let hash = format!("{:08x}", h as u32);
-    let base = format!("weir-{}-{}", spec.cluster.name, spec.pipeline);
+    let base = format!("weir-{}-{pipeline}", cluster.name);
     let shuffle = format!("{base}-repartition-{hash}");
     (base, shuffle)
 }
@@ -258,6 +268,8 @@ async fn run(
                 tokio::task::spawn_blocking(move || input.create_shuffle(&topic, writers))
                     .await
                     .map_err(|e| weir_runtime::Error::Internal(e.to_string()))??;
+            tracing::info!(pipeline = %spec.pipeline, topic = %shuffle_topic, partitions,
+                "the pipeline's keys go through its repartition topic");
             Some(Arc::new(Shuffle {
                 topic: shuffle_topic.clone(),
                 partitions,

@@ -424,6 +424,18 @@ impl Engine {
         })
     }
 
+    /// On a cluster, the repartition topic `pipeline` shuffles through if its query has a
+    /// window by a key (`None` off a cluster, or for an unknown name): for brokers that
+    /// let applications neither create topics nor have them created on first use, an
+    /// operator creates it beforehand, with the source's partition count.
+    pub fn shuffle_topic(&self, pipeline: &str) -> Option<String> {
+        let cluster = self.cluster.as_ref()?;
+        let state = self.lock();
+        state.catalog.get(pipeline)?;
+        let fingerprint = pipelines::fingerprint(&state.catalog, pipeline);
+        Some(cluster::names_of(cluster, pipeline, &fingerprint).1)
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }

@@ -830,7 +830,7 @@ fn source_position(
         .map_err(|e| PlanError::Internal(format!("cannot restore the sources of {name}: {e}")))
 }
 
-fn fingerprint(catalog: &Catalog, name: &str) -> String {
+pub(super) fn fingerprint(catalog: &Catalog, name: &str) -> String {
     let mut seen = Vec::new();
     let mut stack = vec![name.to_string()];
     while let Some(object) = stack.pop() {
