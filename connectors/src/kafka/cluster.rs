@@ -20,7 +20,9 @@ use tokio::sync::mpsc;
 use weir_runtime::connector::{Membership, MembershipEvent, PartitionedSource};
 use weir_runtime::{Error, Result, Sink, Source};
 
-use super::repartition::{RepartitionSink, RepartitionSource, RepartitionTarget, ShuffleProducer};
+use super::repartition::{
+    RepartitionSink, RepartitionSource, RepartitionTarget, ShuffleConsumer, ShuffleProducer,
+};
 use super::sink::Acks;
 use super::source::{KafkaSource, Mode, SourceConfig, topic_partitions};
 
@@ -39,6 +41,8 @@ pub(super) struct KafkaPartitions {
     pub(super) config: Arc<SourceConfig>,
     /// The producer this process's writers of each repartition topic share, while any runs.
     pub(super) producers: Mutex<HashMap<String, Weak<ShuffleProducer>>>,
+    /// The consumer this process's readers of each repartition topic share, while any runs.
+    pub(super) consumers: Mutex<HashMap<String, Weak<ShuffleConsumer>>>,
 }
 
 impl KafkaPartitions {
@@ -318,11 +322,19 @@ impl PartitionedSource for KafkaPartitions {
         partition: i32,
         schema: SchemaRef,
     ) -> Result<Box<dyn Source>> {
-        Ok(Box::new(RepartitionSource::new(
-            self.config.client.clone(),
-            topic.to_string(),
-            partition,
-            schema,
+        let consumer = {
+            let mut consumers = self.consumers.lock().unwrap_or_else(|e| e.into_inner());
+            match consumers.get(topic).and_then(Weak::upgrade) {
+                Some(consumer) => consumer,
+                None => {
+                    let consumer = Arc::new(ShuffleConsumer::new(&self.config.client, topic)?);
+                    consumers.insert(topic.to_string(), Arc::downgrade(&consumer));
+                    consumer
+                }
+            }
+        };
+        Ok(Box::new(RepartitionSource::shared(
+            consumer, partition, schema,
         )))
     }
 }

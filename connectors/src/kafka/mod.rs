@@ -27,7 +27,7 @@ use weir_sql::options::{OptionError, OptionReader};
 
 use crate::decode::Format;
 
-pub use repartition::{RepartitionSink, RepartitionSource, RepartitionTarget};
+pub use repartition::{RepartitionSink, RepartitionSource, RepartitionTarget, ShuffleConsumer};
 pub use sink::KafkaSinkFactory;
 pub use table::KafkaTableFactory;
 
@@ -347,6 +347,7 @@ impl SourceFactory for KafkaSourceFactory {
         Some(Arc::new(cluster::KafkaPartitions {
             config: self.config.clone(),
             producers: std::sync::Mutex::default(),
+            consumers: std::sync::Mutex::default(),
         }))
     }
 }

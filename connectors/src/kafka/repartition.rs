@@ -31,9 +31,9 @@
 //! A record's value: one byte of kind, then for rows the writer (i32), generation (u64) and
 //! epoch (u64), big-endian, and an Arrow IPC stream; for a marker, JSON.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
@@ -43,7 +43,8 @@ use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use datafusion::physical_expr::PhysicalExpr;
 use rdkafka::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::base_consumer::PartitionQueue;
+use rdkafka::consumer::{BaseConsumer, Consumer, DefaultConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
@@ -496,19 +497,182 @@ const STALL_LOG: Duration = Duration::from_secs(30);
 
 /// Reads one partition of a repartition topic (see the module's docs).
 pub struct RepartitionSource {
-    client: ClientSettings,
+    consumer: Reading,
     topic: String,
     partition: i32,
     schema: SchemaRef,
     resume: ReaderPosition,
 }
 
+/// Where a reader gets its consumer: the process's, shared by its readers of the topic,
+/// or (made when it runs) one of its own.
+enum Reading {
+    Shared(Arc<ShuffleConsumer>),
+    Own(ClientSettings),
+}
+
+/// One consumer for a process's readers of a repartition topic: each reader takes its
+/// partition's own queue of it (`split_partition_queue`), so that a process fetches the
+/// topic through one Kafka client (one set of threads, fetch requests and buffers), not
+/// one per partition it reads.
+pub struct ShuffleConsumer {
+    consumer: Arc<BaseConsumer>,
+    topic: String,
+    /// The reader that has each assigned partition now (a number per reader).
+    owners: Mutex<HashMap<i32, u64>>,
+    readers: AtomicU64,
+    /// Stops the thread that serves the consumer's main queue.
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ShuffleConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShuffleConsumer")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ShuffleConsumer {
+    pub fn new(client: &ClientSettings, topic: &str) -> Result<Self> {
+        let consumer: BaseConsumer = client
+            .config(&[
+                ("group.id", "weir-repartition-reader"),
+                ("enable.auto.commit", "false"),
+                ("enable.partition.eof", "false"),
+                // Records deleted before they were read (retention, or a broker's size
+                // limit) are an error, never skipped: they are the shuffle's data.
+                ("auto.offset.reset", "error"),
+            ])
+            .create()
+            .map_err(|e| super::kafka_error("cannot create the repartition reader", e))?;
+        let consumer = Arc::new(consumer);
+        let stop = Arc::new(AtomicBool::new(false));
+        // The main queue serves the client's callbacks and errors; each partition's
+        // records go to its reader's queue.
+        let thread = {
+            let (consumer, stop, topic) = (consumer.clone(), stop.clone(), topic.to_string());
+            std::thread::Builder::new()
+                .name("repartition".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Acquire) {
+                        match consumer.poll(Duration::from_millis(100)) {
+                            Some(Err(e)) => {
+                                tracing::warn!(topic = %topic, error = %e, "repartition reader");
+                            }
+                            Some(Ok(m)) => {
+                                tracing::debug!(topic = %topic, partition = m.partition(),
+                                    "a record outside its reader's queue");
+                            }
+                            None => {}
+                        }
+                    }
+                })
+                .map_err(|e| Error::Internal(format!("cannot start the repartition reader: {e}")))?
+        };
+        Ok(Self {
+            consumer,
+            topic: topic.to_string(),
+            owners: Mutex::new(HashMap::new()),
+            readers: AtomicU64::new(0),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Starts fetching `partition` from `offset` into a queue of its own, until the
+    /// reader it returns is dropped.
+    fn attach(self: &Arc<Self>, partition: i32, offset: Offset) -> Result<PartitionReader> {
+        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        // A reader of the partition before this one (its instance stopped, or was torn
+        // down, in this process) that has not let it go yet: it is taken from it.
+        if owners.remove(&partition).is_some() {
+            self.unassign(partition);
+        }
+        // Split before the partition is assigned, so that no record of it reaches the
+        // main queue.
+        let queue = self
+            .consumer
+            .split_partition_queue(&self.topic, partition)
+            .ok_or_else(|| Error::Internal(format!("no queue for {} [{partition}]", self.topic)))?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, partition, offset)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        self.consumer
+            .incremental_assign(&tpl)
+            .map_err(|e| super::kafka_error(&format!("cannot assign {}", self.topic), e))?;
+        let reader = self.readers.fetch_add(1, Ordering::Relaxed);
+        owners.insert(partition, reader);
+        Ok(PartitionReader {
+            queue,
+            shared: self.clone(),
+            partition,
+            reader,
+        })
+    }
+
+    /// Stops fetching `partition`.
+    fn unassign(&self, partition: i32) {
+        let mut tpl = TopicPartitionList::new();
+        if tpl
+            .add_partition_offset(&self.topic, partition, Offset::Invalid)
+            .is_ok()
+            && let Err(e) = self.consumer.incremental_unassign(&tpl)
+        {
+            tracing::warn!(topic = %self.topic, partition, error = %e,
+                "cannot stop reading a repartition partition");
+        }
+    }
+}
+
+impl Drop for ShuffleConsumer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// One partition of a [`ShuffleConsumer`], fetched while this lives.
+struct PartitionReader {
+    queue: PartitionQueue<DefaultConsumerContext>,
+    shared: Arc<ShuffleConsumer>,
+    partition: i32,
+    reader: u64,
+}
+
+impl Drop for PartitionReader {
+    fn drop(&mut self) {
+        // Unassigned while the queue still exists (nothing more of it is fetched), unless
+        // a later reader has the partition now.
+        let mut owners = self.shared.owners.lock().unwrap_or_else(|e| e.into_inner());
+        if owners.get(&self.partition) == Some(&self.reader) {
+            owners.remove(&self.partition);
+            self.shared.unassign(self.partition);
+        }
+    }
+}
+
 impl RepartitionSource {
     /// A reader of `topic`'s partition `partition`, whose rows have `schema`.
+    /// A reader with a consumer of its own.
     pub fn new(client: ClientSettings, topic: String, partition: i32, schema: SchemaRef) -> Self {
         Self {
-            client,
+            consumer: Reading::Own(client),
             topic,
+            partition,
+            schema,
+            resume: ReaderPosition::default(),
+        }
+    }
+
+    /// A reader taking its partition's queue of the process's `consumer` of the topic.
+    pub fn shared(consumer: Arc<ShuffleConsumer>, partition: i32, schema: SchemaRef) -> Self {
+        Self {
+            topic: consumer.topic.clone(),
+            consumer: Reading::Shared(consumer),
             partition,
             schema,
             resume: ReaderPosition::default(),
@@ -542,37 +706,25 @@ impl RepartitionSource {
         Ok((writer, generation, epoch, batches))
     }
 
-    /// Starts the consumer thread: it sends `(offset, value)` of each record.
+    /// Starts the reading thread: it sends `(offset, value)` of each record.
     fn spawn_consumer(
         &self,
         tx: mpsc::Sender<(i64, Vec<u8>)>,
         stop: Arc<AtomicBool>,
     ) -> Result<std::thread::JoinHandle<Result<()>>> {
-        let consumer: BaseConsumer = self
-            .client
-            .config(&[
-                ("group.id", "weir-repartition-reader"),
-                ("enable.auto.commit", "false"),
-                ("enable.partition.eof", "false"),
-                // Records deleted before they were read (retention, or a broker's size
-                // limit) are an error, never skipped: they are the shuffle's data.
-                ("auto.offset.reset", "error"),
-            ])
-            .create()
-            .map_err(|e| super::kafka_error("cannot create the repartition reader", e))?;
+        let shared = match &self.consumer {
+            Reading::Shared(shared) => shared.clone(),
+            Reading::Own(client) => Arc::new(ShuffleConsumer::new(client, &self.topic)?),
+        };
         let offset = self.resume.offset.map_or(Offset::Beginning, Offset::Offset);
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.topic, self.partition, offset)
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        consumer
-            .assign(&tpl)
-            .map_err(|e| super::kafka_error(&format!("cannot assign {}", self.topic), e))?;
+        let reader = shared.attach(self.partition, offset)?;
+        drop(shared);
         let (topic, partition) = (self.topic.clone(), self.partition);
         std::thread::Builder::new()
             .name(format!("repartition-{partition}"))
             .spawn(move || {
                 while !stop.load(Ordering::Acquire) {
-                    match consumer.poll(Duration::from_millis(100)) {
+                    match reader.queue.poll(Duration::from_millis(100)) {
                         None => {}
                         Some(Ok(m)) => {
                             let value = m.payload().unwrap_or_default().to_vec();
@@ -794,8 +946,14 @@ mod tests {
     /// Reads partition `partition` until watermark `watermark` has come, and for half a
     /// second more: the keys released.
     async fn read(bootstrap: &str, partition: i32, watermark: i64) -> Vec<i64> {
-        let mut source =
-            RepartitionSource::new(client(bootstrap), "rep".into(), partition, schema());
+        let source = RepartitionSource::new(client(bootstrap), "rep".into(), partition, schema());
+        read_from(source, watermark).await
+    }
+
+    /// What `source` releases until watermark `watermark` has come, and for half a second
+    /// more.
+    async fn read_from(mut source: RepartitionSource, watermark: i64) -> Vec<i64> {
+        let partition = source.partition;
         let (tx, mut rx) = mpsc::channel(16);
         let stop = CancellationToken::new();
         let mut ctx = SourceContext::new(tx, stop.clone(), SourceMetrics::detached());
@@ -807,7 +965,8 @@ mod tests {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(Message::Data(b))) => out.extend(keys(&b)),
                 Ok(Some(Message::Watermark(w))) => mark = Some(w.0),
-                Ok(_) => {}
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("partition {partition}: the reader ended: {:?}", task.await),
                 Err(_) => panic!(
                     "partition {partition}: {} rows, watermark {mark:?}",
                     out.len()
@@ -866,6 +1025,38 @@ mod tests {
             got, expected,
             "committed epochs once; not the dead writer's epoch 2"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readers_sharing_one_consumer_each_get_their_partition_and_again_after_a_restart() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("rep", 2, 1).expect("topic");
+        let bootstrap = cluster.bootstrap_servers();
+        let producer = Arc::new(ShuffleProducer::new(&client(&bootstrap)).expect("producer"));
+        for w in 0..2 {
+            let mut sink = writer(&producer, &bootstrap, w);
+            epoch(&mut sink, 1, w64(w) * 1000..w64(w) * 1000 + 200, 50).await;
+            sink.commit(1).await.expect("commit");
+            sink.finish().await.expect("flush");
+        }
+        let shared = Arc::new(ShuffleConsumer::new(&client(&bootstrap), "rep").expect("consumer"));
+        let reader = |p| RepartitionSource::shared(shared.clone(), p, schema());
+        let (zero, one) = tokio::join!(read_from(reader(0), 50), read_from(reader(1), 50));
+        assert!(
+            !zero.is_empty() && !one.is_empty(),
+            "each partition has keys"
+        );
+        let mut got: Vec<i64> = zero.iter().chain(&one).copied().collect();
+        got.sort_unstable();
+        let expected: Vec<i64> = (0..200).chain(1000..1200).collect();
+        assert_eq!(got, expected, "every key once, over the two partitions");
+        // A reader of partition 0 started again (as after its instance restarts here)
+        // reads it again from the start.
+        assert_eq!(read_from(reader(0), 50).await, zero);
+    }
+
+    fn w64(w: i32) -> i64 {
+        i64::from(w)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
