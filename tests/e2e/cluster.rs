@@ -147,6 +147,27 @@ fn cluster_equals_duckdb(dir: &Path, bootstrap: &str, partitions: i32, stream_op
         logs(&processes)
     );
 
+    // Every process names the one repartition topic it shuffles through (for operators who
+    // make it beforehand), and the same one.
+    let named: std::collections::BTreeSet<String> = processes
+        .iter()
+        .map(|w| {
+            let log = w.log_text();
+            let line = log
+                .lines()
+                .find(|l| l.contains("the pipeline's keys go through its repartition topic"))
+                .unwrap_or_else(|| panic!("no repartition topic logged:\n{log}"))
+                .to_string();
+            let topic = line.split("topic=").nth(1).unwrap_or_default();
+            topic.split_whitespace().next().unwrap_or_default().to_string()
+        })
+        .collect();
+    assert_eq!(named.len(), 1, "one topic for the pipeline: {named:?}");
+    assert!(
+        named.iter().all(|t| t.starts_with("weir-") && t.contains("-win-repartition-")),
+        "{named:?}"
+    );
+
     // Prometheus: every window's sample per region, each from one process.
     assert_prometheus_has_every_window(&prometheus, base, &expected, expected_rows, "cluster");
     // The view, asked of any process, is gathered whole from the processes holding it.

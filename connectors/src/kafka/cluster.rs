@@ -333,7 +333,7 @@ impl PartitionedSource for KafkaPartitions {
                 }
             }
         };
-        Ok(Box::new(RepartitionSource::shared(
+        Ok(Box::new(RepartitionSource::new(
             consumer, partition, schema,
         )))
     }

@@ -497,18 +497,12 @@ const STALL_LOG: Duration = Duration::from_secs(30);
 
 /// Reads one partition of a repartition topic (see the module's docs).
 pub struct RepartitionSource {
-    consumer: Reading,
+    /// The process's consumer of the topic, shared by its readers.
+    consumer: Arc<ShuffleConsumer>,
     topic: String,
     partition: i32,
     schema: SchemaRef,
     resume: ReaderPosition,
-}
-
-/// Where a reader gets its consumer: the process's, shared by its readers of the topic,
-/// or (made when it runs) one of its own.
-enum Reading {
-    Shared(Arc<ShuffleConsumer>),
-    Own(ClientSettings),
 }
 
 /// One consumer for a process's readers of a repartition topic: each reader takes its
@@ -657,22 +651,11 @@ impl Drop for PartitionReader {
 
 impl RepartitionSource {
     /// A reader of `topic`'s partition `partition`, whose rows have `schema`.
-    /// A reader with a consumer of its own.
-    pub fn new(client: ClientSettings, topic: String, partition: i32, schema: SchemaRef) -> Self {
-        Self {
-            consumer: Reading::Own(client),
-            topic,
-            partition,
-            schema,
-            resume: ReaderPosition::default(),
-        }
-    }
-
     /// A reader taking its partition's queue of the process's `consumer` of the topic.
-    pub fn shared(consumer: Arc<ShuffleConsumer>, partition: i32, schema: SchemaRef) -> Self {
+    pub fn new(consumer: Arc<ShuffleConsumer>, partition: i32, schema: SchemaRef) -> Self {
         Self {
             topic: consumer.topic.clone(),
-            consumer: Reading::Shared(consumer),
+            consumer,
             partition,
             schema,
             resume: ReaderPosition::default(),
@@ -712,13 +695,8 @@ impl RepartitionSource {
         tx: mpsc::Sender<(i64, Vec<u8>)>,
         stop: Arc<AtomicBool>,
     ) -> Result<std::thread::JoinHandle<Result<()>>> {
-        let shared = match &self.consumer {
-            Reading::Shared(shared) => shared.clone(),
-            Reading::Own(client) => Arc::new(ShuffleConsumer::new(client, &self.topic)?),
-        };
         let offset = self.resume.offset.map_or(Offset::Beginning, Offset::Offset);
-        let reader = shared.attach(self.partition, offset)?;
-        drop(shared);
+        let reader = self.consumer.attach(self.partition, offset)?;
         let (topic, partition) = (self.topic.clone(), self.partition);
         std::thread::Builder::new()
             .name(format!("repartition-{partition}"))
@@ -871,6 +849,7 @@ mod tests {
     use arrow::datatypes::{DataType, Field, Schema};
     use datafusion::physical_expr::expressions::col;
     use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::DefaultProducerContext;
     use weir_runtime::CancellationToken;
     use weir_runtime::metrics::SourceMetrics;
 
@@ -946,8 +925,27 @@ mod tests {
     /// Reads partition `partition` until watermark `watermark` has come, and for half a
     /// second more: the keys released.
     async fn read(bootstrap: &str, partition: i32, watermark: i64) -> Vec<i64> {
-        let source = RepartitionSource::new(client(bootstrap), "rep".into(), partition, schema());
-        read_from(source, watermark).await
+        read_from(reader(bootstrap, partition), watermark).await
+    }
+
+    /// A reader of `partition` of topic `rep` with a consumer of its own.
+    fn reader(bootstrap: &str, partition: i32) -> RepartitionSource {
+        let consumer = ShuffleConsumer::new(&client(bootstrap), "rep").expect("consumer");
+        RepartitionSource::new(Arc::new(consumer), partition, schema())
+    }
+
+    /// A mock cluster with the two-partition topic `rep`, its address, and the producer
+    /// a process's writers share.
+    fn shuffle() -> (
+        MockCluster<'static, DefaultProducerContext>,
+        String,
+        Arc<ShuffleProducer>,
+    ) {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("rep", 2, 1).expect("topic");
+        let bootstrap = cluster.bootstrap_servers();
+        let producer = Arc::new(ShuffleProducer::new(&client(&bootstrap)).expect("producer"));
+        (cluster, bootstrap, producer)
     }
 
     /// What `source` releases until watermark `watermark` has come, and for half a second
@@ -985,11 +983,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn readers_get_committed_epochs_once_and_nothing_a_dead_writer_did_not_commit() {
-        let cluster = MockCluster::new(1).expect("mock cluster");
-        cluster.create_topic("rep", 2, 1).expect("topic");
-        let bootstrap = cluster.bootstrap_servers();
         // One producer for every writer, as in a process: each waits for its own records.
-        let producer = Arc::new(ShuffleProducer::new(&client(&bootstrap)).expect("producer"));
+        let (_cluster, bootstrap, producer) = shuffle();
 
         // Writer 0 commits epoch 1 (keys 0..100)...
         let mut zero = writer(&producer, &bootstrap, 0);
@@ -1029,18 +1024,16 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn readers_sharing_one_consumer_each_get_their_partition_and_again_after_a_restart() {
-        let cluster = MockCluster::new(1).expect("mock cluster");
-        cluster.create_topic("rep", 2, 1).expect("topic");
-        let bootstrap = cluster.bootstrap_servers();
-        let producer = Arc::new(ShuffleProducer::new(&client(&bootstrap)).expect("producer"));
+        let (_cluster, bootstrap, producer) = shuffle();
         for w in 0..2 {
             let mut sink = writer(&producer, &bootstrap, w);
-            epoch(&mut sink, 1, w64(w) * 1000..w64(w) * 1000 + 200, 50).await;
+            let first = i64::from(w) * 1000;
+            epoch(&mut sink, 1, first..first + 200, 50).await;
             sink.commit(1).await.expect("commit");
             sink.finish().await.expect("flush");
         }
         let shared = Arc::new(ShuffleConsumer::new(&client(&bootstrap), "rep").expect("consumer"));
-        let reader = |p| RepartitionSource::shared(shared.clone(), p, schema());
+        let reader = |p| RepartitionSource::new(shared.clone(), p, schema());
         let (zero, one) = tokio::join!(read_from(reader(0), 50), read_from(reader(1), 50));
         assert!(
             !zero.is_empty() && !one.is_empty(),
@@ -1055,16 +1048,9 @@ mod tests {
         assert_eq!(read_from(reader(0), 50).await, zero);
     }
 
-    fn w64(w: i32) -> i64 {
-        i64::from(w)
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reader_whose_next_records_were_deleted_fails_instead_of_skipping_them() {
-        let cluster = MockCluster::new(1).expect("mock cluster");
-        cluster.create_topic("rep", 2, 1).expect("topic");
-        let bootstrap = cluster.bootstrap_servers();
-        let producer = Arc::new(ShuffleProducer::new(&client(&bootstrap)).expect("producer"));
+        let (_cluster, bootstrap, producer) = shuffle();
         // More than the mock broker keeps per partition (5 MB), in keys that do not
         // compress: its first records go.
         let mut zero = writer(&producer, &bootstrap, 0);
@@ -1090,7 +1076,7 @@ mod tests {
         zero.finish().await.expect("flush");
 
         // A reader restored at offset 0, as after a long stop.
-        let mut source = RepartitionSource::new(client(&bootstrap), "rep".into(), 0, schema());
+        let mut source = reader(&bootstrap, 0);
         let position = ReaderPosition {
             offset: Some(0),
             ..ReaderPosition::default()

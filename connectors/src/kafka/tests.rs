@@ -883,3 +883,19 @@ fn broker_failures_are_external_and_configuration_the_users() {
         "{text}"
     );
 }
+
+/// A repartition topic an operator made beforehand (for a broker that lets applications not
+/// create topics) is used with the partitions it has.
+#[test]
+fn a_shuffle_topic_made_beforehand_is_used_as_it_is() {
+    let cluster = cluster("events", 3);
+    cluster
+        .create_topic("made-beforehand", 7, 1)
+        .expect("topic");
+    let partitions = factory(&cluster.bootstrap_servers(), "events", &[], None)
+        .partitioned()
+        .expect("a Kafka stream splits by partition")
+        .create_shuffle("made-beforehand", 3)
+        .expect("the topic is there");
+    assert_eq!(partitions, 7, "the topic's own partition count");
+}
