@@ -159,12 +159,18 @@ fn cluster_equals_duckdb(dir: &Path, bootstrap: &str, partitions: i32, stream_op
                 .unwrap_or_else(|| panic!("no repartition topic logged:\n{log}"))
                 .to_string();
             let topic = line.split("topic=").nth(1).unwrap_or_default();
-            topic.split_whitespace().next().unwrap_or_default().to_string()
+            topic
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string()
         })
         .collect();
     assert_eq!(named.len(), 1, "one topic for the pipeline: {named:?}");
     assert!(
-        named.iter().all(|t| t.starts_with("weir-") && t.contains("-win-repartition-")),
+        named
+            .iter()
+            .all(|t| t.starts_with("weir-") && t.contains("-win-repartition-")),
         "{named:?}"
     );
 
