@@ -1,6 +1,6 @@
 //! A Kafka stream as the input of a cluster (`weir serve --cluster`): a seat in a group that
-//! only hands out partitions (the tasks that read them have consumers of their own), a
-//! source per partition, and the repartition topic.
+//! only hands out partitions (the tasks that read them share another consumer, each
+//! through its partition's queue), a source per partition, and the repartition topic.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,9 +22,10 @@ use weir_runtime::{Error, Result, Sink, Source};
 
 use super::repartition::{
     RepartitionSink, RepartitionSource, RepartitionTarget, ShuffleConsumer, ShuffleProducer,
+    shuffle_consumer,
 };
 use super::sink::Acks;
-use super::source::{KafkaSource, Mode, SourceConfig, topic_partitions};
+use super::source::{KafkaSource, PartitionConsumers, SourceConfig, topic_partitions};
 
 /// How long a revoked partition's tasks may take to stop (with a last checkpoint) before
 /// the group goes on without them; below librdkafka's `max.poll.interval.ms` (5 min).
@@ -43,6 +44,8 @@ pub(super) struct KafkaPartitions {
     pub(super) producers: Mutex<HashMap<String, Weak<ShuffleProducer>>>,
     /// The consumer this process's readers of each repartition topic share, while any runs.
     pub(super) consumers: Mutex<HashMap<String, Weak<ShuffleConsumer>>>,
+    /// The consumer this process's instances share to read their input partitions.
+    pub(super) sources: Arc<PartitionConsumers>,
 }
 
 impl KafkaPartitions {
@@ -141,9 +144,10 @@ impl PartitionedSource for KafkaPartitions {
     }
 
     fn create_partition(&self, partition: i32) -> Result<Box<dyn Source>> {
-        Ok(Box::new(KafkaSource::new(
+        Ok(Box::new(KafkaSource::partition(
             self.config.clone(),
-            Mode::Partition(partition),
+            partition,
+            self.sources.clone(),
         )))
     }
 
@@ -322,17 +326,9 @@ impl PartitionedSource for KafkaPartitions {
         partition: i32,
         schema: SchemaRef,
     ) -> Result<Box<dyn Source>> {
-        let consumer = {
-            let mut consumers = self.consumers.lock().unwrap_or_else(|e| e.into_inner());
-            match consumers.get(topic).and_then(Weak::upgrade) {
-                Some(consumer) => consumer,
-                None => {
-                    let consumer = Arc::new(ShuffleConsumer::new(&self.config.client, topic)?);
-                    consumers.insert(topic.to_string(), Arc::downgrade(&consumer));
-                    consumer
-                }
-            }
-        };
+        let consumer = ShuffleConsumer::get_or_create(&self.consumers, topic, || {
+            shuffle_consumer(&self.config.client, topic)
+        })?;
         Ok(Box::new(RepartitionSource::new(
             consumer, partition, schema,
         )))
@@ -373,7 +369,7 @@ impl ConsumerContext for Seat {
         let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                // Read nothing: the partition's task has a consumer of its own.
+                // Read nothing: the partition's task reads it through another consumer.
                 let mut at_end = TopicPartitionList::new();
                 for e in tpl.elements() {
                     let _ = at_end.add_partition_offset(e.topic(), e.partition(), Offset::End);

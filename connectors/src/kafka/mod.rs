@@ -9,6 +9,7 @@
 
 mod cluster;
 mod repartition;
+mod shared;
 mod sink;
 mod source;
 mod table;
@@ -27,7 +28,7 @@ use weir_sql::options::{OptionError, OptionReader};
 
 use crate::decode::Format;
 
-pub use repartition::{RepartitionSink, RepartitionSource, RepartitionTarget, ShuffleConsumer};
+pub use repartition::{RepartitionSink, RepartitionSource, RepartitionTarget};
 pub use sink::KafkaSinkFactory;
 pub use table::KafkaTableFactory;
 
@@ -348,6 +349,7 @@ impl SourceFactory for KafkaSourceFactory {
             config: self.config.clone(),
             producers: std::sync::Mutex::default(),
             consumers: std::sync::Mutex::default(),
+            sources: Arc::default(),
         }))
     }
 }

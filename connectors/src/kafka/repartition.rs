@@ -31,9 +31,9 @@
 //! A record's value: one byte of kind, then for rows the writer (i32), generation (u64) and
 //! epoch (u64), big-endian, and an Arrow IPC stream; for a marker, JSON.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
@@ -43,13 +43,12 @@ use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use datafusion::physical_expr::PhysicalExpr;
 use rdkafka::ClientContext;
-use rdkafka::consumer::base_consumer::PartitionQueue;
-use rdkafka::consumer::{BaseConsumer, Consumer, DefaultConsumerContext};
+use rdkafka::Offset;
+use rdkafka::consumer::{BaseConsumer, DefaultConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use weir_runtime::exchange::KeyRouter;
@@ -59,6 +58,7 @@ use weir_runtime::{
 };
 
 use super::ClientSettings;
+use super::shared::SharedConsumer;
 
 const DATA: u8 = b'D';
 const MARKER: u8 = b'M';
@@ -505,148 +505,23 @@ pub struct RepartitionSource {
     resume: ReaderPosition,
 }
 
-/// One consumer for a process's readers of a repartition topic: each reader takes its
-/// partition's own queue of it (`split_partition_queue`), so that a process fetches the
-/// topic through one Kafka client (one set of threads, fetch requests and buffers), not
-/// one per partition it reads.
-pub struct ShuffleConsumer {
-    consumer: Arc<BaseConsumer>,
-    topic: String,
-    /// The reader that has each assigned partition now (a number per reader).
-    owners: Mutex<HashMap<i32, u64>>,
-    readers: AtomicU64,
-    /// Stops the thread that serves the consumer's main queue.
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+/// The consumer a process's readers of a repartition topic share.
+pub type ShuffleConsumer = SharedConsumer<DefaultConsumerContext>;
 
-impl std::fmt::Debug for ShuffleConsumer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShuffleConsumer")
-            .field("topic", &self.topic)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ShuffleConsumer {
-    pub fn new(client: &ClientSettings, topic: &str) -> Result<Self> {
-        let consumer: BaseConsumer = client
-            .config(&[
-                ("group.id", "weir-repartition-reader"),
-                ("enable.auto.commit", "false"),
-                ("enable.partition.eof", "false"),
-                // Records deleted before they were read (retention, or a broker's size
-                // limit) are an error, never skipped: they are the shuffle's data.
-                ("auto.offset.reset", "error"),
-            ])
-            .create()
-            .map_err(|e| super::kafka_error("cannot create the repartition reader", e))?;
-        let consumer = Arc::new(consumer);
-        let stop = Arc::new(AtomicBool::new(false));
-        // The main queue serves the client's callbacks and errors; each partition's
-        // records go to its reader's queue.
-        let thread = {
-            let (consumer, stop, topic) = (consumer.clone(), stop.clone(), topic.to_string());
-            std::thread::Builder::new()
-                .name("repartition".into())
-                .spawn(move || {
-                    while !stop.load(Ordering::Acquire) {
-                        match consumer.poll(Duration::from_millis(100)) {
-                            Some(Err(e)) => {
-                                tracing::warn!(topic = %topic, error = %e, "repartition reader");
-                            }
-                            Some(Ok(m)) => {
-                                tracing::debug!(topic = %topic, partition = m.partition(),
-                                    "a record outside its reader's queue");
-                            }
-                            None => {}
-                        }
-                    }
-                })
-                .map_err(|e| Error::Internal(format!("cannot start the repartition reader: {e}")))?
-        };
-        Ok(Self {
-            consumer,
-            topic: topic.to_string(),
-            owners: Mutex::new(HashMap::new()),
-            readers: AtomicU64::new(0),
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    /// Starts fetching `partition` from `offset` into a queue of its own, until the
-    /// reader it returns is dropped.
-    fn attach(self: &Arc<Self>, partition: i32, offset: Offset) -> Result<PartitionReader> {
-        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
-        // A reader of the partition before this one (its instance stopped, or was torn
-        // down, in this process) that has not let it go yet: it is taken from it.
-        if owners.remove(&partition).is_some() {
-            self.unassign(partition);
-        }
-        // Split before the partition is assigned, so that no record of it reaches the
-        // main queue.
-        let queue = self
-            .consumer
-            .split_partition_queue(&self.topic, partition)
-            .ok_or_else(|| Error::Internal(format!("no queue for {} [{partition}]", self.topic)))?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.topic, partition, offset)
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        self.consumer
-            .incremental_assign(&tpl)
-            .map_err(|e| super::kafka_error(&format!("cannot assign {}", self.topic), e))?;
-        let reader = self.readers.fetch_add(1, Ordering::Relaxed);
-        owners.insert(partition, reader);
-        Ok(PartitionReader {
-            queue,
-            shared: self.clone(),
-            partition,
-            reader,
-        })
-    }
-
-    /// Stops fetching `partition`.
-    fn unassign(&self, partition: i32) {
-        let mut tpl = TopicPartitionList::new();
-        if tpl
-            .add_partition_offset(&self.topic, partition, Offset::Invalid)
-            .is_ok()
-            && let Err(e) = self.consumer.incremental_unassign(&tpl)
-        {
-            tracing::warn!(topic = %self.topic, partition, error = %e,
-                "cannot stop reading a repartition partition");
-        }
-    }
-}
-
-impl Drop for ShuffleConsumer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// One partition of a [`ShuffleConsumer`], fetched while this lives.
-struct PartitionReader {
-    queue: PartitionQueue<DefaultConsumerContext>,
-    shared: Arc<ShuffleConsumer>,
-    partition: i32,
-    reader: u64,
-}
-
-impl Drop for PartitionReader {
-    fn drop(&mut self) {
-        // Unassigned while the queue still exists (nothing more of it is fetched), unless
-        // a later reader has the partition now.
-        let mut owners = self.shared.owners.lock().unwrap_or_else(|e| e.into_inner());
-        if owners.get(&self.partition) == Some(&self.reader) {
-            owners.remove(&self.partition);
-            self.shared.unassign(self.partition);
-        }
-    }
+/// The consumer for a process's readers of repartition topic `topic`.
+pub fn shuffle_consumer(client: &ClientSettings, topic: &str) -> Result<ShuffleConsumer> {
+    let consumer: BaseConsumer = client
+        .config(&[
+            ("group.id", "weir-repartition-reader"),
+            ("enable.auto.commit", "false"),
+            ("enable.partition.eof", "false"),
+            // Records deleted before they were read (retention, or a broker's size
+            // limit) are an error, never skipped: they are the shuffle's data.
+            ("auto.offset.reset", "error"),
+        ])
+        .create()
+        .map_err(|e| super::kafka_error("cannot create the repartition reader", e))?;
+    SharedConsumer::new(consumer, topic, "repartition reader")
 }
 
 impl RepartitionSource {
@@ -654,7 +529,7 @@ impl RepartitionSource {
     /// A reader taking its partition's queue of the process's `consumer` of the topic.
     pub fn new(consumer: Arc<ShuffleConsumer>, partition: i32, schema: SchemaRef) -> Self {
         Self {
-            topic: consumer.topic.clone(),
+            topic: consumer.topic().to_string(),
             consumer,
             partition,
             schema,
@@ -930,7 +805,7 @@ mod tests {
 
     /// A reader of `partition` of topic `rep` with a consumer of its own.
     fn reader(bootstrap: &str, partition: i32) -> RepartitionSource {
-        let consumer = ShuffleConsumer::new(&client(bootstrap), "rep").expect("consumer");
+        let consumer = shuffle_consumer(&client(bootstrap), "rep").expect("consumer");
         RepartitionSource::new(Arc::new(consumer), partition, schema())
     }
 
@@ -1032,7 +907,7 @@ mod tests {
             sink.commit(1).await.expect("commit");
             sink.finish().await.expect("flush");
         }
-        let shared = Arc::new(ShuffleConsumer::new(&client(&bootstrap), "rep").expect("consumer"));
+        let shared = Arc::new(shuffle_consumer(&client(&bootstrap), "rep").expect("consumer"));
         let reader = |p| RepartitionSource::new(shared.clone(), p, schema());
         let (zero, one) = tokio::join!(read_from(reader(0), 50), read_from(reader(1), 50));
         assert!(

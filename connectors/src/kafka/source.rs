@@ -11,7 +11,7 @@
 //! the checkpoint does not know.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,7 @@ use arrow::compute::cast;
 use arrow::datatypes::{DataType, TimeUnit};
 use async_trait::async_trait;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::statistics::Statistics;
@@ -39,6 +39,7 @@ use weir_runtime::{
     Watermark,
 };
 
+use super::shared::{PartitionReader, SharedConsumer};
 use super::{ClientSettings, StartupMode, TimestampFormat};
 use crate::decode::{BadRecord, BlockDecoder, Format};
 
@@ -90,6 +91,10 @@ pub(super) enum Mode {
     Partition(i32),
 }
 
+/// The consumer a cluster's source instances of one pipeline share in a process, while
+/// any runs (each reads its partition's queue of it).
+pub(super) type PartitionConsumers = Mutex<HashMap<String, Weak<SharedConsumer<Callbacks>>>>;
+
 pub(super) struct KafkaSource {
     config: Arc<SourceConfig>,
     mode: Mode,
@@ -98,6 +103,8 @@ pub(super) struct KafkaSource {
     /// dropped unstopped (its task aborted), so that no consumer outlives its pipeline.
     stop: Arc<std::sync::atomic::AtomicBool>,
     resume: Position,
+    /// For [`Mode::Partition`]: where its pipeline's shared consumer is.
+    consumers: Option<Arc<PartitionConsumers>>,
 }
 
 impl Drop for KafkaSource {
@@ -114,7 +121,20 @@ impl KafkaSource {
             thread: None,
             stop: Arc::default(),
             resume: Position::default(),
+            consumers: None,
         }
+    }
+
+    /// A cluster's instance reading `partition` alone, through the consumer in
+    /// `consumers` that its pipeline's instances in this process share.
+    pub fn partition(
+        config: Arc<SourceConfig>,
+        partition: i32,
+        consumers: Arc<PartitionConsumers>,
+    ) -> Self {
+        let mut source = Self::new(config, Mode::Partition(partition));
+        source.consumers = Some(consumers);
+        source
     }
 }
 
@@ -137,6 +157,8 @@ struct Checkpointing {
     resume: Position,
     /// The share of the partitions this source reads, when its pipeline has several workers.
     worker: Worker,
+    /// A cluster instance's shared consumer.
+    consumers: Option<Arc<PartitionConsumers>>,
 }
 
 #[async_trait]
@@ -151,6 +173,7 @@ impl Source for KafkaSource {
             instance_id: ctx.instance_id().map(str::to_string),
             resume: std::mem::take(&mut self.resume),
             worker: ctx.worker(),
+            consumers: self.consumers.clone(),
         };
         let thread = {
             let config = self.config.clone();
@@ -233,7 +256,7 @@ impl KafkaSource {
 }
 
 /// Consumer callbacks: rebalances, commit results, statistics (lag), client errors.
-struct Callbacks {
+pub(super) struct Callbacks {
     topic: String,
     stream: String,
     metrics: SourceMetrics,
@@ -514,7 +537,7 @@ impl Pending {
 
 struct ConsumerLoop {
     config: Arc<SourceConfig>,
-    consumer: BaseConsumer<Callbacks>,
+    reader: Reader,
     metrics: SourceMetrics,
     out: mpsc::Sender<Message>,
     decoder: BlockDecoder,
@@ -642,54 +665,68 @@ impl ConsumerLoop {
         if let Some(instance) = &instance_id {
             settings.push(("group.instance.id", instance.as_str()));
         }
-        let consumer: BaseConsumer<Callbacks> = config
-            .client
-            .config(&settings)
-            .create_with_context(callbacks)
-            .map_err(|e| super::kafka_error("cannot create the Kafka consumer", e))?;
+        let own = |callbacks: Callbacks| -> Result<BaseConsumer<Callbacks>> {
+            config
+                .client
+                .config(&settings)
+                .create_with_context(callbacks)
+                .map_err(|e| super::kafka_error("cannot create the Kafka consumer", e))
+        };
         let mut partitions = HashMap::new();
-        match mode {
+        // A partition this loop assigns itself: read from the checkpoint's offset, or the
+        // group's.
+        let mut take = |p: i32| {
+            let mut state = new_partition(&metrics, p);
+            state.next_offset = checkpointing.resume.offsets.get(&p).copied();
+            state.max_event_ms = checkpointing.resume.max_event_ms.get(&p).copied();
+            let offset = state.next_offset.map_or(Offset::Stored, Offset::Offset);
+            partitions.insert(p, state);
+            offset
+        };
+        let reader = match mode {
             Mode::Group if workers.count <= 1 => {
+                let consumer = own(callbacks)?;
                 consumer.subscribe(&[&config.topic]).map_err(|e| {
                     super::kafka_error(&format!("cannot subscribe to {}", config.topic), e)
-                })?
+                })?;
+                Reader::Own(consumer)
             }
             // One of several workers: its share of the partitions, assigned by this process
             // (a rebalance between workers would move a partition away from the state its
-            // records went into); or the one partition of a cluster's instance. Each starts
-            // at the checkpoint's offset, or the group's.
-            Mode::Group | Mode::Partition(_) => {
-                let share: Vec<i32> = match mode {
-                    Mode::Partition(p) => vec![p],
-                    _ => topic_partitions(&consumer, &config.topic, config.broker_timeout)?
-                        .into_iter()
-                        .filter(|&p| {
-                            usize::try_from(p).is_ok_and(|p| p % workers.count == workers.index)
-                        })
-                        .collect(),
-                };
+            // records went into).
+            Mode::Group => {
+                let consumer = own(callbacks)?;
                 let mut tpl = TopicPartitionList::new();
-                for p in share {
-                    let offset = checkpointing
-                        .resume
-                        .offsets
-                        .get(&p)
-                        .map_or(Offset::Stored, |&o| Offset::Offset(o));
-                    tpl.add_partition_offset(&config.topic, p, offset)
-                        .map_err(|e| Error::Internal(e.to_string()))?;
-                    let mut state = new_partition(&metrics, p);
-                    state.next_offset = checkpointing.resume.offsets.get(&p).copied();
-                    state.max_event_ms = checkpointing.resume.max_event_ms.get(&p).copied();
-                    partitions.insert(p, state);
+                for p in topic_partitions(&consumer, &config.topic, config.broker_timeout)? {
+                    if usize::try_from(p).is_ok_and(|p| p % workers.count == workers.index) {
+                        tpl.add_partition_offset(&config.topic, p, take(p))
+                            .map_err(|e| Error::Internal(e.to_string()))?;
+                    }
                 }
                 tracing::info!(stream = %config.stream, worker = workers.index,
-                    partitions = ?partitions.keys().collect::<Vec<_>>(), "Kafka partitions assigned");
+                    partitions = ?tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(),
+                    "Kafka partitions assigned");
                 consumer.assign(&tpl).map_err(|e| {
                     super::kafka_error(&format!("cannot assign {}", config.topic), e)
                 })?;
+                Reader::Own(consumer)
+            }
+            // A cluster's instance: its one partition, through the consumer its pipeline's
+            // instances in this process share.
+            Mode::Partition(p) => {
+                let consumers = checkpointing.consumers.as_deref().ok_or_else(|| {
+                    Error::Internal("a partition's source without its shared consumer".into())
+                })?;
+                let shared = SharedConsumer::get_or_create(consumers, &config.topic, || {
+                    SharedConsumer::new(own(callbacks)?, &config.topic, "kafka source")
+                })?;
+                let offset = take(p);
+                tracing::info!(stream = %config.stream, partition = p, "Kafka partition assigned");
+                Reader::Shared(shared.attach(p, offset)?)
             }
             Mode::Tail => {
                 // A tail joins no group: it reads every partition from its current end.
+                let consumer = own(callbacks)?;
                 let mut tpl = TopicPartitionList::new();
                 for p in topic_partitions(&consumer, &config.topic, Duration::from_secs(10))? {
                     tpl.add_partition_offset(&config.topic, p, Offset::End)
@@ -699,8 +736,9 @@ impl ConsumerLoop {
                 consumer.assign(&tpl).map_err(|e| {
                     super::kafka_error(&format!("cannot assign {}", config.topic), e)
                 })?;
+                Reader::Own(consumer)
             }
-        }
+        };
         let dead_letters = match (&config.dead_letter_topic, mode) {
             (Some(topic), Mode::Group | Mode::Partition(_)) => {
                 let producer = config
@@ -730,7 +768,7 @@ impl ConsumerLoop {
             decoder: BlockDecoder::new(config.decode_schema.clone(), config.format, MAX_BATCH),
             watermark_gauge: metrics.watermark_ms(),
             config,
-            consumer,
+            reader,
             metrics,
             out,
             output_schema,
@@ -758,7 +796,8 @@ impl ConsumerLoop {
     /// from its last checkpoint (with backoff) instead of waiting without a word.
     fn check_brokers(&self) -> Result<()> {
         let (down_since, last_error) = self
-            .consumer
+            .reader
+            .consumer()
             .context()
             .brokers_down
             .lock()
@@ -788,7 +827,7 @@ impl ConsumerLoop {
             } else {
                 Duration::ZERO
             };
-            match self.consumer.poll(timeout) {
+            match self.reader.poll(timeout) {
                 Some(Ok(message)) => {
                     if first_time(&mut self.polled, &message) {
                         self.pending.push(&message);
@@ -832,7 +871,8 @@ impl ConsumerLoop {
     fn apply_rebalances(&mut self) {
         let events = std::mem::take(
             &mut *self
-                .consumer
+                .reader
+                .consumer()
                 .context()
                 .rebalances
                 .lock()
@@ -857,7 +897,8 @@ impl ConsumerLoop {
                     // Their positions stay: the next checkpoint saves them, and an
                     // assignment back to this process resumes there.
                     let mut assign_at = self
-                        .consumer
+                        .reader
+                        .consumer()
                         .context()
                         .resume
                         .lock()
@@ -980,7 +1021,7 @@ impl ConsumerLoop {
             if paused.is_none() {
                 paused = self.pause_assigned();
             }
-            match self.consumer.poll(Duration::ZERO) {
+            match self.reader.poll(Duration::ZERO) {
                 // Paused partitions deliver nothing; a partition assigned meanwhile may.
                 Some(Ok(m)) => {
                     if first_time(&mut self.polled, &m) {
@@ -995,7 +1036,7 @@ impl ConsumerLoop {
             self.commit_completed();
         };
         if let Some(tpl) = paused
-            && let Err(e) = self.consumer.resume(&tpl)
+            && let Err(e) = self.reader.consumer().resume(&tpl)
         {
             tracing::warn!(stream = %self.config.stream, error = %e, "cannot resume Kafka partitions");
         }
@@ -1004,8 +1045,8 @@ impl ConsumerLoop {
 
     /// Pauses every partition assigned now; returns them (None if that failed).
     fn pause_assigned(&self) -> Option<TopicPartitionList> {
-        let assigned = self.consumer.assignment().ok()?;
-        match self.consumer.pause(&assigned) {
+        let assigned = self.reader.assignment().ok()?;
+        match self.reader.consumer().pause(&assigned) {
             Ok(()) => {
                 tracing::debug!(stream = %self.config.stream, "pipeline full: Kafka partitions paused");
                 Some(assigned)
@@ -1071,7 +1112,7 @@ impl ConsumerLoop {
         let quiet = |s: &PartitionState| s.last_record.elapsed() >= timeout;
         // Statistics are read only when some partition has been quiet that long.
         let caught_up = if self.partitions.values().any(quiet) {
-            let callbacks = self.consumer.context();
+            let callbacks = self.reader.consumer().context();
             let map = callbacks
                 .caught_up
                 .lock()
@@ -1220,7 +1261,7 @@ impl ConsumerLoop {
             return;
         }
         tracing::debug!(stream = %self.config.stream, offsets = ?offsets, "commit");
-        let result = self.consumer.commit(&tpl, CommitMode::Sync);
+        let result = self.reader.consumer().commit(&tpl, CommitMode::Sync);
         self.metrics
             .commits(if result.is_ok() { "ok" } else { "failed" })
             .inc();
@@ -1247,7 +1288,7 @@ impl ConsumerLoop {
             if self.committed_epoch >= epoch || gone || Instant::now() >= deadline {
                 break;
             }
-            let _ = self.consumer.poll(Duration::from_millis(50));
+            let _ = self.reader.poll(Duration::from_millis(50));
             self.apply_rebalances();
         }
     }
@@ -1305,6 +1346,37 @@ impl ConsumerLoop {
                     }
                 }
             }
+        }
+    }
+}
+
+/// What a consumer loop polls: a consumer of its own, or its partition's queue of the one
+/// its pipeline's instances in this process share.
+enum Reader {
+    Own(BaseConsumer<Callbacks>),
+    Shared(PartitionReader<Callbacks>),
+}
+
+impl Reader {
+    fn consumer(&self) -> &BaseConsumer<Callbacks> {
+        match self {
+            Reader::Own(consumer) => consumer,
+            Reader::Shared(reader) => reader.consumer(),
+        }
+    }
+
+    fn poll(&self, timeout: Duration) -> Option<KafkaResult<BorrowedMessage<'_>>> {
+        match self {
+            Reader::Own(consumer) => consumer.poll(timeout),
+            Reader::Shared(reader) => reader.queue.poll(timeout),
+        }
+    }
+
+    /// The partitions this reader reads now (of a shared consumer: its own alone).
+    fn assignment(&self) -> KafkaResult<TopicPartitionList> {
+        match self {
+            Reader::Own(consumer) => consumer.assignment(),
+            Reader::Shared(reader) => Ok(reader.partition_list()),
         }
     }
 }

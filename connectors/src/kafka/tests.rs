@@ -87,6 +87,10 @@ impl Reader {
     }
 
     fn start_worker(factory: &KafkaSourceFactory, worker: Worker) -> Self {
+        Self::start_source(factory.create().expect("source"), worker)
+    }
+
+    fn start_source(source: Box<dyn weir_runtime::Source>, worker: Worker) -> Self {
         let stop = CancellationToken::new();
         let released = CancellationToken::new();
         released.cancel();
@@ -101,7 +105,7 @@ impl Reader {
             weir_runtime::Metrics::new().checkpoints("test"),
         );
         let (rx, task) = spawn_source(
-            factory.create().expect("source"),
+            source,
             SourceTask {
                 shutdown: stop.clone(),
                 release: released,
@@ -898,4 +902,82 @@ fn a_shuffle_topic_made_beforehand_is_used_as_it_is() {
         .create_shuffle("made-beforehand", 3)
         .expect("the topic is there");
     assert_eq!(partitions, 7, "the topic's own partition count");
+}
+
+/// A cluster's instances of one pipeline in a process read their partitions through one
+/// consumer: each gets its own partition's records alone, and a partition whose reader
+/// stopped (pausing it) is read again by the next one while the others go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clusters_partition_sources_share_one_consumer_and_each_reads_its_partition() {
+    let cluster = cluster("parts", 3);
+    let bootstrap = cluster.bootstrap_servers();
+    produce(
+        &bootstrap,
+        "parts",
+        (0..3000).map(|k| ((k % 3) as i32, json(k, k))),
+    );
+    let factory = factory(
+        &bootstrap,
+        "parts",
+        &[("scan.startup.mode", "earliest")],
+        None,
+    );
+    let shared = std::sync::Arc::new(super::source::PartitionConsumers::default());
+    let start = |p: i32| {
+        Reader::start_source(
+            Box::new(super::source::KafkaSource::partition(
+                factory.config.clone(),
+                p,
+                shared.clone(),
+            )),
+            Worker::ONLY,
+        )
+    };
+    let mut readers: Vec<Reader> = (0..3).map(start).collect();
+    for (p, reader) in readers.iter_mut().enumerate() {
+        reader.read_until(|r| r.keys.len() >= 1000).await;
+        let own: Vec<i64> = (0..3000).filter(|k| k % 3 == p as i64).collect();
+        assert_eq!(reader.keys, own, "partition {p}");
+    }
+    let consumer = || {
+        shared
+            .lock()
+            .expect("slot")
+            .get("parts")
+            .and_then(std::sync::Weak::upgrade)
+    };
+    assert_eq!(
+        consumer().map(|c| std::sync::Arc::strong_count(&c)),
+        Some(4),
+        "the three readers (and this check) hold one consumer"
+    );
+    let first = readers.remove(0);
+    first.stop().await;
+    produce(
+        &bootstrap,
+        "parts",
+        (3000..3300).map(|k| ((k % 3) as i32, json(k, k))),
+    );
+    // No checkpoint to resume from and no offsets committed: from the beginning again.
+    let mut again = start(0);
+    again.read_until(|r| r.keys.len() >= 1100).await;
+    let own: Vec<i64> = (0..3300).filter(|k| k % 3 == 0).collect();
+    assert_eq!(
+        again.keys, own,
+        "partition 0, read again after its reader stopped"
+    );
+    for (p, reader) in readers.iter_mut().enumerate() {
+        let p = p as i64 + 1;
+        reader.read_until(|r| r.keys.len() >= 1100).await;
+        let own: Vec<i64> = (0..3300).filter(|k| k % 3 == p).collect();
+        assert_eq!(reader.keys, own, "partition {p}");
+    }
+    readers.push(again);
+    for reader in readers {
+        reader.stop().await;
+    }
+    assert!(
+        consumer().is_none(),
+        "the consumer closes with its last reader"
+    );
 }
