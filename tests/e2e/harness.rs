@@ -407,7 +407,8 @@ impl Tansu {
                 &url,
             ])
             .args(["--storage-engine", "sqlite://tansu.db"])
-            .stdout(Stdio::null())
+            // tansu logs to standard output (what RUST_LOG lets through: errors by default).
+            .stdout(log.try_clone().expect("tansu log"))
             .stderr(log)
             .spawn()
             .expect("spawn tansu");
