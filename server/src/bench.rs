@@ -71,7 +71,14 @@ pub struct BenchArgs {
     /// cluster-run: send rows through the repartition topic, not partial aggregates.
     #[arg(long, hide = true)]
     no_pre_aggregate: bool,
+    /// cluster: how many distinct keys `k` the events have (the more often a key repeats
+    /// within a checkpoint interval, the more pre-aggregation saves).
+    #[arg(long, default_value_t = KEYS)]
+    keys: u64,
 }
+
+/// Distinct keys `k` in the generated events.
+const KEYS: u64 = 100_000;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Which {
@@ -490,7 +497,7 @@ fn produce_events(
     let mut state = 42;
     let line = move |i, out: &mut Vec<u8>| {
         // write_event ends the line with a newline; a message has none.
-        let _ = write_event(out, i, &mut state);
+        let _ = write_event(out, i, &mut state, KEYS);
         out.pop();
     };
     produce_with(bootstrap, topic, events, partitions, line, None)
@@ -847,19 +854,20 @@ fn write_events(path: &PathBuf, events: u64) -> std::io::Result<()> {
     let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
     let mut state = 42;
     for i in 0..events {
-        write_event(&mut out, i, &mut state)?;
+        write_event(&mut out, i, &mut state, KEYS)?;
     }
     out.flush()
 }
 
-/// Event `i` as one NDJSON line; `state` is the xorshift generator, 42 before event 0.
-fn write_event(out: &mut impl Write, i: u64, state: &mut u64) -> std::io::Result<()> {
+/// Event `i` as one NDJSON line, its key one of `keys`; `state` is the xorshift generator,
+/// 42 before event 0.
+fn write_event(out: &mut impl Write, i: u64, state: &mut u64, keys: u64) -> std::io::Result<()> {
     let base_ms: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
     *state ^= *state << 13;
     *state ^= *state >> 7;
     *state ^= *state << 17;
     let state = *state;
-    let k = state % 100_000;
+    let k = state % keys.max(1);
     let v = (state >> 20) % 10_000;
     let ts = base_ms + (i / 10) as i64;
     let secs = ts.div_euclid(1000);

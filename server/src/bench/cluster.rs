@@ -31,16 +31,17 @@ pub async fn cluster(args: &BenchArgs) -> Result<ExitCode, String> {
         let mut seen = HashSet::new();
         for i in 0..args.events {
             state = xorshift(state);
-            seen.insert((i / EVENTS_PER_MINUTE, state % 100_000));
+            seen.insert((i / EVENTS_PER_MINUTE, state % args.keys.max(1)));
         }
         seen.len() as u64
     };
     let mut state: u64 = 42;
+    let keys = args.keys;
     let topic = Topic::produce(
         args.events,
         move |i, out| {
             // write_event ends the line with a newline; a message has none.
-            let _ = write_event(out, i, &mut state);
+            let _ = write_event(out, i, &mut state, keys);
             out.pop();
         },
         // A day later: every partition's watermark passes every window.
@@ -57,8 +58,8 @@ pub async fn cluster(args: &BenchArgs) -> Result<ExitCode, String> {
     ];
     let mut rates = Vec::new();
     println!(
-        "benchmark: cluster (TUMBLE 1 minute count, sum, max GROUP BY k over Kafka: {} events, 100 000 keys, k not the message key; mock cluster in the parent process)",
-        args.events
+        "benchmark: cluster (TUMBLE 1 minute count, sum, max GROUP BY k over Kafka: {} events, {} keys, k not the message key; mock cluster in the parent process)",
+        args.events, args.keys
     );
     for (title, core, workers) in runs {
         let mut command = run_command(&exe, core, args, &topic, workers);
