@@ -981,3 +981,41 @@ async fn a_clusters_partition_sources_share_one_consumer_and_each_reads_its_part
         "the consumer closes with its last reader"
     );
 }
+
+/// One instance whose pipeline stops taking records pauses its own partition only: the
+/// other instances sharing its consumer go on reading theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_instance_pauses_only_its_own_partition_of_the_shared_consumer() {
+    let cluster = cluster("stall", 2);
+    let bootstrap = cluster.bootstrap_servers();
+    // Far more than the stalled instance's pipeline holds (two batches of 8 192).
+    produce(&bootstrap, "stall", (0..60_000).map(|k| (0, json(k, k))));
+    produce(&bootstrap, "stall", (0..5_000).map(|k| (1, json(k, k))));
+    let factory = factory(
+        &bootstrap,
+        "stall",
+        &[("scan.startup.mode", "earliest")],
+        None,
+    );
+    let shared = std::sync::Arc::new(super::source::PartitionConsumers::default());
+    let start = |p: i32| {
+        Reader::start_source(
+            Box::new(super::source::KafkaSource::partition(
+                factory.config.clone(),
+                p,
+                shared.clone(),
+            )),
+            Worker::ONLY,
+        )
+    };
+    let stalled = start(0);
+    let mut other = start(1);
+    other.read_until(|r| r.keys.len() >= 5_000).await;
+    // Long enough for the stalled instance to pause (after 500 ms without room).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    produce(&bootstrap, "stall", (5_000..6_000).map(|k| (1, json(k, k))));
+    other.read_until(|r| r.keys.len() >= 6_000).await;
+    assert_eq!(other.keys, (0..6_000).collect::<Vec<i64>>());
+    other.stop().await;
+    stalled.stop().await;
+}
