@@ -117,6 +117,13 @@ pub struct CheckpointStore {
     /// For a local directory: where it is, to remove an emptied epoch's directory (an
     /// object store has no directories to leave behind).
     local: Option<std::path::PathBuf>,
+    /// Per job, the complete epochs this process knows are in the store (oldest first), so
+    /// that keeping the newest `retain` deletes one known epoch per write instead of
+    /// listing the job's directory and reading every epoch's manifest each time. Filled by
+    /// one listing at a job's first write after it starts (or restores); a job restored
+    /// here lists again, since another process may have written it meanwhile.
+    written:
+        Arc<std::sync::Mutex<std::collections::HashMap<String, std::collections::VecDeque<u64>>>>,
 }
 
 impl CheckpointStore {
@@ -137,6 +144,7 @@ impl CheckpointStore {
             retain: retain.max(1),
             location: location.to_string(),
             local: None,
+            written: Arc::default(),
         })
     }
 
@@ -151,6 +159,7 @@ impl CheckpointStore {
             retain: retain.max(1),
             location: dir.display().to_string(),
             local: Some(dir.to_path_buf()),
+            written: Arc::default(),
         })
     }
 
@@ -227,11 +236,14 @@ impl CheckpointStore {
         let manifest = serde_json::to_vec(&manifest)
             .map_err(|e| Error::Internal(format!("cannot encode a checkpoint manifest: {e}")))?;
         let bytes = (state.len() + manifest.len()) as u64;
-        self.put(&dir.clone().join(STATE), state).await?;
+        // No batches (a source's offsets, a writer's epoch): the manifest says it all.
+        if !state.is_empty() {
+            self.put(&dir.clone().join(STATE), state).await?;
+        }
         if !self.create(&dir.join(MANIFEST), manifest).await? {
             return Ok(None);
         }
-        self.retain(job).await?;
+        self.retain(job, checkpoint.epoch).await?;
         Ok(Some(WriteStats {
             bytes,
             duration: started.elapsed(),
@@ -329,6 +341,8 @@ impl CheckpointStore {
     /// The newest complete checkpoint of `job`, if any. Checkpoints newer than it were cut
     /// short and are deleted.
     pub async fn latest(&self, job: &str) -> Result<Option<Checkpoint>> {
+        // The job starts here again: what another process wrote meanwhile is not known.
+        self.forget(job);
         for (epoch, complete) in self.epochs(job).await? {
             if complete {
                 return self.read(job, epoch).await.map(Some);
@@ -411,19 +425,46 @@ impl CheckpointStore {
             .map_err(|e| self.error("read", path, e))
     }
 
-    /// Keeps the newest `retain` complete checkpoints and anything newer (one being written);
-    /// deletes the rest.
-    async fn retain(&self, job: &str) -> Result<()> {
-        let epochs = self.epochs(job).await?;
-        let mut complete = 0;
-        for (epoch, is_complete) in epochs {
-            if complete >= self.retain {
+    /// After `written` was committed: keeps the newest `retain` complete checkpoints and
+    /// anything newer (one being written), and deletes the rest. The first time for a job
+    /// (since it started here) this lists the job's epochs; after that it deletes the one
+    /// epoch that fell out, known from memory.
+    async fn retain(&self, job: &str, written: u64) -> Result<()> {
+        let due = {
+            let mut known = self.written.lock().unwrap_or_else(|e| e.into_inner());
+            known.get_mut(job).map(|epochs| {
+                epochs.push_back(written);
+                let over = epochs.len().saturating_sub(self.retain);
+                epochs.drain(..over).collect::<Vec<_>>()
+            })
+        };
+        if let Some(due) = due {
+            for epoch in due {
+                self.delete_known_epoch(job, epoch).await?;
+            }
+            return Ok(());
+        }
+        let mut kept = std::collections::VecDeque::new();
+        for (epoch, is_complete) in self.epochs(job).await? {
+            if kept.len() >= self.retain {
                 self.delete_epoch(job, epoch).await?;
             } else if is_complete {
-                complete += 1;
+                kept.push_front(epoch);
             }
         }
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(job.to_string(), kept);
         Ok(())
+    }
+
+    /// Forgets what [`CheckpointStore::retain`] knew of `job`'s epochs.
+    fn forget(&self, job: &str) {
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(job);
     }
 
     async fn delete_epoch(&self, job: &str, epoch: u64) -> Result<()> {
@@ -437,6 +478,19 @@ impl CheckpointStore {
         for object in manifest.into_iter().chain(rest) {
             self.delete(&object.location).await?;
         }
+        self.remove_epoch_dir(job, epoch)
+    }
+
+    /// Deletes a complete epoch this store wrote: its two objects by name, no listing.
+    async fn delete_known_epoch(&self, job: &str, epoch: u64) -> Result<()> {
+        let dir = self.epoch_dir(job, epoch);
+        // The manifest first, as in `delete_epoch`.
+        self.delete(&dir.clone().join(MANIFEST)).await?;
+        self.delete(&dir.join(STATE)).await?;
+        self.remove_epoch_dir(job, epoch)
+    }
+
+    fn remove_epoch_dir(&self, job: &str, epoch: u64) -> Result<()> {
         if let Some(root) = &self.local {
             let dir = root.join(job).join(format!("{epoch:020}"));
             match std::fs::remove_dir(&dir) {
@@ -481,6 +535,7 @@ impl CheckpointStore {
 
     /// Deletes every checkpoint of `job` (its pipelines were dropped).
     pub async fn delete_job(&self, job: &str) -> Result<()> {
+        self.forget(job);
         // A cluster's instances of the job first (`<job>/p3`, `<job>/r0`).
         for prefix in self.subdirectories(&self.job_dir(job)).await? {
             let Some(name) = prefix.filename() else {
@@ -623,6 +678,67 @@ mod tests {
                 .map(|c| c.epoch),
             Some(1)
         );
+    }
+
+    /// Retention deletes by memory after a job's first write here, and lists again when
+    /// the job is restored here: a job another process ran meanwhile (a cluster's
+    /// partition that moved away and back) keeps only its newest epochs, whoever wrote
+    /// them, and no epoch directory is left behind. A checkpoint without batches writes
+    /// no state file, and reads back the same.
+    #[tokio::test]
+    async fn retention_follows_a_job_that_moved_between_processes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let here = CheckpointStore::local(dir.path(), 2).expect("store");
+        let there = CheckpointStore::local(dir.path(), 2).expect("store");
+        let files = |epoch: u64| -> Vec<String> {
+            let mut names: Vec<String> =
+                std::fs::read_dir(dir.path().join(format!("job/{epoch:020}")))
+                    .map(|d| {
+                        d.map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+            names.sort();
+            names
+        };
+        let offsets = |epoch: u64| Checkpoint {
+            snapshots: BTreeMap::from([(
+                "p/source".to_string(),
+                Snapshot::meta(serde_json::json!({"offsets": {"0": epoch}})),
+            )]),
+            ..checkpoint(epoch)
+        };
+        for epoch in 1..=3 {
+            here.write("job", &offsets(epoch)).await.expect("write");
+        }
+        assert_eq!(
+            files(3),
+            vec![MANIFEST.to_string()],
+            "no state file without batches"
+        );
+        assert_eq!(here.latest("job").await.expect("latest"), Some(offsets(3)));
+        // The job moves: the other process restores it and writes on, with batches.
+        assert_eq!(
+            there.latest("job").await.expect("latest").map(|c| c.epoch),
+            Some(3)
+        );
+        for epoch in 4..=6 {
+            there.write("job", &checkpoint(epoch)).await.expect("write");
+        }
+        assert_eq!(files(6), vec![MANIFEST.to_string(), STATE.to_string()]);
+        // And back: this process knew epochs 2 and 3 only.
+        assert_eq!(
+            here.latest("job").await.expect("latest").map(|c| c.epoch),
+            Some(6)
+        );
+        here.write("job", &offsets(7)).await.expect("write");
+        here.write("job", &offsets(8)).await.expect("write");
+        let mut left: Vec<String> = std::fs::read_dir(dir.path().join("job"))
+            .expect("job dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec![format!("{:020}", 7), format!("{:020}", 8)]);
     }
 
     /// An epoch is committed once: a second writer of it (a process that still ran a

@@ -434,6 +434,14 @@ pub trait Sink: Send {
         Ok(())
     }
 
+    /// Whether a restore must be told that this sink had finished committing the restored
+    /// checkpoint ([`Snapshot::committed`]). The pipeline then records each of its commits
+    /// in the checkpoint store: one more write per checkpoint, so only a sink whose commit
+    /// sends to a receiver that refuses repeats (Prometheus) asks for it.
+    fn reads_commit_records(&self) -> bool {
+        false
+    }
+
     /// How often [`Sink::on_tick`] should be called, if at all (e.g. file rollover).
     fn tick_interval(&self) -> Option<Duration> {
         None

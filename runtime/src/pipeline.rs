@@ -656,6 +656,7 @@ pub fn spawn_sink(
             restore,
             commit_log,
         } = task;
+        let commit_log = commit_log.filter(|_| sink.reads_commit_records());
         let restored = match restore {
             Some(snapshot) => sink.restore(snapshot).await,
             None => Ok(()),

@@ -75,6 +75,10 @@ pub struct BenchArgs {
     /// within a checkpoint interval, the more pre-aggregation saves).
     #[arg(long, default_value_t = KEYS)]
     keys: u64,
+    /// cluster: partitions of the events' topic. Default: the fewest the mock broker holds
+    /// the events in (its 5 MB per partition), lz4-compressed as a producer would send them.
+    #[arg(long)]
+    partitions: Option<i32>,
 }
 
 /// Distinct keys `k` in the generated events.
@@ -500,16 +504,18 @@ fn produce_events(
         let _ = write_event(out, i, &mut state, KEYS);
         out.pop();
     };
-    produce_with(bootstrap, topic, events, partitions, line, None)
+    produce_with(bootstrap, topic, events, partitions, "none", line, None)
 }
 
 /// Produces `events` messages made by `line` (event number, buffer) to `topic`, in runs of
-/// `PRODUCER_RUN` per partition, then `closer` once to every partition.
+/// `PRODUCER_RUN` per partition, then `closer` once to every partition; `compression` is
+/// the producer's `compression.type`.
 fn produce_with(
     bootstrap: &str,
     topic: &str,
     events: u64,
     partitions: i32,
+    compression: &str,
     mut line: impl FnMut(u64, &mut Vec<u8>),
     closer: Option<Vec<u8>>,
 ) -> Result<(), String> {
@@ -518,6 +524,7 @@ fn produce_with(
     let producer: ThreadedProducer<Delivered> = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("linger.ms", "20")
+        .set("compression.type", compression)
         .create_with_context(delivered.clone())
         .map_err(|e| e.to_string())?;
     let mut payload = Vec::with_capacity(64);

@@ -405,6 +405,12 @@ impl Sink for PrometheusSink {
         Ok(Some(Snapshot::new(serde_json::Value::Null, batches)))
     }
 
+    /// A repeat behind later samples of a series is refused as out of order: a restore
+    /// must know whether the checkpoint's rows went out.
+    fn reads_commit_records(&self) -> bool {
+        true
+    }
+
     async fn restore(&mut self, snapshot: Snapshot) -> Result<()> {
         if snapshot.committed {
             // Sent before the restart, by this checkpoint's commit: sent again behind later

@@ -35,19 +35,35 @@ impl Topic {
         line: impl FnMut(u64, &mut Vec<u8>) + Send + 'static,
         closer: Option<Vec<u8>>,
     ) -> Result<Topic, String> {
+        // The mock broker keeps at most 5 MB of produce batches per partition (and at most
+        // 100 000 batches): uncompressed, about 75 000 of these events.
+        let partitions = (events / 60_000 + 1).max(4) as i32;
+        Self::produce_as(events, partitions, "none", line, closer)
+    }
+
+    /// As [`Topic::produce`], into `partitions` partitions, the producer compressing its
+    /// batches with `compression` (what the mock broker keeps, and consumers decompress).
+    pub(super) fn produce_as(
+        events: u64,
+        partitions: i32,
+        compression: &str,
+        line: impl FnMut(u64, &mut Vec<u8>) + Send + 'static,
+        closer: Option<Vec<u8>>,
+    ) -> Result<Topic, String> {
         let cluster = rdkafka::mocking::MockCluster::new(1).map_err(|e| e.to_string())?;
         let name = format!("bench-{}", std::process::id());
-        // The mock broker keeps at most 100 000 messages or 5 MB per partition.
-        let partitions = (events / 60_000 + 1).max(4) as i32;
         cluster
             .create_topic(&name, partitions, 1)
             .map_err(|e| e.to_string())?;
-        eprintln!("producing {events} events into a {partitions}-partition topic ...");
+        eprintln!(
+            "producing {events} events into a {partitions}-partition topic ({compression} compression) ..."
+        );
         super::produce_with(
             &cluster.bootstrap_servers(),
             &name,
             events,
             partitions,
+            compression,
             line,
             closer,
         )?;
