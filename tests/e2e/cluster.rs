@@ -123,7 +123,20 @@ fn cluster_equals_duckdb(dir: &Path, bootstrap: &str, partitions: i32, stream_op
         expected_rows,
         Duration::from_secs(300),
         || {},
-        || logs(&processes),
+        || {
+            // Who held what before the kill, and what the broker's coordinator did (tansu
+            // has dropped members and left a partition unassigned).
+            let killed: Vec<&str> = killed_log
+                .lines()
+                .filter(|l| l.contains("partitions ") || l.contains("instance st"))
+                .collect();
+            let tansu = std::fs::read_to_string(dir.join("tansu/tansu.log")).unwrap_or_default();
+            format!(
+                "{}\n----- the killed process's assignments -----\n{}\n----- tansu.log -----\n{tansu}",
+                logs(&processes),
+                killed.join("\n")
+            )
+        },
     );
 
     // The killed process's window state moved: a survivor restored one of its shuffle

@@ -407,7 +407,10 @@ impl Tansu {
                 &url,
             ])
             .args(["--storage-engine", "sqlite://tansu.db"])
-            // tansu logs to standard output (what RUST_LOG lets through: errors by default).
+            // tansu logs to standard output: errors, and its group coordinator's few lines
+            // (a new leader, a member dropped for a missed heartbeat) for a failed test's
+            // message.
+            .env("RUST_LOG", "error,tansu_broker::coordinator=info")
             .stdout(log.try_clone().expect("tansu log"))
             .stderr(log)
             .spawn()
