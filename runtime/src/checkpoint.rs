@@ -2,10 +2,13 @@
 //!
 //! A checkpoint is every participant's [`Snapshot`] (a source's positions, an operator's
 //! panes, a sink's pending files) for one epoch, plus each pipeline's plan fingerprint. The
-//! [`CheckpointStore`] writes it under `<root>/<job>/<epoch>/`: one `state.bin` holding the
-//! snapshots' batches as Arrow IPC streams, then `_manifest.json`, which says where each
-//! batch is. The manifest is written last and alone makes a checkpoint complete, so a
-//! checkpoint cut short by a crash is never read (it is deleted at the next recovery).
+//! [`CheckpointStore`] writes it under `<root>/<job>/<epoch>/`: one `state-<id>.bin` holding
+//! the snapshots' batches as Arrow IPC streams, then `_manifest.json`, which names that file
+//! and says where each batch is in it. The manifest is written last, only if absent, and
+//! alone makes a checkpoint complete, so a checkpoint cut short by a crash is never read
+//! (it is deleted at the next recovery). Each write's state file has a name of its own, so a
+//! second writer of an epoch (fenced: its manifest is refused) never touches the bytes the
+//! first writer's manifest points into.
 //! The store is any `object_store`: a local directory, `s3://`, `gs://`, `az://`.
 
 use std::collections::BTreeMap;
@@ -85,19 +88,24 @@ struct Manifest {
     started_ms: i64,
     fingerprints: BTreeMap<String, String>,
     snapshots: BTreeMap<String, ManifestEntry>,
+    /// The epoch's state file, if it has batches. Absent in manifests written before state
+    /// files had names of their own: those are `state.bin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    state: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct ManifestEntry {
     meta: serde_json::Value,
-    /// Byte ranges `[start, end)` in `state.bin`, one IPC stream per batch.
+    /// Byte ranges `[start, end)` in the epoch's state file, one IPC stream per batch.
     batches: Vec<(u64, u64)>,
 }
 
 const MANIFEST: &str = "_manifest.json";
 /// Under a job: one object per sink, the last epoch it finished committing.
 const COMMITS: &str = "_commits";
-const STATE: &str = "state.bin";
+/// The state file of manifests that do not name theirs.
+const STATE_UNNAMED: &str = "state.bin";
 const FORMAT_VERSION: u32 = 1;
 
 /// Where a sink records the epochs it has finished committing: its job's store.
@@ -123,7 +131,16 @@ pub struct CheckpointStore {
     /// one listing at a job's first write after it starts (or restores); a job restored
     /// here lists again, since another process may have written it meanwhile.
     written:
-        Arc<std::sync::Mutex<std::collections::HashMap<String, std::collections::VecDeque<u64>>>>,
+        Arc<std::sync::Mutex<std::collections::HashMap<String, std::collections::VecDeque<Known>>>>,
+}
+
+/// A complete epoch retention will delete when it falls out.
+#[derive(Debug, Clone)]
+enum Known {
+    /// Written by this process: its files are known by name.
+    Written { epoch: u64, state: Option<String> },
+    /// Found by listing: its files are listed when it is deleted.
+    Listed(u64),
 }
 
 impl CheckpointStore {
@@ -226,28 +243,63 @@ impl CheckpointStore {
                 },
             );
         }
+        // No batches (a source's offsets, a writer's epoch): the manifest says it all.
+        // Otherwise a file of this write's own: a fenced writer of the same epoch writes
+        // another, and the manifest that wins names the winner's.
+        let state_name =
+            (!state.is_empty()).then(|| format!("state-{:016x}.bin", rand::random::<u64>()));
         let manifest = Manifest {
             version: FORMAT_VERSION,
             epoch: checkpoint.epoch,
             started_ms: checkpoint.started_ms,
             fingerprints: checkpoint.fingerprints.clone(),
             snapshots,
+            state: state_name.clone(),
         };
         let manifest = serde_json::to_vec(&manifest)
             .map_err(|e| Error::Internal(format!("cannot encode a checkpoint manifest: {e}")))?;
         let bytes = (state.len() + manifest.len()) as u64;
-        // No batches (a source's offsets, a writer's epoch): the manifest says it all.
-        if !state.is_empty() {
-            self.put(&dir.clone().join(STATE), state).await?;
+        if let Some(name) = &state_name {
+            self.put(&dir.clone().join(name.as_str()), state).await?;
         }
-        if !self.create(&dir.join(MANIFEST), manifest).await? {
-            return Ok(None);
+        match self.create(&dir.clone().join(MANIFEST), manifest).await {
+            Ok(true) => {}
+            Ok(false) => {
+                // Fenced: the epoch is another writer's. Its files stay; this one's go.
+                self.abandon(job, checkpoint.epoch, state_name.as_deref())
+                    .await;
+                return Ok(None);
+            }
+            Err(e) => {
+                self.abandon(job, checkpoint.epoch, state_name.as_deref())
+                    .await;
+                return Err(e);
+            }
         }
-        self.retain(job, checkpoint.epoch).await?;
+        self.retain(job, checkpoint.epoch, state_name).await?;
         Ok(Some(WriteStats {
             bytes,
             duration: started.elapsed(),
         }))
+    }
+
+    /// Deletes what a write that did not complete left (its state file, and its epoch's
+    /// directory if nothing else is in it), so that retention, which only knows complete
+    /// epochs, leaves nothing behind. On failure the next restore of the job deletes it.
+    async fn abandon(&self, job: &str, epoch: u64, state: Option<&str>) {
+        let dir = self.epoch_dir(job, epoch);
+        let state = match state {
+            Some(name) => self.delete(&dir.join(name)).await,
+            None => Ok(()),
+        };
+        if let Err(e) = state {
+            tracing::warn!(job, epoch, store = %self.location, error = %e,
+                "cannot delete the state of a checkpoint that did not complete; the job's next restore will");
+        }
+        if let Some(root) = &self.local {
+            // Not empty when another writer completed the epoch: left alone.
+            let _ = std::fs::remove_dir(root.join(job).join(format!("{epoch:020}")));
+        }
     }
 
     /// Writes `path` unless it exists; `false` if it did.
@@ -377,7 +429,8 @@ impl CheckpointStore {
         }
         let needs_state = manifest.snapshots.values().any(|s| !s.batches.is_empty());
         let state = if needs_state {
-            self.get(&dir.join(STATE)).await?
+            let name = manifest.state.as_deref().unwrap_or(STATE_UNNAMED);
+            self.get(&dir.join(name)).await?
         } else {
             bytes::Bytes::new()
         };
@@ -429,18 +482,27 @@ impl CheckpointStore {
     /// anything newer (one being written), and deletes the rest. The first time for a job
     /// (since it started here) this lists the job's epochs; after that it deletes the one
     /// epoch that fell out, known from memory.
-    async fn retain(&self, job: &str, written: u64) -> Result<()> {
+    async fn retain(&self, job: &str, written: u64, state: Option<String>) -> Result<()> {
         let due = {
             let mut known = self.written.lock().unwrap_or_else(|e| e.into_inner());
             known.get_mut(job).map(|epochs| {
-                epochs.push_back(written);
+                epochs.push_back(Known::Written {
+                    epoch: written,
+                    state,
+                });
                 let over = epochs.len().saturating_sub(self.retain);
                 epochs.drain(..over).collect::<Vec<_>>()
             })
         };
         if let Some(due) = due {
-            for epoch in due {
-                self.delete_known_epoch(job, epoch).await?;
+            for known in due {
+                match known {
+                    Known::Written { epoch, state } => {
+                        self.delete_known_epoch(job, epoch, state.as_deref())
+                            .await?
+                    }
+                    Known::Listed(epoch) => self.delete_epoch(job, epoch).await?,
+                }
             }
             return Ok(());
         }
@@ -449,7 +511,7 @@ impl CheckpointStore {
             if kept.len() >= self.retain {
                 self.delete_epoch(job, epoch).await?;
             } else if is_complete {
-                kept.push_front(epoch);
+                kept.push_front(Known::Listed(epoch));
             }
         }
         self.written
@@ -481,12 +543,14 @@ impl CheckpointStore {
         self.remove_epoch_dir(job, epoch)
     }
 
-    /// Deletes a complete epoch this store wrote: its two objects by name, no listing.
-    async fn delete_known_epoch(&self, job: &str, epoch: u64) -> Result<()> {
+    /// Deletes a complete epoch this store wrote: its objects by name, no listing.
+    async fn delete_known_epoch(&self, job: &str, epoch: u64, state: Option<&str>) -> Result<()> {
         let dir = self.epoch_dir(job, epoch);
         // The manifest first, as in `delete_epoch`.
         self.delete(&dir.clone().join(MANIFEST)).await?;
-        self.delete(&dir.join(STATE)).await?;
+        if let Some(name) = state {
+            self.delete(&dir.join(name)).await?;
+        }
         self.remove_epoch_dir(job, epoch)
     }
 
@@ -725,7 +789,11 @@ mod tests {
         for epoch in 4..=6 {
             there.write("job", &checkpoint(epoch)).await.expect("write");
         }
-        assert_eq!(files(6), vec![MANIFEST.to_string(), STATE.to_string()]);
+        let six = files(6);
+        assert!(
+            six.len() == 2 && six[0] == MANIFEST && six[1].starts_with("state-"),
+            "{six:?}"
+        );
         // And back: this process knew epochs 2 and 3 only.
         assert_eq!(
             here.latest("job").await.expect("latest").map(|c| c.epoch),
@@ -742,32 +810,92 @@ mod tests {
     }
 
     /// An epoch is committed once: a second writer of it (a process that still ran a
-    /// partition another one owns now) is told so, and the first checkpoint stands.
+    /// partition another one owns now) is told so, and the first checkpoint stands whole:
+    /// the second's state, written before it was refused, went to a file of its own and is
+    /// gone, never over the bytes the first's manifest points into.
     #[tokio::test]
     async fn a_second_writer_of_an_epoch_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = CheckpointStore::local(dir.path(), 3).expect("store");
+        let winner = CheckpointStore::local(dir.path(), 3).expect("store");
+        let loser = CheckpointStore::local(dir.path(), 3).expect("store");
         let mut first = checkpoint(5);
         first.started_ms = 1;
         let mut second = checkpoint(5);
         second.started_ms = 2;
+        second.snapshots.insert(
+            "p/op2".to_string(),
+            Snapshot::new(
+                serde_json::json!({"watermark": 2000}),
+                vec![batch(&[9; 100]), batch(&[8, 7])],
+            ),
+        );
         assert!(
-            store
+            winner
                 .write_new("v/r0", &first)
                 .await
                 .expect("write")
                 .is_some()
         );
         assert!(
-            store
+            loser
                 .write_new("v/r0", &second)
                 .await
                 .expect("write")
                 .is_none()
         );
-        let latest = store.latest("v/r0").await.expect("latest").expect("one");
-        assert_eq!(latest.started_ms, 1, "the first writer's checkpoint stands");
-        assert!(store.write("v/r0", &second).await.is_err());
+        let latest = winner.latest("v/r0").await.expect("latest");
+        assert_eq!(latest, Some(first), "the first writer's checkpoint stands");
+        let epoch = dir.path().join(format!("v/r0/{:020}", 5));
+        assert_eq!(
+            std::fs::read_dir(epoch).expect("epoch").count(),
+            2,
+            "the winner's manifest and state, nothing of the loser's"
+        );
+        assert!(loser.write("v/r0", &second).await.is_err());
+    }
+
+    /// Manifests written before state files had names of their own read `state.bin`.
+    #[tokio::test]
+    async fn a_checkpoint_with_an_unnamed_state_file_reads_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = CheckpointStore::local(dir.path(), 3).expect("store");
+        let written = checkpoint(1);
+        store.write("job", &written).await.expect("write");
+        let epoch = dir.path().join(format!("job/{:020}", 1));
+        let state = std::fs::read_dir(&epoch)
+            .expect("epoch")
+            .map(|e| e.expect("entry").path())
+            .find(|p| p.file_name() != Some(MANIFEST.as_ref()))
+            .expect("a state file");
+        std::fs::rename(&state, epoch.join(STATE_UNNAMED)).expect("rename");
+        let manifest = epoch.join(MANIFEST);
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&manifest).expect("read")).expect("json");
+        json.as_object_mut().expect("object").remove("state");
+        std::fs::write(&manifest, serde_json::to_vec(&json).expect("json")).expect("write");
+        assert_eq!(store.latest("job").await.expect("latest"), Some(written));
+    }
+
+    /// A write whose manifest cannot be created leaves nothing behind, though retention
+    /// (which knows complete epochs only) would never see it.
+    #[tokio::test]
+    async fn a_write_that_fails_leaves_no_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = CheckpointStore::local(dir.path(), 3).expect("store");
+        store.write("job", &checkpoint(1)).await.expect("write");
+        // Epoch 2's manifest cannot be created: a directory is in its way.
+        let epoch2 = dir.path().join(format!("job/{:020}", 2));
+        std::fs::create_dir_all(epoch2.join(MANIFEST).join("x")).expect("mkdir");
+        assert!(store.write("job", &checkpoint(2)).await.is_err());
+        let left: Vec<_> = std::fs::read_dir(&epoch2)
+            .expect("epoch")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(
+            left,
+            vec![std::ffi::OsString::from(MANIFEST)],
+            "no state file"
+        );
     }
 
     /// A cluster's instances (`v/p0`, `v/r1`) keep checkpoints of their own, nested under
@@ -857,13 +985,10 @@ mod tests {
         // A crash between the state and the manifest of epoch 2.
         let epoch2 = dir.path().join("job").join(format!("{:020}", 2));
         std::fs::create_dir_all(&epoch2).expect("mkdir");
-        std::fs::write(epoch2.join(STATE), b"half").expect("write");
+        std::fs::write(epoch2.join("state-0.bin"), b"half").expect("write");
         let latest = store.latest("job").await.expect("latest");
         assert_eq!(latest.map(|c| c.epoch), Some(1));
-        assert!(
-            !epoch2.join(STATE).exists(),
-            "the torn checkpoint is deleted"
-        );
+        assert!(!epoch2.exists(), "the torn checkpoint is deleted");
     }
 
     #[tokio::test]
@@ -871,11 +996,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = CheckpointStore::local(dir.path(), 3).expect("store");
         store.write("job", &checkpoint(1)).await.expect("write");
-        let state = dir
-            .path()
-            .join("job")
-            .join(format!("{:020}", 1))
-            .join(STATE);
+        let epoch = dir.path().join("job").join(format!("{:020}", 1));
+        let state = std::fs::read_dir(&epoch)
+            .expect("epoch")
+            .map(|e| e.expect("entry").path())
+            .find(|p| p.file_name() != Some(MANIFEST.as_ref()))
+            .expect("a state file");
         std::fs::write(&state, b"short").expect("truncate");
         let err = store.latest("job").await.expect_err("corrupt");
         assert!(err.to_string().contains("truncated"), "{err}");

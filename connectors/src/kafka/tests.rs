@@ -904,6 +904,31 @@ fn a_shuffle_topic_made_beforehand_is_used_as_it_is() {
     assert_eq!(partitions, 7, "the topic's own partition count");
 }
 
+/// A cluster's partition sources of `topic` (read from the earliest offset) sharing one
+/// process's consumers, and how to start the reader of one partition.
+fn partition_sources(
+    bootstrap: &str,
+    topic: &str,
+) -> (
+    std::sync::Arc<super::source::PartitionConsumers>,
+    impl Fn(i32) -> Reader,
+) {
+    let config = factory(bootstrap, topic, &[("scan.startup.mode", "earliest")], None).config;
+    let shared = std::sync::Arc::new(super::source::PartitionConsumers::default());
+    let consumers = shared.clone();
+    let start = move |p: i32| {
+        Reader::start_source(
+            Box::new(super::source::KafkaSource::partition(
+                config.clone(),
+                p,
+                consumers.clone(),
+            )),
+            Worker::ONLY,
+        )
+    };
+    (shared, start)
+}
+
 /// A cluster's instances of one pipeline in a process read their partitions through one
 /// consumer: each gets its own partition's records alone, and a partition whose reader
 /// stopped (pausing it) is read again by the next one while the others go on.
@@ -916,24 +941,8 @@ async fn a_clusters_partition_sources_share_one_consumer_and_each_reads_its_part
         "parts",
         (0..3000).map(|k| ((k % 3) as i32, json(k, k))),
     );
-    let factory = factory(
-        &bootstrap,
-        "parts",
-        &[("scan.startup.mode", "earliest")],
-        None,
-    );
-    let shared = std::sync::Arc::new(super::source::PartitionConsumers::default());
-    let start = |p: i32| {
-        Reader::start_source(
-            Box::new(super::source::KafkaSource::partition(
-                factory.config.clone(),
-                p,
-                shared.clone(),
-            )),
-            Worker::ONLY,
-        )
-    };
-    let mut readers: Vec<Reader> = (0..3).map(start).collect();
+    let (shared, start) = partition_sources(&bootstrap, "parts");
+    let mut readers: Vec<Reader> = (0..3).map(&start).collect();
     for (p, reader) in readers.iter_mut().enumerate() {
         reader.read_until(|r| r.keys.len() >= 1000).await;
         let own: Vec<i64> = (0..3000).filter(|k| k % 3 == p as i64).collect();
@@ -991,23 +1000,7 @@ async fn a_stalled_instance_pauses_only_its_own_partition_of_the_shared_consumer
     // Far more than the stalled instance's pipeline holds (two batches of 8 192).
     produce(&bootstrap, "stall", (0..60_000).map(|k| (0, json(k, k))));
     produce(&bootstrap, "stall", (0..5_000).map(|k| (1, json(k, k))));
-    let factory = factory(
-        &bootstrap,
-        "stall",
-        &[("scan.startup.mode", "earliest")],
-        None,
-    );
-    let shared = std::sync::Arc::new(super::source::PartitionConsumers::default());
-    let start = |p: i32| {
-        Reader::start_source(
-            Box::new(super::source::KafkaSource::partition(
-                factory.config.clone(),
-                p,
-                shared.clone(),
-            )),
-            Worker::ONLY,
-        )
-    };
+    let (_, start) = partition_sources(&bootstrap, "stall");
     let stalled = start(0);
     let mut other = start(1);
     other.read_until(|r| r.keys.len() >= 5_000).await;
