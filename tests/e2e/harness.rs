@@ -432,15 +432,37 @@ impl Tansu {
         }
     }
 
+    /// Creates `name` with `partitions` partitions. Tried again while it fails: a busy
+    /// tansu accepts connections a moment before it answers them ("early eof").
     pub fn create_topic(&self, name: &str, partitions: u32) {
-        let status = Command::new(tansu_bin())
-            .current_dir(&self.dir)
-            .args(["topic", "create", "--broker"])
-            .arg(format!("tcp://127.0.0.1:{}", self.port))
-            .args(["--partitions", &partitions.to_string(), name])
-            .status()
-            .expect("tansu topic create");
-        assert!(status.success(), "cannot create topic {name}");
+        let mut failed = String::new();
+        let created = eventually(Duration::from_secs(30), || {
+            let output = Command::new(tansu_bin())
+                .current_dir(&self.dir)
+                .args(["topic", "create", "--broker"])
+                .arg(format!("tcp://127.0.0.1:{}", self.port))
+                .args(["--partitions", &partitions.to_string(), name])
+                .output()
+                .expect("tansu topic create");
+            failed = String::from_utf8_lossy(&output.stderr).into_owned();
+            (output.status.success() || self.partitions(name) == Some(partitions)).then_some(())
+        });
+        assert!(created.is_some(), "cannot create topic {name}: {failed}");
+    }
+
+    /// How many partitions `topic` has, if it exists.
+    fn partitions(&self, topic: &str) -> Option<u32> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let client: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create()
+            .ok()?;
+        let metadata = client
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .ok()?;
+        let topic = metadata.topics().first()?;
+        (topic.error().is_none() && !topic.partitions().is_empty())
+            .then(|| topic.partitions().len() as u32)
     }
 
     pub fn log_text(&self) -> String {
