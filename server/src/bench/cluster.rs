@@ -23,6 +23,8 @@ const WINDOW_ROWS: &str = "weir_sink_rows_written_total{pipeline=\"out\",sink=\"
 /// How often a cluster process checkpoints: each commit releases what crossed the
 /// repartition topic, so it bounds the latency from the source to the window.
 const CLUSTER_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a two-process run is tried when a late group join spoils it.
+const LATE_JOIN_ATTEMPTS: usize = 3;
 
 pub async fn cluster(args: &BenchArgs) -> Result<ExitCode, String> {
     // The (minute, k) rows the windows emit, counted as the events are made.
@@ -106,9 +108,22 @@ pub async fn cluster(args: &BenchArgs) -> Result<ExitCode, String> {
         } else {
             "2 processes (--cluster), 1 core each, rows through the repartition topic (--no-pre-aggregate)"
         };
-        let broker_cpu = cpu_seconds();
-        let run = two_processes(args, &topic, windows, pre_aggregate).await?;
-        let broker_cpu = cpu_seconds() - broker_cpu;
+        // A run whose group join overlapped most of the reading (one process got its share
+        // of a group seconds late) measures the join, not the processes: run again.
+        let mut attempt = 1;
+        let (run, broker_cpu) = loop {
+            let broker_cpu = cpu_seconds();
+            let run = two_processes(args, &topic, windows, pre_aggregate).await?;
+            let broker_cpu = cpu_seconds() - broker_cpu;
+            if run.before <= args.events / 10 || attempt == LATE_JOIN_ATTEMPTS {
+                break (run, broker_cpu);
+            }
+            println!(
+                "\n({title}: {} of {} events were read before both processes owned partitions of both groups; run again)",
+                run.before, args.events
+            );
+            attempt += 1;
+        };
         println!("\n{title}:");
         run.print(args.events);
         println!("broker cpu seconds:    {broker_cpu:.2} (the mock cluster, in the parent)");
@@ -129,6 +144,11 @@ struct Progress {
     shuffled: u64,
     /// Records the window dropped as late (none, when the watermark is right).
     late: u64,
+    /// Records read from the events' topic.
+    read: u64,
+    /// Instances running here: source partitions, and repartition partitions.
+    sources: usize,
+    shuffles: usize,
     /// Unix ms and CPU seconds when it read its first record.
     first_ms: Option<u64>,
     cpu_at_first: f64,
@@ -136,10 +156,12 @@ struct Progress {
     peak_rss_kib: u64,
 }
 
-/// The two processes' run, summed.
+/// The two processes' run, summed, from the moment both owned partitions of both groups.
 struct ClusterRun {
     wall: f64,
     cpu: f64,
+    /// Events read before that moment, left out of the figures.
+    before: u64,
     shuffled: u64,
     peak_rss_kib: u64,
     join_seconds: f64,
@@ -153,18 +175,27 @@ struct ClusterRun {
 }
 
 impl ClusterRun {
+    /// The events the figures cover.
+    fn measured(&self, events: u64) -> u64 {
+        events.saturating_sub(self.before)
+    }
+
     fn events_per_second(&self, events: u64) -> f64 {
-        events as f64 / self.wall
+        self.measured(events) as f64 / self.wall
     }
 
     fn print(&self, events: u64) {
-        println!("events:                {events}");
+        let measured = self.measured(events);
         println!(
-            "group join:            {:.2} s (start to the first record read; not measured)",
+            "events:                {measured} ({} read before both processes owned partitions of both groups are left out)",
+            self.before
+        );
+        println!(
+            "group join:            {:.2} s (start until both processes own partitions of both groups; not measured)",
             self.join_seconds
         );
         println!(
-            "wall seconds:          {:.2} (first record read in either process to the last window row)",
+            "wall seconds:          {:.2} (from then to the last window row)",
             self.wall
         );
         println!("cpu seconds:           {:.2} (both processes)", self.cpu);
@@ -174,7 +205,7 @@ impl ClusterRun {
         );
         println!(
             "events per cpu-second: {:.0}",
-            events as f64 / self.cpu.max(1e-9)
+            measured as f64 / self.cpu.max(1e-9)
         );
         println!(
             "repartition traffic:   {} bytes, {:.1} bytes per event",
@@ -263,11 +294,18 @@ async fn two_processes(
         std::fs::write(t.with_extension("go"), b"").map_err(|e| e.to_string())?;
     }
     let mut last = (0, Instant::now());
+    // The clock starts once both processes own partitions of both groups: a group join
+    // that hands one process its share late (the mock cluster does, now and then, by about
+    // 9 s) is not what this measures, nor what one process reads alone meanwhile.
+    let mut settled: Option<(u64, Vec<Progress>)> = None;
     let reports = loop {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let reports: Vec<Progress> = progress.iter().map(|p| read_progress(p)).collect();
+        if settled.is_none() && reports.iter().all(|r| r.sources > 0 && r.shuffles > 0) {
+            settled = Some((unix_ms(), reports.clone()));
+        }
         let rows: u64 = reports.iter().map(|r| r.rows).sum();
-        if rows >= windows {
+        if rows >= windows && settled.is_some() {
             break reports;
         }
         for child in &mut children {
@@ -319,12 +357,32 @@ async fn two_processes(
         .min()
         .unwrap_or(ended_ms);
     let started_ms = ended_ms.saturating_sub(started.elapsed().as_millis() as u64);
+    let (settled_ms, at_settled) = settled.unwrap_or((first_ms, Vec::new()));
+    // Before the first record, the processes were joining: nothing to leave out yet.
+    let (clock_ms, cpu_before, before): (u64, Vec<f64>, u64) = if settled_ms > first_ms {
+        (
+            settled_ms,
+            at_settled.iter().map(|r| r.cpu).collect(),
+            at_settled.iter().map(|r| r.read).sum(),
+        )
+    } else {
+        (
+            first_ms,
+            reports.iter().map(|r| r.cpu_at_first).collect(),
+            0,
+        )
+    };
     Ok(ClusterRun {
-        wall: ended_ms.saturating_sub(first_ms) as f64 / 1000.0,
-        cpu: reports.iter().map(|r| r.cpu - r.cpu_at_first).sum(),
+        wall: ended_ms.saturating_sub(clock_ms) as f64 / 1000.0,
+        cpu: reports
+            .iter()
+            .zip(&cpu_before)
+            .map(|(r, c)| r.cpu - c)
+            .sum(),
+        before,
         shuffled: reports.iter().map(|r| r.shuffled).sum(),
         peak_rss_kib: reports.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0),
-        join_seconds: first_ms.saturating_sub(started_ms) as f64 / 1000.0,
+        join_seconds: clock_ms.saturating_sub(started_ms) as f64 / 1000.0,
         late: reports.iter().map(|r| r.late).sum(),
         processes: reports
             .iter()
@@ -530,6 +588,15 @@ async fn report_progress(
         }
         // The blackhole's rows only: the repartition writer's are counted as a sink's too.
         report.rows = counter(&metrics, WINDOW_ROWS);
+        report.read = counter(&metrics, read);
+        let instances = engine
+            .pipelines()
+            .into_iter()
+            .find(|p| p.name == "out")
+            .map(|p| p.instances)
+            .unwrap_or_default();
+        report.sources = instances.iter().filter(|i| i.starts_with('p')).count();
+        report.shuffles = instances.iter().filter(|i| i.starts_with('r')).count();
         report.late = counter(&metrics, "weir_late_records_dropped_total");
         report.shuffled = counter(
             &metrics,
