@@ -152,6 +152,7 @@ impl Default for RemoteWriteFamilies {
 struct SourceFamilies {
     partition_records: Family<Labels, Counter>,
     partition_bytes: Family<Labels, Counter>,
+    partition_skipped: Family<Labels, Counter>,
     partition_lag: Family<Labels, Gauge>,
     partition_watermark: Family<Labels, Gauge>,
     watermark: Family<Labels, Gauge>,
@@ -246,6 +247,11 @@ impl Metrics {
                 "source_partition_bytes_in",
                 "Payload bytes read, per source and partition",
                 &f.partition_bytes,
+            ),
+            (
+                "source_partition_records_skipped",
+                "Records never read because the broker deleted them (retention) before the source resumed there, per source and partition",
+                &f.partition_skipped,
             ),
             (
                 "source_commits",
@@ -798,6 +804,8 @@ pub struct SourceMetrics {
 pub struct PartitionMetrics {
     pub records_in: Counter,
     pub bytes_in: Counter,
+    /// Records between a resume position and the start of the broker's log: deleted unread.
+    pub skipped: Counter,
     pub lag: Gauge,
     pub watermark_ms: Gauge,
 }
@@ -829,6 +837,7 @@ impl SourceMetrics {
         PartitionMetrics {
             records_in: f.partition_records.get_or_create(&labels).clone(),
             bytes_in: f.partition_bytes.get_or_create(&labels).clone(),
+            skipped: f.partition_skipped.get_or_create(&labels).clone(),
             lag: f.partition_lag.get_or_create(&labels).clone(),
             watermark_ms: f.partition_watermark.get_or_create(&labels).clone(),
         }

@@ -445,6 +445,10 @@ pub(super) fn merge_positions(snapshots: Vec<Snapshot>) -> Result<Snapshot> {
 struct PartitionState {
     /// Next offset to commit: one past the last record handed to the pipeline.
     next_offset: Option<i64>,
+    /// Where a checkpoint (or a revoked share) resumes the partition, until its first
+    /// records arrive: a first record further on, with the broker's log starting beyond
+    /// this, means retention deleted records before the pipeline read them.
+    resumed_at: Option<i64>,
     max_event_ms: Option<i64>,
     last_record: Instant,
     metrics: PartitionMetrics,
@@ -678,6 +682,7 @@ impl ConsumerLoop {
         let mut take = |p: i32| {
             let mut state = new_partition(&metrics, p);
             state.next_offset = checkpointing.resume.offsets.get(&p).copied();
+            state.resumed_at = state.next_offset;
             state.max_event_ms = checkpointing.resume.max_event_ms.get(&p).copied();
             let offset = state.next_offset.map_or(Offset::Stored, Offset::Offset);
             partitions.insert(p, state);
@@ -887,6 +892,7 @@ impl ConsumerLoop {
                         self.partitions.entry(id).or_insert_with(|| {
                             let mut state = new_partition(&self.metrics, id);
                             state.next_offset = resume.offsets.get(&id).copied();
+                            state.resumed_at = state.next_offset;
                             state.max_event_ms = resume.max_event_ms.get(&id).copied();
                             state
                         });
@@ -920,6 +926,37 @@ impl ConsumerLoop {
         }
     }
 
+    /// The first records of `partition` since it resumed at `resumed` start at `first`. A
+    /// gap is no loss in itself (compaction, transaction markers); records are lost when the
+    /// broker's log now starts beyond `resumed`: retention deleted them before this
+    /// pipeline read them (a job stopped, or behind, for longer than the topic keeps
+    /// records). Counted and logged as an error, never passed over in silence.
+    fn report_deleted(&self, partition: i32, resumed: i64, first: i64) {
+        let consumer = self.reader.consumer();
+        let log_start = match consumer.fetch_watermarks(
+            &self.config.topic,
+            partition,
+            self.config.broker_timeout,
+        ) {
+            Ok((low, _)) => low,
+            Err(e) => {
+                tracing::warn!(stream = %self.config.stream, partition, resumed, first, error = %e,
+                    "cannot tell whether the records before the first one read were deleted");
+                return;
+            }
+        };
+        if log_start <= resumed {
+            return;
+        }
+        let skipped = u64::try_from(first - resumed).unwrap_or(0);
+        if let Some(state) = self.partitions.get(&partition) {
+            state.metrics.skipped.inc_by(skipped);
+        }
+        tracing::error!(stream = %self.config.stream, topic = %self.config.topic, partition,
+            resumed, log_start, first, skipped,
+            "records were deleted by the topic's retention before this pipeline read them: it resumed at offset {resumed}, the log starts at {log_start}; {skipped} records were not read");
+    }
+
     /// Decodes the pending messages and sends one batch. False if the pipeline is gone.
     fn flush(&mut self) -> Result<bool> {
         let pending = std::mem::take(&mut self.pending);
@@ -948,10 +985,16 @@ impl ConsumerLoop {
         }
         // Progress counts every record, good or bad: a bad one is never read again.
         let now = Instant::now();
+        let mut jumped = Vec::new();
         for (partition, run) in pending.partition_runs() {
             let next = pending.offsets[run.end - 1] + 1;
             match self.partitions.get_mut(&partition) {
                 Some(state) => {
+                    if let Some(resumed) = state.resumed_at.take()
+                        && pending.offsets[run.start] > resumed
+                    {
+                        jumped.push((partition, resumed, pending.offsets[run.start]));
+                    }
                     state.next_offset = Some(next);
                     state.last_record = now;
                     state.metrics.records_in.inc_by(run.len() as u64);
@@ -963,6 +1006,9 @@ impl ConsumerLoop {
                     self.resume.offsets.insert(partition, next);
                 }
             }
+        }
+        for (partition, resumed, first) in jumped {
+            self.report_deleted(partition, resumed, first);
         }
         if !bad.is_empty() {
             bad.sort_by_key(|b| b.line_in_block);
@@ -1409,6 +1455,7 @@ fn first_time(polled: &mut Vec<i64>, m: &BorrowedMessage<'_>) -> bool {
 fn new_partition(metrics: &SourceMetrics, id: i32) -> PartitionState {
     PartitionState {
         next_offset: None,
+        resumed_at: None,
         max_event_ms: None,
         last_record: Instant::now(),
         metrics: metrics.partition(id),

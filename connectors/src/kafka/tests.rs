@@ -91,6 +91,16 @@ impl Reader {
     }
 
     fn start_source(source: Box<dyn weir_runtime::Source>, worker: Worker) -> Self {
+        Self::start_restored(source, worker, None, SourceMetrics::detached())
+    }
+
+    /// A source restored from `restore` (a checkpoint's position), counting into `metrics`.
+    fn start_restored(
+        source: Box<dyn weir_runtime::Source>,
+        worker: Worker,
+        restore: Option<weir_runtime::Snapshot>,
+        metrics: SourceMetrics,
+    ) -> Self {
         let stop = CancellationToken::new();
         let released = CancellationToken::new();
         released.cancel();
@@ -109,12 +119,12 @@ impl Reader {
             SourceTask {
                 shutdown: stop.clone(),
                 release: released,
-                metrics: SourceMetrics::detached(),
+                metrics,
                 status: StatusCell::default(),
                 // No pipeline: the consumer group is the stream's `group.id` as given.
                 pipeline: String::new(),
                 checkpoints: Some(checkpoints),
-                restore: None,
+                restore,
                 instance_id: None,
                 worker,
             },
@@ -902,6 +912,51 @@ fn a_shuffle_topic_made_beforehand_is_used_as_it_is() {
         .create_shuffle("made-beforehand", 3)
         .expect("the topic is there");
     assert_eq!(partitions, 7, "the topic's own partition count");
+}
+
+/// A source resumed at an offset the broker has deleted since (retention: the mock broker
+/// keeps 5 MB of a partition) says so: it counts the records it never read and logs an
+/// error, rather than going on from the log's start in silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_below_the_log_start_counts_the_records_deleted_unread() {
+    let cluster = cluster("gone", 1);
+    let bootstrap = cluster.bootstrap_servers();
+    // 8 MB in records of 1 KB: the first few thousand are gone.
+    let pad = "x".repeat(1000);
+    produce(
+        &bootstrap,
+        "gone",
+        (0..8000).map(|k| (0, format!(r#"{{"k":{k},"ts":{k},"pad":"{pad}"}}"#))),
+    );
+    let factory = factory(
+        &bootstrap,
+        "gone",
+        &[("scan.startup.mode", "earliest"), ("group.id", "resumed")],
+        None,
+    );
+    let registry = weir_runtime::Metrics::new();
+    let position =
+        weir_runtime::Snapshot::meta(serde_json::json!({"offsets": {"0": 0}, "max_event_ms": {}}));
+    let mut reader = Reader::start_restored(
+        factory.create().expect("source"),
+        Worker::ONLY,
+        Some(position),
+        registry.source("gone", "p", "kafka"),
+    );
+    reader.read_until(|r| r.keys.last() == Some(&7999)).await;
+    let first = *reader.keys.first().expect("records read");
+    assert!(first > 0, "the broker deleted the first records");
+    assert_eq!(reader.keys, (first..8000).collect::<Vec<i64>>());
+    let metrics = registry.encode();
+    let skipped = metrics
+        .lines()
+        .find(|l| l.starts_with("weir_source_partition_records_skipped_total{"))
+        .unwrap_or_else(|| panic!("no skipped records counted:\n{metrics}"));
+    assert!(
+        skipped.ends_with(&format!(" {first}")) && skipped.contains("partition=\"0\""),
+        "{first} records skipped: {skipped}"
+    );
+    reader.stop().await;
 }
 
 /// A cluster's partition sources of `topic` (read from the earliest offset) sharing one
