@@ -518,6 +518,10 @@ pub fn shuffle_consumer(client: &ClientSettings, topic: &str) -> Result<ShuffleC
             // Records deleted before they were read (retention, or a broker's size
             // limit) are an error, never skipped: they are the shuffle's data.
             ("auto.offset.reset", "error"),
+            // A fetch that finds nothing waits this long for data. Kafka answers it as soon
+            // as data arrives; tansu and the mock cluster wait it out, so with librdkafka's
+            // 500 ms every hop of a marker through the shuffle could take that long.
+            ("fetch.wait.max.ms", "50"),
         ])
         .create()
         .map_err(|e| super::kafka_error("cannot create the repartition reader", e))?;
@@ -571,11 +575,14 @@ impl RepartitionSource {
         stop: Arc<AtomicBool>,
     ) -> Result<std::thread::JoinHandle<Result<()>>> {
         let offset = self.resume.offset.map_or(Offset::Beginning, Offset::Offset);
-        let reader = self.consumer.attach(self.partition, offset)?;
         let (topic, partition) = (self.topic.clone(), self.partition);
+        let consumer = self.consumer.clone();
         std::thread::Builder::new()
             .name(format!("repartition-{partition}"))
             .spawn(move || {
+                // Here, not on the runtime: it waits for a reader before this one to let
+                // the partition go.
+                let reader = consumer.attach(partition, offset)?;
                 while !stop.load(Ordering::Acquire) {
                     match reader.queue.poll(Duration::from_millis(100)) {
                         None => {}

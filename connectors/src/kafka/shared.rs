@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -15,12 +15,17 @@ use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 use weir_runtime::{Error, Result};
 
+/// How long a new reader of a partition waits for the one before it to let it go.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
+
 /// A consumer whose partitions are read through queues of their own (see the module's docs).
 pub struct SharedConsumer<C: ConsumerContext + 'static> {
     consumer: Arc<BaseConsumer<C>>,
     topic: String,
     /// The reader that has each assigned partition now (a number per reader).
     owners: Mutex<HashMap<i32, u64>>,
+    /// Signalled when a reader lets its partition go.
+    released: std::sync::Condvar,
     readers: AtomicU64,
     /// Stops the thread that serves the consumer's main queue.
     stop: Arc<AtomicBool>,
@@ -65,6 +70,7 @@ impl<C: ConsumerContext + 'static> SharedConsumer<C> {
             consumer,
             topic: topic.to_string(),
             owners: Mutex::new(HashMap::new()),
+            released: std::sync::Condvar::new(),
             readers: AtomicU64::new(0),
             stop,
             thread: Some(thread),
@@ -95,13 +101,30 @@ impl<C: ConsumerContext + 'static> SharedConsumer<C> {
     }
 
     /// Starts fetching `partition` from `offset` into a queue of its own, until the
-    /// reader it returns is dropped.
+    /// reader it returns is dropped. Blocks while a reader before this one (its instance
+    /// stopped, or was torn down, in this process) still has the partition: call it off
+    /// the runtime's threads.
     pub fn attach(self: &Arc<Self>, partition: i32, offset: Offset) -> Result<PartitionReader<C>> {
         let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
-        // A reader of the partition before this one (its instance stopped, or was torn
-        // down, in this process) that has not let it go yet: it is taken from it.
-        if owners.remove(&partition).is_some() {
-            self.unassign(partition);
+        // The partition's queue is one in the client, whoever holds it: a record the
+        // reader before this one polls now (it notices it was stopped within a poll) would
+        // be lost to this one. So wait for it to let go; take the partition from it only
+        // if it does not.
+        let deadline = Instant::now() + TAKEOVER_WAIT;
+        while owners.contains_key(&partition) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(topic = %self.topic, partition,
+                    "the partition's previous reader did not let it go in {TAKEOVER_WAIT:?}; taken from it");
+                owners.remove(&partition);
+                self.unassign(partition);
+                break;
+            }
+            owners = self
+                .released
+                .wait_timeout(owners, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
         // Split before the partition is assigned, so that no record of it reaches the
         // main queue.
@@ -180,6 +203,7 @@ impl<C: ConsumerContext + 'static> Drop for PartitionReader<C> {
         if owners.get(&self.partition) == Some(&self.reader) {
             owners.remove(&self.partition);
             self.shared.unassign(self.partition);
+            self.shared.released.notify_all();
         }
     }
 }

@@ -113,7 +113,7 @@ pub async fn cluster(args: &BenchArgs) -> Result<ExitCode, String> {
         let mut attempt = 1;
         let (run, broker_cpu) = loop {
             let broker_cpu = cpu_seconds();
-            let run = two_processes(args, &topic, windows, pre_aggregate).await?;
+            let run = two_processes(args, &topic, windows, pre_aggregate, attempt).await?;
             let broker_cpu = cpu_seconds() - broker_cpu;
             if run.before <= args.events / 10 || attempt == LATE_JOIN_ATTEMPTS {
                 break (run, broker_cpu);
@@ -229,18 +229,20 @@ impl ClusterRun {
 }
 
 /// Two `cluster-run --cluster-name` children, pinned to cores 0 and 1, until their window
-/// rows add up to `windows`.
+/// rows add up to `windows`. Each `attempt` is a cluster of its own (groups, repartition
+/// topic).
 async fn two_processes(
     args: &BenchArgs,
     topic: &Topic,
     windows: u64,
     pre_aggregate: bool,
+    attempt: usize,
 ) -> Result<ClusterRun, String> {
     let scratch = Scratch::new(args)?;
     let dir = scratch.0.as_path();
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let name = format!(
-        "bench-{}-{}",
+        "bench-{}-{}-{attempt}",
         std::process::id(),
         if pre_aggregate { "partial" } else { "rows" }
     );
