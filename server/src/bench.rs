@@ -71,6 +71,10 @@ pub struct BenchArgs {
     /// cluster-run: send rows through the repartition topic, not partial aggregates.
     #[arg(long, hide = true)]
     no_pre_aggregate: bool,
+    /// cluster: how often the cluster processes' instances reading the events commit what
+    /// they sent through the repartition topic (`weir serve --cluster-commit-interval`).
+    #[arg(long, default_value = "200ms")]
+    commit_interval: String,
     /// cluster: how many distinct keys `k` the events have (the more often a key repeats
     /// within a checkpoint interval, the more pre-aggregation saves).
     #[arg(long, default_value_t = KEYS)]

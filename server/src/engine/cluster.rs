@@ -56,6 +56,11 @@ pub struct ClusterConfig {
     /// Where the other processes reach this one's HTTP port, to gather a view's rows;
     /// `None` without an HTTP server (`weir run`).
     pub advertise: Option<String>,
+    /// How often the instances writing the repartition topic commit, if more often than
+    /// the pipeline's checkpoint interval. Their checkpoints hold offsets and the writer's
+    /// epoch, no state, and each commit releases what they sent: it bounds the time from
+    /// an event to its window's result.
+    pub commit_interval: Option<Duration>,
 }
 
 /// Where an instance's rows go.
@@ -613,11 +618,16 @@ async fn start_instance(
             return Err(e);
         }
     }
+    // A writer of the repartition topic checkpoints no state: it may commit more often.
+    let interval = match (role, shuffle, spec.cluster.commit_interval) {
+        (Role::Upstream, Some(_), Some(commit)) => commit.min(spec.interval),
+        _ => spec.interval,
+    };
     let (coordinator, checkpoints) = Coordinator::spawn(
         &name,
         CheckpointConfig {
             status: Some(spec.status.clone()),
-            interval: spec.interval,
+            interval,
             store: spec.store.clone(),
         },
         epoch,
