@@ -80,7 +80,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = KEYS)]
     keys: u64,
     /// cluster: partitions of the events' topic. Default: the fewest the mock broker holds
-    /// the events in (its 5 MB per partition), lz4-compressed as a producer would send them.
+    /// the events in (its 5 MB per partition), lz4-compressed as a producer would send them,
+    /// rounded up to an even count (two workers or processes get the same share).
     #[arg(long)]
     partitions: Option<i32>,
 }
