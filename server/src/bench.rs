@@ -73,8 +73,8 @@ pub struct BenchArgs {
     no_pre_aggregate: bool,
     /// cluster: how often the cluster processes' instances reading the events commit what
     /// they sent through the repartition topic (`weir serve --cluster-commit-interval`).
-    #[arg(long, default_value = "200ms")]
-    commit_interval: String,
+    #[arg(long, default_value = "200ms", value_parser = crate::parse_duration)]
+    commit_interval: std::time::Duration,
     /// cluster: how many distinct keys `k` the events have (the more often a key repeats
     /// within a checkpoint interval, the more pre-aggregation saves).
     #[arg(long, default_value_t = KEYS)]

@@ -71,9 +71,7 @@ pub async fn cluster(args: &BenchArgs) -> Result<ExitCode, String> {
         .ok_or("a cluster checkpoints: --checkpoint-interval cannot be none")?;
     println!(
         "benchmark: cluster (TUMBLE 1 minute count, sum, max GROUP BY k over Kafka: {} events, {} keys, k not the message key, {partitions} partitions (lz4); mock cluster in the parent process; cluster processes checkpoint every {checkpoints:?} and commit the repartition topic's writes every {:?})",
-        args.events,
-        args.keys,
-        commit_interval(args)?
+        args.events, args.keys, args.commit_interval
     );
     for (title, core, workers) in runs {
         let mut command = run_command(&exe, core, args, &topic, workers);
@@ -268,7 +266,10 @@ async fn two_processes(
         if !pre_aggregate {
             command.arg("--no-pre-aggregate");
         }
-        command.args(["--commit-interval", &args.commit_interval]);
+        command.args([
+            "--commit-interval",
+            &format!("{}ms", args.commit_interval.as_millis()),
+        ]);
         command.stdout(std::process::Stdio::null()).stderr(
             std::fs::File::create(progress.with_extension("log")).map_err(|e| e.to_string())?,
         );
@@ -444,16 +445,6 @@ fn run_command(
     command
 }
 
-/// `--commit-interval`, parsed.
-fn commit_interval(args: &BenchArgs) -> Result<Duration, String> {
-    weir_sql::options::parse_duration(&args.commit_interval).ok_or_else(|| {
-        format!(
-            "--commit-interval {}: expected e.g. 200ms",
-            args.commit_interval
-        )
-    })
-}
-
 fn read_progress(path: &Path) -> Progress {
     std::fs::read(path)
         .ok()
@@ -489,7 +480,6 @@ pub async fn cluster_run(args: &BenchArgs) -> Result<ExitCode, String> {
     // The repartition topic's records are released at each checkpoint's commit.
     let interval = super::checkpoint_interval(args, Some(CLUSTER_CHECKPOINT_INTERVAL))?
         .ok_or("a cluster checkpoints: --checkpoint-interval cannot be none")?;
-    let commit_interval = commit_interval(args)?;
     let config = match (&args.cluster_name, &args.store) {
         (Some(name), Some(store)) => weir_server::engine::EngineConfig {
             checkpoint_interval: Some(interval),
@@ -499,7 +489,7 @@ pub async fn cluster_run(args: &BenchArgs) -> Result<ExitCode, String> {
                 name: name.clone(),
                 pre_aggregate: !args.no_pre_aggregate,
                 advertise: None,
-                commit_interval: Some(commit_interval),
+                commit_interval: Some(args.commit_interval),
             }),
             ..weir_server::engine::EngineConfig::default()
         },

@@ -618,11 +618,7 @@ async fn start_instance(
             return Err(e);
         }
     }
-    // A writer of the repartition topic checkpoints no state: it may commit more often.
-    let interval = match (role, shuffle, spec.cluster.commit_interval) {
-        (Role::Upstream, Some(_), Some(commit)) => commit.min(spec.interval),
-        _ => spec.interval,
-    };
+    let interval = checkpoint_interval(role, shuffle.is_some(), &spec.cluster, spec.interval);
     let (coordinator, checkpoints) = Coordinator::spawn(
         &name,
         CheckpointConfig {
@@ -714,6 +710,20 @@ async fn start_instance(
     })
 }
 
+/// How often an instance checkpoints: a writer of the repartition topic checkpoints no
+/// state, so it commits at the cluster's commit interval when that is shorter.
+fn checkpoint_interval(
+    role: Role,
+    writes_shuffle: bool,
+    cluster: &ClusterConfig,
+    pipeline: Duration,
+) -> Duration {
+    match (role, writes_shuffle, cluster.commit_interval) {
+        (Role::Upstream, true, Some(commit)) => commit.min(pipeline),
+        _ => pipeline,
+    }
+}
+
 /// Starts `follower` in instance `instance`, reading what `output` carries: its steps and
 /// its sink (files named for the instance's partition), checkpointed by `coordinator` as
 /// `<instance>/<follower>/...`.
@@ -794,4 +804,32 @@ fn partition_of(instance: &str) -> &str {
 
 fn plan_error(e: weir_planner::PlanError) -> weir_runtime::Error {
     weir_runtime::Error::Execution(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_writers_of_the_shuffle_commit_at_the_commit_interval_and_never_less_often() {
+        let cluster = |commit: Option<u64>| ClusterConfig {
+            name: "c".into(),
+            pre_aggregate: true,
+            advertise: None,
+            commit_interval: commit.map(Duration::from_millis),
+        };
+        let second = Duration::from_secs(1);
+        let at =
+            |role, shuffle, commit| checkpoint_interval(role, shuffle, &cluster(commit), second);
+        assert_eq!(
+            at(Role::Upstream, true, Some(200)),
+            Duration::from_millis(200)
+        );
+        // Never longer than the pipeline's checkpoint interval.
+        assert_eq!(at(Role::Upstream, true, Some(5_000)), second);
+        assert_eq!(at(Role::Upstream, true, None), second);
+        // The windows, and a query without a shuffle (its sink is in the instance), keep it.
+        assert_eq!(at(Role::Downstream, true, Some(200)), second);
+        assert_eq!(at(Role::Upstream, false, Some(200)), second);
+    }
 }
